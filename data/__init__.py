@@ -1,0 +1,13 @@
+"""Dataset registry, loaders and transforms. Importing this package registers every dataset."""
+from data.registry import (  # noqa: F401
+    DATASETS,
+    BatchSource,
+    BuildContext,
+    DataBundle,
+    DataCapabilities,
+    DataOptions,
+    build_data,
+    default_root,
+    resolve_root,
+)
+from data import offline, synthetic  # noqa: F401

@@ -1,0 +1,93 @@
+"""The dataset registry: config name -> builder returning a `DataBundle` of deterministic batch sources."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Protocol, runtime_checkable
+
+import torch
+
+from fisherbench.registry import Registry, options_from
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """Batches of one split. `iterate(epoch, start_batch)` is deterministic given the run seed, the epoch and
+    the batch index (order *and* augmentation), so a resumed run sees exactly the batches it would have seen."""
+
+    batch_size: int
+
+    def __len__(self) -> int:  # batches per epoch (on this rank)
+        ...
+
+    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        ...
+
+
+@dataclass(frozen=True)
+class DataCapabilities:
+    input_kind: str = "image"  # image | tokens
+    task: str = "classification"  # classification | language_model
+    offline: bool = False  # available with no network (shipped in a package, or synthetic)
+    downloadable: bool = False  # `scripts/prepare_data.py` can fetch it
+
+
+@dataclass
+class DataOptions:
+    """Options every dataset config has; entries subclass it."""
+
+    name: str = "???"
+    batch_size: int = 256  # global batch (split across ranks under DDP)
+    eval_batch_size: Optional[int] = None  # None = batch_size
+    root: Optional[str] = None  # None = $FISHERBENCH_DATA or ~/.cache/fisherbench/data
+    num_workers: int = 0
+    loader: str = "auto"  # auto | torch | resident (whole set as tensors on the run's device)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass
+class DataBundle:
+    """Everything the trainer needs about a dataset."""
+
+    train: BatchSource
+    evals: dict[str, BatchSource]  # "test" always; "val" where the protocol selects on it (WikiText-2)
+    task: str  # classification | language_model
+    num_classes: int  # classes, or vocabulary size for language modelling
+    input_shape: tuple[int, ...]  # per example: (C, H, W) or (seq_len,)
+    num_train: int
+    fingerprint: str  # identifies the exact data (name, sizes, checksums) for meta.json
+    description: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+DATASETS: Registry = Registry("data")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("FISHERBENCH_DATA", Path.home() / ".cache" / "fisherbench" / "data")).expanduser()
+
+
+def resolve_root(root: Optional[str]) -> Path:
+    return Path(root).expanduser() if root else default_root()
+
+
+def build_data(options: Any, context: Optional[BuildContext] = None) -> DataBundle:
+    """Build the bundle for `options` (schema dataclass, mapping or DictConfig with a `name`)."""
+    name = options["name"] if not hasattr(options, "name") else options.name
+    entry = DATASETS.get(str(name))
+    opts = options_from(entry.schema, options)
+    if opts.batch_size < 1:
+        raise ValueError(f"data.batch_size must be >= 1, got {opts.batch_size}")
+    if opts.loader not in ("auto", "torch", "resident"):
+        raise ValueError(f"data.loader must be auto|torch|resident, got {opts.loader!r}")
+    return entry.builder(opts, context or BuildContext())

@@ -1,0 +1,3 @@
+"""Model registry and the paper's architectures. Importing this package registers every model."""
+from models.registry import MODELS, ModelCapabilities, ModelOptions, count_parameters, create_model  # noqa: F401
+from models import small_cnn  # noqa: F401
