@@ -1,0 +1,378 @@
+"""K-FAC and Shampoo through ASDL (`asdfghjkl` 0.1a5, import `asdl`), run the way the AdaFisher paper ran them.
+
+Official protocol (spec `adafisher_official.md` §4.1): `PreconditioningConfig(data_size=batch, damping,
+preconditioner_upd_interval = curvature_upd_interval = interval, ema_decay=-1, ignore_modules=[BatchNorm*,
+LayerNorm])`, `KfacGradientMaker` (MC Fisher, 1 sample) or `ShampooGradientMaker`, then
+`setup_model_call -> setup_loss_call -> forward_and_backward()`, `clip_grad_norm_`, torch SGD(momentum 0.9).
+The adapter's `train_step` does all of that, so the trainer's one loop times every curvature step.
+
+Library limits handled here (all found in the asdl 0.1a5 source):
+
+* ASDL's gradient makers call the loss with `reduction="sum"` on curvature steps and divide the gradients
+  by `data_size`. We hand ASDL a wrapper of the trainer's mean loss whose "sum" is `mean · N`, with
+  `N = targets.numel()` as `data_size` (the batch size for classification, the token count for language
+  models), so curvature and plain steps get the same mean-loss gradient. The loss we return is the plain
+  mean the wrapper computed, not ASDL's value.
+* `KfacGradientMaker` raises `TypeError` for a DDP-wrapped model: the entry declares `supports_ddp=False`
+  so `build_optimizer` refuses at configuration time. `ShampooGradientMaker` partitions preconditioners
+  across ranks with NCCL-only collectives when `torch.distributed` is initialised: also `supports_ddp=False`.
+* `ShampooGradientMaker` ignores `ignore_modules` and `block_size` and builds a full dim×dim factor for
+  every matrix in `model.parameters()`. We give it a view module that holds only the matrices it should
+  precondition (every dimension ≤ `max_factor_dim`, owner not excluded by name); the other parameters
+  still get the SGD step with their plain gradients. One warning names what was excluded.
+* K-FAC honours `ignore_modules`, but an `nn.Embedding` gets a dense vocab×vocab factor; modules with a
+  factor dimension above `max_factor_dim` are ignored the same way (plain gradient, one warning).
+* `state_dict()` of ASDL gradient makers holds only the step counter. K-FAC's factors live as `fisher`
+  attributes on the modules and Shampoo's in its `Preconditioner` objects: the adapter saves and restores
+  them itself, keyed by module/parameter names.
+* No autocast: the paper ran ASDL in fp32 without a loss scaler (`supports_amp=False`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from optim.registry import (
+    OPTIMIZERS,
+    AutocastFactory,
+    BuildContext,
+    Capabilities,
+    LossFn,
+    OptimizerAdapter,
+    OptimizerOptions,
+    StepOutput,
+    param_groups,
+    strip_names,
+    tensor_bytes,
+    unwrap,
+)
+
+# The paper's runs exclude normalisation layers from preconditioning (official §4.1).
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
+# SymMatrix constructor keyword -> (attribute, sub-attribute): everything K-FAC can store per module.
+_SYMMATRIX_FIELDS = {
+    "data": ("data", None), "inv": ("inv", None),
+    "kron_A": ("kron", "A"), "kron_B": ("kron", "B"), "kron_A_inv": ("kron", "A_inv"), "kron_B_inv": ("kron", "B_inv"),
+    "unit_data": ("unit", "data"), "unit_inv": ("unit", "inv"),
+    "diag_weight": ("diag", "weight"), "diag_bias": ("diag", "bias"),
+    "diag_weight_inv": ("diag", "weight_inv"), "diag_bias_inv": ("diag", "bias_inv"),
+}
+
+
+@dataclass
+class AsdlOptions(OptimizerOptions):
+    """Shared by `kfac` and `shampoo`: SGD-momentum on ASDL-preconditioned gradients."""
+
+    momentum: float = 0.9
+    damping: float = 1e-3
+    curvature_interval: int = 10  # preconditioner_upd_interval = curvature_upd_interval (official)
+    ema_decay: float = -1.0  # -1: K-FAC uses fresh curvature, Shampoo sums its statistics (official)
+    grad_clip: Optional[float] = 1.0  # clip_grad_norm_ of the preconditioned gradient (official)
+    max_factor_dim: int = 4096  # modules/matrices with a larger Kronecker factor get plain gradients
+    exclude_modules: list[str] = field(default_factory=list)  # module-name substrings never preconditioned
+
+
+@dataclass
+class KfacOptions(AsdlOptions):
+    name: str = "kfac"
+    lr: float = 0.3
+    weight_decay: float = 5e-4
+    fisher_type: str = "fisher_mc"  # fisher_mc (paper) | fisher_emp | fisher_exact
+    n_mc_samples: int = 1
+
+
+@dataclass
+class ShampooOptions(AsdlOptions):
+    name: str = "shampoo"
+    lr: float = 0.3
+    weight_decay: float = 5e-4
+    damping: float = 1e-12
+    curvature_interval: int = 1
+
+
+class AsdlAdapter(OptimizerAdapter):
+    """torch SGD on gradients an ASDL gradient maker preconditions; the gradient maker owns forward+backward."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, grad_maker: Any, *, grad_clip: Optional[float]) -> None:
+        super().__init__(optimizer, grad_clip=grad_clip)
+        self.grad_maker = grad_maker
+
+    def train_step(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: LossFn,
+        autocast: AutocastFactory = contextlib.nullcontext,
+    ) -> StepOutput:
+        # autocast is deliberately not used: the paper ran ASDL in fp32 (capabilities.supports_amp=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        num_terms = targets.numel()
+        mean_loss: list[torch.Tensor] = []
+
+        def loss_with_reduction(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+            mean = loss_fn(outputs, targets)
+            mean_loss.append(mean.detach())
+            if reduction == "mean":
+                return mean
+            if reduction == "sum":
+                return mean * num_terms
+            raise ValueError(f"ASDL asked for reduction={reduction!r}; only mean/sum are defined here")
+
+        gm = self.grad_maker
+        gm.config.data_size = num_terms  # ASDL divides the summed loss's gradient by this
+        dummy_outputs = gm.setup_model_call(model, inputs)
+        gm.setup_loss_call(loss_with_reduction, dummy_outputs, targets)
+        outputs, _ = gm.forward_and_backward()
+        self.clip_gradients()
+        self.optimizer.step()
+        return StepOutput(mean_loss[0], outputs.detach())
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"curvature_steps_done": float(self.grad_maker.state["step"])}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "grad_maker": self.grad_maker_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_grad_maker_state(state["grad_maker"])
+
+    def state_bytes(self) -> int:
+        return tensor_bytes(self.optimizer.state) + tensor_bytes(self.grad_maker_state())
+
+    # subclasses add their curvature state
+    def grad_maker_state(self) -> dict[str, Any]:
+        return {"step": int(self.grad_maker.state["step"])}
+
+    def load_grad_maker_state(self, state: dict[str, Any]) -> None:
+        self.grad_maker.state["step"] = int(state["step"])
+
+
+class KfacAdapter(AsdlAdapter):
+    """K-FAC: factors are attributes `fisher` (an ASDL `SymMatrix`) on each preconditioned module."""
+
+    def __init__(self, optimizer, grad_maker, *, grad_clip, named_modules: dict[str, nn.Module]) -> None:
+        super().__init__(optimizer, grad_maker, grad_clip=grad_clip)
+        self.named_modules = named_modules  # preconditioned modules by their name in the model
+
+    def grad_maker_state(self) -> dict[str, Any]:
+        attr = self.grad_maker.fisher_maker.config.fisher_attr
+        factors: dict[str, dict[str, torch.Tensor]] = {}
+        for name, module in self.named_modules.items():
+            fisher = getattr(module, attr, None)
+            if fisher is None:
+                continue
+            tensors = {}
+            for key, (field, sub) in _SYMMATRIX_FIELDS.items():
+                value = getattr(fisher, field, None)
+                if sub is not None and value is not None:
+                    value = getattr(value, sub, None)
+                if isinstance(value, torch.Tensor):
+                    tensors[key] = value
+            factors[name] = tensors
+        return {**super().grad_maker_state(), "factors": factors}
+
+    def load_grad_maker_state(self, state: dict[str, Any]) -> None:
+        from asdl.symmatrix import SymMatrix
+
+        super().load_grad_maker_state(state)
+        attr = self.grad_maker.fisher_maker.config.fisher_attr
+        unknown = sorted(set(state["factors"]) - set(self.named_modules))
+        if unknown:
+            raise KeyError(f"K-FAC checkpoint has factors for modules this model does not precondition: {unknown}")
+        for name, module in self.named_modules.items():
+            tensors = state["factors"].get(name)
+            if tensors is None:
+                if hasattr(module, attr):
+                    delattr(module, attr)
+                continue
+            device = next(module.parameters()).device
+            setattr(module, attr, SymMatrix(**{k: v.detach().clone().to(device) for k, v in tensors.items()}))
+
+
+class ShampooAdapter(AsdlAdapter):
+    """Shampoo: statistics and inverse roots live in ASDL `Preconditioner` objects, one per matrix."""
+
+    def __init__(self, optimizer, grad_maker, *, grad_clip, param_names: list[str]) -> None:
+        super().__init__(optimizer, grad_maker, grad_clip=grad_clip)
+        self.param_names = param_names  # names of the preconditioned matrices, in the view's order
+
+    def grad_maker_state(self) -> dict[str, Any]:
+        factors = {
+            name: {"statistics": list(pre.statistics), "preconditioners": list(pre.preconditioners)}
+            for name, pre in zip(self.param_names, self.grad_maker.preconditioners)
+        }
+        return {**super().grad_maker_state(), "factors": factors}
+
+    def load_grad_maker_state(self, state: dict[str, Any]) -> None:
+        super().load_grad_maker_state(state)
+        if set(state["factors"]) != set(self.param_names):
+            raise KeyError(
+                "Shampoo checkpoint preconditions other parameters than this run: "
+                f"saved {sorted(state['factors'])}, now {sorted(self.param_names)}"
+            )
+        for name, pre in zip(self.param_names, self.grad_maker.preconditioners):
+            saved = state["factors"][name]
+            device = pre.param.device
+            pre.statistics = [t.detach().clone().to(device) for t in saved["statistics"]]
+            pre.preconditioners = [t.detach().clone().to(device) for t in saved["preconditioners"]]
+
+
+class _ParameterView(nn.Module):
+    """The matrices ASDL Shampoo may precondition. It builds factors for every matrix in `model.parameters()`,
+    so it is handed this view; forward/backward still run through the real model."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.params = nn.ParameterList(params)
+
+
+def _check_common(opts: AsdlOptions) -> None:
+    if opts.curvature_interval < 1:
+        raise ValueError(f"optimizer.curvature_interval must be >= 1, got {opts.curvature_interval}")
+    if opts.damping < 0:
+        raise ValueError(f"optimizer.damping must be >= 0, got {opts.damping}")
+    if not 0.0 <= opts.momentum < 1.0:
+        raise ValueError(f"optimizer.momentum must be in [0, 1), got {opts.momentum}")
+    if opts.max_factor_dim < 1:
+        raise ValueError(f"optimizer.max_factor_dim must be >= 1, got {opts.max_factor_dim}")
+
+
+def _preconditioning_config(opts: AsdlOptions, ignore_modules: list[Any]) -> Any:
+    from asdl import PreconditioningConfig
+
+    return PreconditioningConfig(
+        data_size=1,  # set per step to the number of loss terms (see AsdlAdapter.train_step)
+        damping=opts.damping,
+        preconditioner_upd_interval=opts.curvature_interval,
+        curvature_upd_interval=opts.curvature_interval,
+        ema_decay=opts.ema_decay,
+        ignore_modules=ignore_modules,
+    )
+
+
+def _sgd(model: nn.Module, opts: AsdlOptions) -> torch.optim.SGD:
+    groups = strip_names(param_groups(model, opts.weight_decay, opts.no_decay_bias_norm))
+    return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum)
+
+
+def _excluded_by_name(name: str, patterns: list[str]) -> bool:
+    return any(pattern in name for pattern in patterns)
+
+
+def _kfac_factor_dims(module: nn.Module) -> tuple[int, ...]:
+    """Side lengths of the two K-FAC factors ASDL builds for a module (activations, output gradients)."""
+    if isinstance(module, nn.Embedding):
+        return (module.num_embeddings, module.embedding_dim)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
+        return (math.prod(weight.shape[1:]), weight.shape[0])
+    return ()
+
+
+@OPTIMIZERS.register(
+    "kfac",
+    schema=KfacOptions,
+    capabilities=Capabilities(
+        needs_model=True, owns_forward_backward=True, supports_ddp=False, supports_amp=False,
+        family="kronecker", period_option="curvature_interval",
+    ),
+    summary="K-FAC (ASDL KfacGradientMaker, MC Fisher) + SGD momentum 0.9 + grad-norm clipping, as the paper ran it",
+    source="asdfghjkl",
+)
+def build_kfac(model: nn.Module, opts: KfacOptions, ctx: BuildContext) -> OptimizerAdapter:
+    from asdl import KfacGradientMaker
+
+    _check_common(opts)
+    if opts.fisher_type not in ("fisher_mc", "fisher_emp", "fisher_exact"):
+        raise ValueError(f"optimizer.fisher_type must be fisher_mc|fisher_emp|fisher_exact, got {opts.fisher_type!r}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError("ASDL K-FAC does not support DistributedDataParallel models; run kfac on one process.")
+    inner = unwrap(model)
+    too_large = [
+        (name, m) for name, m in inner.named_modules()
+        if not isinstance(m, NORM_LAYERS) and any(d > opts.max_factor_dim for d in _kfac_factor_dims(m))
+    ]
+    by_name = [(name, m) for name, m in inner.named_modules() if name and _excluded_by_name(name, opts.exclude_modules)]
+    excluded = {name: m for name, m in too_large + by_name}
+    if excluded:
+        warnings.warn(
+            "kfac: not preconditioning " + ", ".join(
+                f"{name} (factor dims {_kfac_factor_dims(m)})" for name, m in excluded.items()
+            ) + f" (factor dimension > max_factor_dim={opts.max_factor_dim} or in exclude_modules); "
+            "their parameters get the SGD step with plain gradients.",
+            stacklevel=2,
+        )
+    ignore = [*NORM_LAYERS, *excluded.values()]
+    with warnings.catch_warnings():
+        # ASDL warns once per unsupported leaf module (ReLU-free containers, Dropout, ...): those hold no
+        # parameters or are reported below in one message.
+        warnings.filterwarnings("ignore", message="This model contains")
+        gm = KfacGradientMaker(
+            inner, _preconditioning_config(opts, ignore), fisher_type=opts.fisher_type, n_mc_samples=opts.n_mc_samples,
+        )
+    named = {name.replace("/", "."): m for name, m in gm.module_dict.items()}
+    accounted = {id(p) for m in [*named.values(), *excluded.values()] for p in m.parameters()}
+    accounted |= {id(p) for m in inner.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()}
+    unsupported = [n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in accounted]
+    if unsupported:
+        warnings.warn(
+            f"kfac: ASDL has no K-FAC rule for {unsupported}; they get the SGD step with plain gradients.",
+            stacklevel=2,
+        )
+    return KfacAdapter(_sgd(inner, opts), gm, grad_clip=opts.grad_clip, named_modules=named)
+
+
+@OPTIMIZERS.register(
+    "shampoo",
+    schema=ShampooOptions,
+    capabilities=Capabilities(
+        needs_model=True, owns_forward_backward=True, supports_ddp=False, supports_amp=False,
+        family="kronecker", period_option="curvature_interval",
+    ),
+    summary="Shampoo (ASDL ShampooGradientMaker, restricted to matrices it can factor) + SGD momentum 0.9 + clipping",
+    source="asdfghjkl",
+)
+def build_shampoo(model: nn.Module, opts: ShampooOptions, ctx: BuildContext) -> OptimizerAdapter:
+    from asdl import ShampooGradientMaker
+
+    _check_common(opts)
+    inner = unwrap(model)
+    owners = {}
+    for mname, module in inner.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), (mname, module))
+    selected: list[tuple[str, nn.Parameter]] = []
+    excluded: list[str] = []
+    seen: set[int] = set()
+    for name, p in inner.named_parameters():
+        if not p.requires_grad or p.ndim < 2 or id(p) in seen:
+            continue
+        seen.add(id(p))
+        owner_name, owner = owners[id(p)]
+        if max(p.shape) > opts.max_factor_dim or _excluded_by_name(owner_name, opts.exclude_modules):
+            excluded.append(f"{name} {tuple(p.shape)}")
+        else:
+            selected.append((name, p))
+    if excluded:
+        warnings.warn(
+            f"shampoo: not preconditioning {', '.join(excluded)} (a dimension > max_factor_dim="
+            f"{opts.max_factor_dim} or in exclude_modules: ASDL Shampoo would build a full dim x dim factor); "
+            "they get the SGD step with plain gradients.",
+            stacklevel=2,
+        )
+    if not selected:
+        raise ValueError(
+            "shampoo: no parameter matrix to precondition (all excluded or none trainable); "
+            "raise optimizer.max_factor_dim, shorten optimizer.exclude_modules, or use sgd."
+        )
+    view = _ParameterView([p for _, p in selected])
+    gm = ShampooGradientMaker(view, _preconditioning_config(opts, list(NORM_LAYERS)))
+    return ShampooAdapter(_sgd(inner, opts), gm, grad_clip=opts.grad_clip, param_names=[n for n, _ in selected])
