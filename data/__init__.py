@@ -11,3 +11,4 @@ from data.registry import (  # noqa: F401
     resolve_root,
 )
 from data import offline, synthetic  # noqa: F401
+from data import cifar, imagenet, tiny_imagenet, wikitext  # noqa: F401

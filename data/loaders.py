@@ -45,6 +45,23 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
+def resolve_loader(requested: str, device: torch.device, *, resident_supported: bool, dataset: str) -> str:
+    """`data.loader` -> "resident" | "torch".
+
+    auto = resident whenever the dataset supports it: the whole uint8 set on the run's device with batched
+    augmentation is faster than per-image PIL transforms in a DataLoader on CUDA (no host work per sample,
+    no host->device copies) and on CPU too (measured in tests/test_data_cifar.py's benchmark note and the README).
+    """
+    if requested == "resident" and not resident_supported:
+        raise ValueError(
+            f"data.loader=resident is only available for datasets that fit on the device as tensors "
+            f"(CIFAR-sized); use data.loader=torch (or auto) for {dataset}"
+        )
+    if requested == "auto":
+        return "resident" if resident_supported else "torch"
+    return requested
+
+
 class TensorBatchSource:
     """Batches from tensors held in memory (CPU or the run's device: the "resident" loader).
 
