@@ -1,0 +1,165 @@
+"""Top-level config schema and its registration with Hydra.
+
+`train.yaml` composes the groups `model/`, `data/`, `optimizer/`, `budget/`, `logger/`, `experiment/`.
+The top level and every group are typed: the top level by `TrainConfig`, each group option by the schema
+of the registry entry it names (`/schema/<group>/<entry>` in the ConfigStore). A typo or a wrong type
+therefore fails when Hydra composes the config, before anything runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+BUDGET_MODES = ("epochs", "steps", "seconds", "reference")
+
+
+@dataclass
+class BudgetConfig:
+    """How long a run trains. Exactly the field(s) of the chosen mode must be set."""
+
+    mode: str = "epochs"  # epochs | steps | seconds | reference
+    epochs: Optional[int] = None
+    steps: Optional[int] = None
+    seconds: Optional[float] = None
+    # reference: train for the time optimizer `reference_optimizer` (an optimizer config option, e.g.
+    # "adafisher") needs for `reference_epochs` epochs on this machine (the paper's WCT protocol).
+    reference_optimizer: Optional[str] = None
+    reference_epochs: Optional[float] = None
+    calibration_steps: int = 20  # interleaved timed steps per optimizer
+    calibration_warmup: int = 3  # untimed steps on throw-away copies before timing
+    recalibrate: bool = False  # ignore a cached calibration for the same (machine, model, data, optimizers)
+    # untimed warm-up steps (cudnn autotune, allocator, compile) on a throw-away copy of the model/optimizer
+    warmup_steps: int = 0
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, sized to the budget so it anneals fully."""
+
+    name: str = "cosine"  # cosine | constant | linear
+    interval: str = "epoch"  # epoch (official: stepped once per epoch) | step
+    warmup_fraction: float = 0.0  # linear warm-up over this fraction of the budget
+    min_lr_ratio: float = 0.0  # final lr / base lr
+
+
+@dataclass
+class EvalConfig:
+    """When to evaluate: in epochs or in budget fractions, never in steps of a particular optimizer."""
+
+    every_epochs: Optional[int] = 1
+    every_fraction: Optional[float] = None
+    max_batches: Optional[int] = None  # cap per split (smoke runs); None = the whole split
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    mode: str = "auto"  # auto (online if an API key is configured, else offline) | online | offline | disabled
+    project: str = "fisherbench"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    progress: str = "auto"  # auto (progress bar on a TTY) | always | never
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    every_epochs: Optional[int] = 1  # also written on SIGTERM/SIGUSR1 and at the end
+    every_seconds: Optional[float] = None  # in budget (training) seconds
+    keep_final: bool = False  # keep the last checkpoint after a completed run (default: delete it)
+
+
+@dataclass
+class TrainConfig:
+    """The resolved configuration of one run (the run's identity is a hash of it, see results.store)."""
+
+    model: Any = MISSING
+    data: Any = MISSING
+    optimizer: Any = MISSING
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 0
+    results_dir: str = "results/runs"
+    deterministic: bool = False
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast; statistics of AdaFisher stay fp32)
+    experiment: Optional[str] = None  # name of the preset this run belongs to
+    overwrite: bool = False  # re-run even if the store holds a finished run with this identity
+    tags: list[str] = field(default_factory=list)
+
+
+# Keys that do not change what a run computes: excluded from the run's identity hash.
+NON_IDENTITY_KEYS = ("results_dir", "logger", "overwrite", "tags", "device", "checkpoint", "experiment")
+
+
+def register_configs() -> None:
+    """Register the top-level schema and every registry entry's schema with Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    import data
+    import models
+    import optim
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for registry in (models.MODELS, data.DATASETS, optim.OPTIMIZERS):
+        for entry in registry.entries():
+            cs.store(group=f"schema/{registry.config_group}", name=entry.name, node=entry.schema)
+
+
+def schema_fields(obj_type: Any) -> list[str]:
+    if dataclasses.is_dataclass(obj_type):
+        return [f.name for f in dataclasses.fields(obj_type)]
+    return []
+
+
+def validate(cfg: Any) -> None:
+    """Checks Hydra cannot express as types (value ranges, mode-dependent fields). Raises ValueError."""
+    b = cfg.budget
+    if b.mode not in BUDGET_MODES:
+        raise ValueError(f"budget.mode must be one of {', '.join(BUDGET_MODES)}; got {b.mode!r}")
+    need = {"epochs": "epochs", "steps": "steps", "seconds": "seconds", "reference": "reference_epochs"}[b.mode]
+    value = b[need]
+    if value is None:
+        raise ValueError(f"budget.mode={b.mode} needs budget.{need} (e.g. `budget.{need}=10`)")
+    if value <= 0:
+        raise ValueError(f"budget.{need} must be positive, got {value}")
+    if b.mode == "reference" and not b.reference_optimizer:
+        raise ValueError("budget.mode=reference needs budget.reference_optimizer (an optimizer config, e.g. adafisher)")
+    if b.calibration_steps < 2 or b.calibration_warmup < 0 or b.warmup_steps < 0:
+        raise ValueError("budget.calibration_steps must be >= 2 and the warm-up counts >= 0")
+    s = cfg.schedule
+    if s.name not in ("cosine", "constant", "linear"):
+        raise ValueError(f"schedule.name must be cosine|constant|linear, got {s.name!r}")
+    if s.interval not in ("epoch", "step"):
+        raise ValueError(f"schedule.interval must be epoch|step, got {s.interval!r}")
+    if not 0.0 <= s.warmup_fraction < 1.0 or not 0.0 <= s.min_lr_ratio <= 1.0:
+        raise ValueError("schedule.warmup_fraction must be in [0, 1) and schedule.min_lr_ratio in [0, 1]")
+    e = cfg.eval
+    if e.every_epochs is not None and e.every_epochs < 1:
+        raise ValueError(f"eval.every_epochs must be >= 1 or null, got {e.every_epochs}")
+    if e.every_fraction is not None and not 0.0 < e.every_fraction <= 1.0:
+        raise ValueError(f"eval.every_fraction must be in (0, 1] or null, got {e.every_fraction}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32|bf16, got {cfg.precision!r}")
+    if cfg.logger.name not in ("none", "wandb"):
+        raise ValueError(f"logger.name must be none|wandb, got {cfg.logger.name!r}")
+    if cfg.logger.mode not in ("auto", "online", "offline", "disabled"):
+        raise ValueError(f"logger.mode must be auto|online|offline|disabled, got {cfg.logger.mode!r}")
+    if cfg.logger.progress not in ("auto", "always", "never"):
+        raise ValueError(f"logger.progress must be auto|always|never, got {cfg.logger.progress!r}")
+    c = cfg.checkpoint
+    if c.every_epochs is not None and c.every_epochs < 1:
+        raise ValueError("checkpoint.every_epochs must be >= 1 or null")
+    if c.every_seconds is not None and c.every_seconds <= 0:
+        raise ValueError("checkpoint.every_seconds must be > 0 or null")

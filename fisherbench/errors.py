@@ -1,0 +1,52 @@
+"""Turn Hydra/OmegaConf composition errors into messages that say what the valid keys and choices are."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+def is_compose_error(exc: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(exc, (HydraException, OmegaConfBaseException))
+
+
+def _omegaconf_cause(exc: BaseException) -> Any:
+    from omegaconf.errors import OmegaConfBaseException
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OmegaConfBaseException):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def explain_compose_error(exc: BaseException) -> str:
+    """The Hydra message, plus the valid keys of the node when a key was unknown or mistyped."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    message = str(exc).strip()
+    cause = _omegaconf_cause(exc)
+    if cause is not None and cause is not exc:
+        message = f"{message}\n{str(cause).strip()}"
+    if cause is None:
+        return message
+    obj_type = getattr(cause, "object_type", None)
+    full_key = getattr(cause, "full_key", None) or ""
+    if dataclasses.is_dataclass(obj_type):
+        fields = {f.name: f.type for f in dataclasses.fields(obj_type)}
+        where = full_key.rsplit(".", 1)[0] if "." in full_key else "the top level"
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+            message += f"\nValid keys in {where}: {', '.join(fields)}"
+        elif isinstance(cause, ValidationError):
+            key = full_key.rsplit(".", 1)[-1]
+            if key in fields:
+                message += f"\n'{full_key}' must be of type {_type_name(fields[key])}"
+    message += "\n(Run `python train.py --cfg job` to print the composed config, or `--help` for the groups.)"
+    return message
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")

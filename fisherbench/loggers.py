@@ -1,0 +1,121 @@
+"""Experiment loggers that mirror the results store: none, or Weights & Biases (online/offline).
+
+The store is the source of truth; a logger failure is reported once and never stops a run.
+"""
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+
+class NullLogger:
+    name = "none"
+    run_url: Optional[str] = None
+
+    def start(self, run_id: str, config: dict[str, Any], run_dir: Path, resume: bool) -> None:
+        pass
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled"):
+        return env
+    return "online" if wandb_has_credentials() else "offline"
+
+
+class WandbLogger:
+    """W&B run whose id is the fisherbench run id, so a resumed run continues the same W&B run."""
+
+    name = "wandb"
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.mode = resolve_wandb_mode(cfg.mode)
+        self.run: Any = None
+        self.run_url: Optional[str] = None
+
+    def _warn(self, what: str, exc: BaseException) -> None:
+        print(f"[fisherbench] W&B {what} failed ({type(exc).__name__}: {exc}); the results store is unaffected",
+              file=sys.stderr)
+
+    def start(self, run_id: str, config: dict[str, Any], run_dir: Path, resume: bool) -> None:
+        if self.mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                project=self.cfg.project,
+                entity=self.cfg.entity,
+                group=self.cfg.group,
+                tags=list(self.cfg.tags) or None,
+                id=run_id,
+                name=run_id,
+                resume="allow",
+                dir=str(run_dir),
+                config=config,
+                mode=self.mode,
+                settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+            )
+            self.run_url = getattr(self.run, "url", None) if self.mode == "online" else None
+        except Exception as exc:  # noqa: BLE001 - logging must never stop a run
+            self._warn("init", exc)
+            self.run = None
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+        except Exception as exc:  # noqa: BLE001
+            self._warn("log", exc)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        try:
+            for k, v in values.items():
+                self.run.summary[k] = v
+        except Exception as exc:  # noqa: BLE001
+            self._warn("summary", exc)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.finish(exit_code=exit_code)
+        except Exception as exc:  # noqa: BLE001
+            self._warn("finish", exc)
+        self.run = None
+
+
+LOGGERS = {"none": NullLogger, "wandb": WandbLogger}
+
+
+def make_logger(cfg: Any) -> NullLogger | WandbLogger:
+    if cfg.name == "none":
+        return NullLogger()
+    return LOGGERS[cfg.name](cfg)

@@ -1,0 +1,374 @@
+"""The training loop: one loop for every optimizer, timed by one budget clock.
+
+Read top to bottom: `Trainer.fit()` runs epochs of `adapter.train_step()` until the budget is used up,
+evaluating and checkpointing on the cadence the config gives. The loop knows optimizers only through the
+adapter, data only through the `BatchSource`s of the bundle, and the store only through `RunDir`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+import os
+import signal
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from data.registry import DataBundle
+from fisherbench import checkpoint as ckpt
+from fisherbench.budget import BudgetPlan
+from fisherbench.distributed import DistInfo, all_reduce_max_, all_reduce_sum_
+from fisherbench.ledger import Clock, Ledger
+from fisherbench.schedule import lr_multiplier, set_lr
+from fisherbench.tasks import MetricSums, Task
+from optim.registry import OptimizerAdapter, unwrap
+from results.store import RunDir
+
+FAULT_ENV = "FISHERBENCH_FAULT_AT_STEP"  # hard-exit (no cleanup) after this training step, for tests
+
+
+@dataclass
+class TrainState:
+    """Where the run is. Saved in checkpoints; everything else is rebuilt from the config."""
+
+    epoch: int = 0  # current epoch (0-based)
+    batch: int = 0  # batches done in the current epoch
+    step: int = 0  # optimizer steps done in total
+    evals_done: int = 0  # metric rows in the store
+    next_fraction_eval: float = 0.0  # for eval.every_fraction
+    last_ckpt_train_s: float = 0.0
+    best: Optional[dict[str, Any]] = None  # the evaluation row selected by the task's metric
+    last_eval: Optional[dict[str, Any]] = None
+    last_eval_step: int = -1
+    status: str = "running"
+    stop_reason: Optional[str] = None
+    diverged: Optional[dict[str, Any]] = None
+    train_loss_sum: float = 0.0  # since the last evaluation
+    train_count: int = 0
+    train_correct: float = 0.0
+
+
+def params_sha256(model: nn.Module) -> str:
+    """SHA-256 over the model's parameters in name order (dtype and shape included)."""
+    h = hashlib.sha256()
+    for name, p in sorted(unwrap(model).named_parameters(), key=lambda kv: kv[0]):
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class _StopSignals:
+    """SIGTERM / SIGUSR1 set a flag that the loop checks every step (checkpoint, then stop as preempted)."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        try:
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = {}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+class Progress:
+    """A tqdm bar on a TTY (or when forced); silent otherwise."""
+
+    def __init__(self, mode: str, plan: BudgetPlan, initial_step: int, is_main: bool) -> None:
+        show = is_main and (mode == "always" or (mode == "auto" and sys.stderr.isatty()))
+        self.bar = None
+        if show:
+            from tqdm import tqdm
+
+            total = plan.total_steps
+            self.bar = tqdm(total=total, initial=initial_step if total else 0, unit="step", dynamic_ncols=True,
+                            leave=False, file=sys.stderr)
+
+    def update(self, epoch: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"epoch {epoch} loss {loss:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class Trainer:
+    cfg: Any  # the resolved TrainConfig (DictConfig)
+    model: nn.Module
+    adapter: OptimizerAdapter
+    bundle: DataBundle
+    task: Task
+    plan: BudgetPlan
+    device: torch.device
+    run_dir: Optional[RunDir]  # None on non-main ranks
+    logger: Any
+    dist: DistInfo = field(default_factory=DistInfo)
+    ledger: Ledger = field(default_factory=Ledger)
+    state: TrainState = field(default_factory=TrainState)
+    run_id: str = ""
+    on_eval: Optional[Callable[[dict[str, Any]], None]] = None  # extra per-evaluation hook (e.g. analysis)
+
+    def __post_init__(self) -> None:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+        self.clock = Clock(self.ledger, sync)
+        self.autocast: Callable[[], Any] = contextlib.nullcontext
+        if self.cfg.precision == "bf16":
+            self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
+        self.steps_per_epoch = len(self.bundle.train)
+        self.correct_acc: Optional[torch.Tensor] = None
+        fault = os.environ.get(FAULT_ENV)
+        self.fault_at = int(fault) if fault else None
+
+    # ------------------------------------------------------------------------------------------- loop
+    def fit(self) -> TrainState:
+        st, plan, cfg = self.state, self.plan, self.cfg
+        self.model.train()
+        progress = Progress(cfg.logger.progress, plan, st.step, self.dist.is_main)
+        with _StopSignals() as signals:
+            self.clock.start_wall()
+            if st.step == 0 and cfg.budget.warmup_steps > 0:
+                self.warm_up(cfg.budget.warmup_steps)
+            try:
+                self._loop(signals, progress)
+            finally:
+                progress.close()
+                self.clock.stop_wall()
+        return st
+
+    def _loop(self, signals: _StopSignals, progress: Progress) -> None:
+        st, plan, cfg = self.state, self.plan, self.cfg
+        if plan.exhausted(st.step, self.ledger.train_s):
+            st.status = "completed"
+            return
+        while True:
+            if cfg.schedule.interval == "epoch":
+                self._set_lr(plan.progress(st.step, self.ledger.train_s, epoch_start=st.epoch))
+            batches = self.bundle.train.iterate(st.epoch, st.batch)
+            while True:
+                t0 = self.clock.now()
+                try:
+                    inputs, targets = next(batches)
+                except StopIteration:
+                    break
+                t_data = self.clock.now()
+                if cfg.schedule.interval == "step":
+                    self._set_lr(plan.progress(st.step, self.ledger.train_s))
+                out = self.adapter.train_step(self.model, inputs, targets, self.task.loss, self.autocast)
+                loss = float(out.loss)  # host sync: the divergence check and the clock need it
+                t1 = self.clock.now()
+                self.ledger.train_s += t1 - t0
+                self.ledger.data_s += t_data - t0
+                st.step += 1
+                st.batch += 1
+                if self.fault_at is not None and st.step >= self.fault_at:
+                    os._exit(86)  # simulated hard crash: no cleanup, no checkpoint
+
+                nonfinite, stop_requested, train_s = self._agree(
+                    not math.isfinite(loss), signals.received is not None, self.ledger.train_s
+                )
+                with self.clock.section("log_s"):
+                    self._accumulate_train(out.outputs, targets, loss)
+                    progress.update(st.epoch, loss)
+                if nonfinite:
+                    st.status, st.stop_reason = "diverged", "non-finite training loss"
+                    st.diverged = {"step": st.step, "epoch": st.epoch, "train_s": train_s, "loss": loss}
+                    self.evaluate()  # record where it diverged (metrics may be NaN; that is the data)
+                    return
+
+                epoch_done = st.batch >= self.steps_per_epoch
+                if epoch_done:
+                    st.epoch, st.batch = st.epoch + 1, 0
+                budget_done = plan.exhausted(st.step, train_s)
+                fraction = plan.progress(st.step, train_s)
+                if self._eval_due(epoch_done, fraction) or budget_done:
+                    self.evaluate()
+                if stop_requested:
+                    self.save_checkpoint()
+                    st.status, st.stop_reason = "preempted", f"signal {signals.received}"
+                    return
+                if budget_done:
+                    st.status = "budget_exhausted" if plan.mode == "seconds" else "completed"
+                    return
+                if self._checkpoint_due(epoch_done):
+                    self.save_checkpoint()
+                if epoch_done:
+                    break
+
+    def _agree(self, nonfinite: bool, stop: bool, train_s: float) -> tuple[bool, bool, float]:
+        """Under DDP every rank must take the same decision: max over ranks of the flags and the clock."""
+        if not self.dist.enabled:
+            return nonfinite, stop, train_s
+        t = torch.tensor([float(nonfinite), float(stop), train_s], dtype=torch.float64,
+                         device=self.device if self.device.type == "cuda" else "cpu")
+        all_reduce_max_(t, self.dist)
+        return bool(t[0] > 0), bool(t[1] > 0), float(t[2])
+
+    def _set_lr(self, progress: float) -> None:
+        set_lr(self.adapter.param_groups, lr_multiplier(self.cfg.schedule, progress))
+
+    def _accumulate_train(self, outputs: torch.Tensor, targets: torch.Tensor, loss: float) -> None:
+        st = self.state
+        n = int(targets.shape[0])
+        st.train_loss_sum += loss * n
+        st.train_count += n
+        if self.task.name == "classification" and outputs.ndim == 2:
+            correct = (outputs.argmax(1) == targets).sum()
+            self.correct_acc = correct if self.correct_acc is None else self.correct_acc + correct
+
+    def _eval_due(self, epoch_done: bool, fraction: float) -> bool:
+        e, st = self.cfg.eval, self.state
+        due = bool(epoch_done and e.every_epochs and st.epoch % e.every_epochs == 0)
+        if e.every_fraction:
+            if fraction + 1e-12 >= st.next_fraction_eval + e.every_fraction:
+                st.next_fraction_eval = math.floor((fraction + 1e-12) / e.every_fraction) * e.every_fraction
+                due = True
+        return due
+
+    def _checkpoint_due(self, epoch_done: bool) -> bool:
+        c = self.cfg.checkpoint
+        if not c.enabled:
+            return False
+        if epoch_done and c.every_epochs and self.state.epoch % c.every_epochs == 0:
+            return True
+        return bool(c.every_seconds and self.ledger.train_s - self.state.last_ckpt_train_s >= c.every_seconds)
+
+    # -------------------------------------------------------------------------------------- warm-up
+    def warm_up(self, steps: int) -> None:
+        """Untimed steps (cudnn autotune, allocator, lazy init) whose effects are then undone."""
+        with self.clock.section("warmup_s"):
+            model_state = copy.deepcopy(self.model.state_dict())
+            opt_state = copy.deepcopy(self.adapter.state_dict())
+            rng = ckpt.rng_state()
+            batches = self.bundle.train.iterate(0, 0)
+            for _ in range(min(steps, self.steps_per_epoch)):
+                inputs, targets = next(batches)
+                self.adapter.train_step(self.model, inputs, targets, self.task.loss, self.autocast)
+            self.model.load_state_dict(model_state)
+            self.adapter.load_state_dict(opt_state)
+            ckpt.set_rng_state(rng)
+
+    # ----------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def _evaluate_splits(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        limit = self.cfg.eval.max_batches
+        self.model.eval()
+        try:
+            with self.adapter.eval_weights(), self.autocast():
+                for split, source in self.bundle.evals.items():
+                    sums = MetricSums(self.task)
+                    for i, (inputs, targets) in enumerate(source.iterate(0)):
+                        if limit is not None and i >= limit:
+                            break
+                        sums.add(self.model(inputs), targets)
+                    if self.dist.enabled:
+                        for v in sums.sums.values():
+                            all_reduce_sum_(v, self.dist)
+                    metrics.update({f"{split}/{k}": v for k, v in sums.compute().items()})
+        finally:
+            self.model.train()
+        return metrics
+
+    def _train_metrics(self) -> dict[str, float]:
+        st = self.state
+        if st.train_count == 0:
+            return {}
+        out = {"train/loss": st.train_loss_sum / st.train_count}
+        if self.task.name == "classification":
+            self._flush_correct()
+            out["train/acc1"] = st.train_correct / st.train_count
+        st.train_loss_sum, st.train_count, st.train_correct = 0.0, 0, 0.0
+        return out
+
+    def evaluate(self) -> dict[str, Any]:
+        st = self.state
+        if st.last_eval_step == st.step:
+            return st.last_eval or {}
+        with self.clock.section("eval_s"):
+            metrics = self._evaluate_splits()
+        with self.clock.section("log_s"):
+            row: dict[str, Any] = {
+                "eval": st.evals_done,
+                "step": st.step,
+                "epoch": st.epoch + st.batch / max(1, self.steps_per_epoch),
+                "train_s": self.ledger.train_s,
+                "wall_s": self.clock.wall_so_far(),
+                "lr": self.adapter.param_groups[0]["lr"],
+                **self._train_metrics(),
+                **metrics,
+                **{f"opt/{k}": v for k, v in self.adapter.diagnostics().items()},
+            }
+            st.evals_done += 1
+            st.last_eval, st.last_eval_step = row, st.step
+            if self._is_better(row):
+                st.best = row
+            if self.run_dir is not None:
+                self.run_dir.append_metrics(row)
+                self.logger.log(row, step=st.step)
+            if self.on_eval is not None:
+                self.on_eval(row)
+        return row
+
+    def _is_better(self, row: dict[str, Any]) -> bool:
+        key = f"{self.task.select_split}/{self.task.select_metric}"
+        value = row.get(key)
+        if value is None or not math.isfinite(value):
+            return False
+        if self.state.best is None or not math.isfinite(self.state.best.get(key, math.nan)):
+            return True
+        best = self.state.best[key]
+        return value > best if self.task.higher_is_better else value < best
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def checkpoint_payload(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.adapter.state_dict(),
+            "state": asdict(self.state),
+            "ledger": self.ledger.as_dict() | {"wall_s": self.clock.wall_so_far()},
+            "rng": ckpt.rng_state(),
+            "wandb_id": self.run_id,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.run_dir is None or not self.cfg.checkpoint.enabled:
+            return
+        with self.clock.section("ckpt_s"):
+            self._flush_correct()
+            ckpt.save(self.run_dir.checkpoint_path, self.checkpoint_payload())
+            self.state.last_ckpt_train_s = self.ledger.train_s
+
+    def _flush_correct(self) -> None:
+        if self.correct_acc is not None:
+            self.state.train_correct += float(self.correct_acc)
+            self.correct_acc = None
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        unwrap(self.model).load_state_dict(payload["model"])
+        self.adapter.load_state_dict(payload["optimizer"])
+        self.state = TrainState(**payload["state"])
+        restored = Ledger.from_dict(payload["ledger"])
+        for k in restored.__dataclass_fields__:
+            setattr(self.ledger, k, getattr(restored, k))
+        ckpt.set_rng_state(payload["rng"])
