@@ -37,10 +37,14 @@ def build_synthetic_image(opts: SyntheticImageOptions, ctx: BuildContext) -> Dat
         raise ValueError("synthetic_image needs num_classes >= 2 and num_train, num_test >= 1")
     g = torch.Generator().manual_seed(DATA_SEED)
     shape = tuple(int(s) for s in opts.shape)
-    prototypes = torch.randn((opts.num_classes, *shape), generator=g)
     n = opts.num_train + opts.num_test
     labels = torch.randint(0, opts.num_classes, (n,), generator=g)
-    images = prototypes[labels] + opts.noise * torch.randn((n, *shape), generator=g)
+    # prototypes only for the classes that occur, each from its own seed: memory O(n), not O(classes)
+    # (1,000 full-size 224x224 prototypes would take 600 MB)
+    used = labels.unique()
+    prototypes = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(DATA_SEED + 1 + int(c)))
+                              for c in used])
+    images = prototypes[torch.searchsorted(used, labels)] + opts.noise * torch.randn((n, *shape), generator=g)
     device = ctx.device if opts.loader in ("auto", "resident") else torch.device("cpu")
     common = dict(device=device, rank=ctx.rank, world_size=ctx.world_size)
     tr, te = slice(0, opts.num_train), slice(opts.num_train, n)
@@ -78,14 +82,16 @@ def build_synthetic_tokens(opts: SyntheticTokensOptions, ctx: BuildContext) -> D
     if opts.vocab_size < 2 or opts.seq_len < 2:
         raise ValueError("synthetic_tokens needs vocab_size >= 2 and seq_len >= 2")
     g = torch.Generator().manual_seed(DATA_SEED)
-    # sparse-ish bigram transition matrix: each token has 4 likely successors
-    logits = torch.randn(opts.vocab_size, opts.vocab_size, generator=g) * 3
-    probs = torch.softmax(logits, dim=1)
+    # sparse bigram chain: each token has 4 successors with fixed probabilities (a table of V x 4, not a dense
+    # V x V matrix, so GPT-1's 40,478-token vocabulary fits)
+    successors = torch.randint(0, opts.vocab_size, (opts.vocab_size, 4), generator=g)
+    successor_probs = torch.tensor([0.55, 0.25, 0.15, 0.05])
     n = opts.num_train + opts.num_test
     windows = torch.empty(n, opts.seq_len + 1, dtype=torch.long)
     windows[:, 0] = torch.randint(0, opts.vocab_size, (n,), generator=g)
     for t in range(1, opts.seq_len + 1):
-        windows[:, t] = torch.multinomial(probs[windows[:, t - 1]], 1, generator=g).squeeze(1)
+        choice = torch.multinomial(successor_probs.expand(n, 4), 1, generator=g).squeeze(1)
+        windows[:, t] = successors[windows[:, t - 1], choice]
     inputs, targets = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
     device = ctx.device if opts.loader in ("auto", "resident") else torch.device("cpu")
     common = dict(device=device, rank=ctx.rank, world_size=ctx.world_size)
