@@ -9,7 +9,9 @@
 * Muon orthogonalises the momentum of hidden weight matrices; embeddings, the output head and every
   tensor with fewer than 2 dimensions go to its built-in AdamW groups (the usual Muon recipe).
 * Schedule-free AdamW trains on an interpolated iterate y and evaluates on the average x:
-  `eval_weights()` switches the model to x (`optimizer.eval()`) and back (`optimizer.train()`).
+  `eval_weights()` switches the model to x (`optimizer.eval()`) and back to exactly the saved y.
+  It is meant for a constant learning rate (plus warm-up): run it with `schedule.name=constant`. BatchNorm
+  running statistics are those accumulated at y (the schedule-free authors recompute them at x; we do not).
 """
 from __future__ import annotations
 
@@ -280,11 +282,17 @@ class ScheduleFreeAdapter(OptimizerAdapter):
 
     @contextlib.contextmanager
     def _averaged(self) -> Iterator[None]:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # optimizer.train() would rebuild y from x by interpolation (off by rounding); keep y exactly so
+        # that training does not depend on when or how often it is evaluated
+        training_weights = [p.detach().clone() for p in params]
         self.optimizer.eval()  # p ← x
         try:
             yield
         finally:
-            self.optimizer.train()  # p ← y, the iterate training continues from
+            self.optimizer.train()  # train_mode flags
+            with torch.no_grad():
+                torch._foreach_copy_(params, training_weights)
 
     def eval_weights(self) -> ContextManager[Any]:
         return self._averaged()
