@@ -17,3 +17,5 @@ from optim import torch_baselines  # noqa: F401  (registers adam, adamw, sgd)
 from optim.fadam import FAdam  # noqa: F401  (registers fadam)
 from optim import asdl_entries  # noqa: F401  (registers kfac, shampoo)
 from optim import pytorch_optimizer_entries  # noqa: F401  (registers adahessian, sophia, soap, muon, schedulefree_adamw)
+from optim.adafisher import AdaFisher, AdaFisherW  # noqa: F401
+from optim import adafisher_entries  # noqa: F401  (registers adafisher, adafisherw)
