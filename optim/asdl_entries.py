@@ -300,35 +300,38 @@ def build_kfac(model: nn.Module, opts: KfacOptions, ctx: BuildContext) -> Optimi
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError("ASDL K-FAC does not support DistributedDataParallel models; run kfac on one process.")
     inner = unwrap(model)
-    too_large = [
-        (name, m) for name, m in inner.named_modules()
-        if not isinstance(m, NORM_LAYERS) and any(d > opts.max_factor_dim for d in _kfac_factor_dims(m))
-    ]
-    by_name = [(name, m) for name, m in inner.named_modules() if name and _excluded_by_name(name, opts.exclude_modules)]
-    excluded = {name: m for name, m in too_large + by_name}
-    if excluded:
-        warnings.warn(
-            "kfac: not preconditioning " + ", ".join(
-                f"{name} (factor dims {_kfac_factor_dims(m)})" for name, m in excluded.items()
-            ) + f" (factor dimension > max_factor_dim={opts.max_factor_dim} or in exclude_modules); "
-            "their parameters get the SGD step with plain gradients.",
-            stacklevel=2,
-        )
-    ignore = [*NORM_LAYERS, *excluded.values()]
+    skipped: dict[str, list[str]] = {}  # reason -> module names, for one warning
+    excluded: dict[str, nn.Module] = {}
+    for name, m in inner.named_modules():
+        if not any(p.requires_grad for p in m.parameters(recurse=False)) or isinstance(m, NORM_LAYERS):
+            continue
+        if isinstance(m, nn.Embedding):
+            reason = "nn.Embedding (ASDL 0.1a5 has no K-FAC inverse for it with ema_decay=-1, and otherwise applies its factors to a reshaped, not transposed, gradient)"
+        elif any(d > opts.max_factor_dim for d in _kfac_factor_dims(m)):
+            reason = f"a Kronecker factor larger than max_factor_dim={opts.max_factor_dim}"
+        elif _excluded_by_name(name, opts.exclude_modules):
+            reason = "listed in exclude_modules"
+        else:
+            continue
+        excluded[name] = m
+        skipped.setdefault(reason, []).append(name)
     with warnings.catch_warnings():
-        # ASDL warns once per unsupported leaf module (ReLU-free containers, Dropout, ...): those hold no
-        # parameters or are reported below in one message.
+        # ASDL warns per unsupported leaf module; those are reported below in the one warning
         warnings.filterwarnings("ignore", message="This model contains")
         gm = KfacGradientMaker(
-            inner, _preconditioning_config(opts, ignore), fisher_type=opts.fisher_type, n_mc_samples=opts.n_mc_samples,
+            inner, _preconditioning_config(opts, [*NORM_LAYERS, *excluded.values()]),
+            fisher_type=opts.fisher_type, n_mc_samples=opts.n_mc_samples,
         )
     named = {name.replace("/", "."): m for name, m in gm.module_dict.items()}
     accounted = {id(p) for m in [*named.values(), *excluded.values()] for p in m.parameters()}
     accounted |= {id(p) for m in inner.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()}
     unsupported = [n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in accounted]
     if unsupported:
+        skipped["no ASDL K-FAC rule for the layer type (parameters)"] = unsupported
+    if skipped:
         warnings.warn(
-            f"kfac: ASDL has no K-FAC rule for {unsupported}; they get the SGD step with plain gradients.",
+            "kfac: not preconditioning " + "; ".join(f"{', '.join(names)}: {why}" for why, names in skipped.items())
+            + ". Their parameters get the SGD step with plain gradients.",
             stacklevel=2,
         )
     return KfacAdapter(_sgd(inner, opts), gm, grad_clip=opts.grad_clip, named_modules=named)
