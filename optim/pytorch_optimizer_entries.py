@@ -62,7 +62,10 @@ class HutchinsonAdapter(OptimizerAdapter):
         with autocast():
             outputs = model(inputs)
             loss = loss_fn(outputs, targets)
-        loss.backward(create_graph=hessian_step)
+        with warnings.catch_warnings():
+            # torch warns that create_graph makes .grad reference the graph; we drop .grad right after step()
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            loss.backward(create_graph=hessian_step)
         self.clip_gradients()
         self.optimizer.step()
         if hessian_step:
@@ -207,18 +210,17 @@ class MuonOptions(OptimizerOptions):
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adamw_wd: float = 0.0
     adamw_eps: float = 1e-10
-    # module-name prefixes that go to AdamW; empty: nn.Embedding modules and the last nn.Linear (the head)
+    # module names (and their children) that go to AdamW besides embeddings and 1-D tensors; empty: the last
+    # nn.Linear, i.e. the output head
     adamw_modules: list[str] = field(default_factory=list)
 
 
 def muon_split(model: nn.Module, adamw_modules: list[str]) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
-    """(Muon parameters, AdamW parameters) following the usual recipe, by name."""
+    """(Muon parameters, AdamW parameters) by name: AdamW gets every tensor with < 2 dims, every nn.Embedding,
+    and the modules named in `adamw_modules` (default: the last nn.Linear, i.e. the output head)."""
     inner = unwrap(model)
-    prefixes = list(adamw_modules)
-    if not prefixes:
-        linears = [name for name, m in inner.named_modules() if isinstance(m, nn.Linear)]
-        prefixes = [name for name, m in inner.named_modules() if isinstance(m, nn.Embedding)]
-        prefixes += linears[-1:]
+    prefixes = list(adamw_modules) or [name for name, m in inner.named_modules() if isinstance(m, nn.Linear)][-1:]
+    prefixes += [name for name, m in inner.named_modules() if isinstance(m, nn.Embedding)]
     fallback_ids = {
         id(p) for name, m in inner.named_modules() if name in prefixes or any(name.startswith(f + ".") for f in prefixes)
         for p in m.parameters()
