@@ -9,7 +9,7 @@ import data.cifar as cifar
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from data.download import OFFLINE_ENV, DatasetNotFoundError, DownloadError
 from data.registry import BuildContext, build_data
-from data_fakes import make_cifar
+from tests.data_fakes import make_cifar
 
 
 @pytest.fixture(autouse=True)

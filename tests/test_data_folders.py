@@ -7,7 +7,7 @@ import torch
 from data.download import OFFLINE_ENV, DatasetNotFoundError
 from data.registry import BuildContext, build_data
 from data.tiny_imagenet import reorganise_val
-from data_fakes import make_image_folder, make_tiny_imagenet
+from tests.data_fakes import make_image_folder, make_tiny_imagenet
 
 WNIDS = ("n01443537", "n01629819", "n01641577")
 
