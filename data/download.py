@@ -92,16 +92,18 @@ def missing_message(what: str, path: Path, prepare: Optional[str], *, download_e
 
     `prepare` is the `scripts/prepare_data.py` target (None: the dataset cannot be downloaded).
     """
-    lines = [f"{what} not found at {path}."]
+    parts = [f"{what} not found at {path}."]
     if reason:
-        lines.append(f"Downloading it failed ({reason}).")
-    elif prepare is not None and not download_enabled:
-        lines.append("data.download=false, so it was not downloaded; set data.download=true to let the run fetch it,")
+        parts.append(f"Downloading it failed: {reason}.")
+    fixes = []
+    if prepare is not None and not download_enabled:
+        fixes.append("set data.download=true to let the run fetch it")
     if prepare is not None:
-        lines.append(f"or prepare it on a machine with network access with `python scripts/prepare_data.py {prepare} "
-                     f"--root {path.parent}` (copy the folder here if this machine is offline),")
-    lines.append("or point data.root (or $FISHERBENCH_DATA) at the folder that already holds it.")
-    return " ".join(lines)
+        fixes.append(f"run `python scripts/prepare_data.py {prepare} --root {path.parent}` on a machine with network "
+                     f"access (and copy {path.name}/ here if this machine is offline)")
+    fixes.append("point data.root (or $FISHERBENCH_DATA) at a folder that already holds it")
+    parts.append("To fix: " + "; or ".join(fixes) + ".")
+    return " ".join(parts)
 
 
 def describe_files(paths: Iterable[Path], algorithm: str = "md5") -> list[str]:

@@ -98,6 +98,9 @@ def build_tiny_imagenet(opts: TinyImageNetOptions, ctx: BuildContext) -> DataBun
     if opts.verify:
         check_counts("tiny_imagenet", {"classes": len(classes), "train": len(train_set), "val": len(val_set)},
                      EXPECTED, base, "Delete it and run `python scripts/prepare_data.py tiny_imagenet`.")
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise DatasetNotFoundError(f"tiny_imagenet at {base}: no images in train/ or val/ for the classes in "
+                                   f"wnids.txt. Delete it and run `python scripts/prepare_data.py tiny_imagenet`.")
     common: dict[str, Any] = dict(device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
                                   num_workers=opts.num_workers)
     return DataBundle(
