@@ -17,3 +17,22 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+TINY = ["model=small_cnn", "model.width=4", "model.hidden=16", "data=synthetic_image", "data.shape=[3,8,8]",
+        "data.num_train=64", "data.num_test=32", "data.batch_size=16", "optimizer=adam", "logger=none"]
+
+
+@pytest.fixture
+def run_train(tmp_path):
+    """Run one config in-process: `run_train("budget=steps", "budget.steps=3")` -> RunResult.
+
+    Starts from a tiny CNN on tiny synthetic images writing to a per-test results dir; later overrides win.
+    """
+    from fisherbench.runner import compose_config, run
+
+    def _run(*overrides: str, base=TINY):
+        cfg = compose_config([*base, f"results_dir={tmp_path / 'runs'}", *overrides])
+        return run(cfg)
+
+    return _run
