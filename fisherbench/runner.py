@@ -227,7 +227,11 @@ def _meta(cfg: DictConfig, device: torch.device, bundle, info: DistInfo, param_c
 
 # ----------------------------------------------------------------------------------------------- run
 def run(cfg: DictConfig) -> RunResult:
-    """Run (or skip, or resume) the run that `cfg` identifies. Raises ConfigError for user errors."""
+    """Run (or skip, or resume) the run that `cfg` identifies. Raises ConfigError for user errors.
+
+    Only one process at a time runs a given run id (a lock file per run id in `results_dir`); another
+    process that asks for the same run gets `status: running_elsewhere` and skips it.
+    """
     from results.store import RunDir
 
     try:
@@ -247,8 +251,45 @@ def run(cfg: DictConfig) -> RunResult:
     rid = run_id_of(cfg)
     root = Path(cfg.results_dir)
     run_dir = RunDir(root / rid)
+    lock = None
     if info.is_main:
         _check_writable(root)
+        lock = RunLock(root, rid)
+    busy = broadcast_object(lock is not None and not lock.acquire(), info)
+    if busy:
+        _log(f"skipping: run {rid} is being run by another process (lock {lock.path if lock else ''})", info)
+        return RunResult(run_dir.path, {"run_id": rid, "status": "running_elsewhere", "skipped": True},
+                         skipped=True)
+    try:
+        return _run_unlocked(cfg, info, device, rid, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class RunLock:
+    """An exclusive, non-blocking lock per run id (flock: released by the OS if the process dies)."""
+
+    def __init__(self, root: Path, rid: str) -> None:
+        from filelock import FileLock
+
+        self.path = root / f".{rid}.lock"
+        self._lock = FileLock(str(self.path))
+
+    def acquire(self) -> bool:
+        from filelock import Timeout
+
+        try:
+            self._lock.acquire(timeout=0)
+            return True
+        except Timeout:
+            return False
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+def _run_unlocked(cfg: DictConfig, info: DistInfo, device: torch.device, rid: str, run_dir) -> RunResult:
     existing = run_dir.summary() if info.is_main else None
     skip = bool(existing and run_dir.is_final() and not cfg.overwrite)
     skip = broadcast_object(skip, info)
