@@ -515,7 +515,7 @@ class AdaFisher(torch.optim.Optimizer):
                 f"{len(self.param_groups)}"
             )
         for saved, group in zip(saved_groups, self.param_groups):
-            if list(saved["param_names"]) != group["param_names"]:
+            if sorted(saved["param_names"]) != sorted(group["param_names"]):
                 missing = sorted(set(group["param_names"]) - set(saved["param_names"]))
                 extra = sorted(set(saved["param_names"]) - set(group["param_names"]))
                 raise ValueError(
