@@ -59,9 +59,9 @@ class HutchinsonAdapter(OptimizerAdapter):
         # pytorch_optimizer refreshes the Hessian when the group step count is a multiple of update_period
         hessian_step = self.optimizer.param_groups[0].get("step", 0) % self.optimizer.update_period == 0
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            outputs = model(inputs)
-            loss = loss_fn(outputs, targets)
+        # autocast is deliberately not used (supports_amp=False): Hessian-vector products in fp32
+        outputs = model(inputs)
+        loss = loss_fn(outputs, targets)
         with warnings.catch_warnings():
             # torch warns that create_graph makes .grad reference the graph; we drop .grad right after step()
             warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
