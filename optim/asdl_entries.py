@@ -20,8 +20,11 @@ Library limits handled here (all found in the asdl 0.1a5 source):
   every matrix in `model.parameters()`. We give it a view module that holds only the matrices it should
   precondition (every dimension ≤ `max_factor_dim`, owner not excluded by name); the other parameters
   still get the SGD step with their plain gradients. One warning names what was excluded.
-* K-FAC honours `ignore_modules`, but an `nn.Embedding` gets a dense vocab×vocab factor; modules with a
-  factor dimension above `max_factor_dim` are ignored the same way (plain gradient, one warning).
+* K-FAC and `nn.Embedding`: with `ema_decay=-1` ASDL 0.1a5 has no inverse for embeddings (the first step
+  raises "Matrix of shape kron ... has not been calculated"); with accumulation it multiplies the factors
+  into a reshaped, not transposed, gradient. Embeddings are therefore always excluded, as are modules in
+  `exclude_modules` or with a factor above `max_factor_dim` (default: no limit). Excluded parameters get
+  the SGD step with plain gradients; one warning names them.
 * `state_dict()` of ASDL gradient makers holds only the step counter. K-FAC's factors live as `fisher`
   attributes on the modules and Shampoo's in its `Preconditioner` objects: the adapter saves and restores
   them itself, keyed by module/parameter names.
@@ -74,7 +77,8 @@ class AsdlOptions(OptimizerOptions):
     curvature_interval: int = 10  # preconditioner_upd_interval = curvature_upd_interval (official)
     ema_decay: float = -1.0  # -1: K-FAC uses fresh curvature, Shampoo sums its statistics (official)
     grad_clip: Optional[float] = 1.0  # clip_grad_norm_ of the preconditioned gradient (official)
-    max_factor_dim: int = 4096  # modules/matrices with a larger Kronecker factor get plain gradients
+    # modules/matrices with a larger Kronecker factor get plain gradients (None: no limit)
+    max_factor_dim: Optional[int] = None
     exclude_modules: list[str] = field(default_factory=list)  # module-name substrings never preconditioned
 
 
@@ -94,6 +98,7 @@ class ShampooOptions(AsdlOptions):
     weight_decay: float = 5e-4
     damping: float = 1e-12
     curvature_interval: int = 1
+    max_factor_dim: Optional[int] = 4096  # ASDL Shampoo would factor a 40k-token embedding: keep it out
 
 
 class AsdlAdapter(OptimizerAdapter):
@@ -245,8 +250,8 @@ def _check_common(opts: AsdlOptions) -> None:
         raise ValueError(f"optimizer.damping must be >= 0, got {opts.damping}")
     if not 0.0 <= opts.momentum < 1.0:
         raise ValueError(f"optimizer.momentum must be in [0, 1), got {opts.momentum}")
-    if opts.max_factor_dim < 1:
-        raise ValueError(f"optimizer.max_factor_dim must be >= 1, got {opts.max_factor_dim}")
+    if opts.max_factor_dim is not None and opts.max_factor_dim < 1:
+        raise ValueError(f"optimizer.max_factor_dim must be >= 1 or null, got {opts.max_factor_dim}")
 
 
 def _preconditioning_config(opts: AsdlOptions, ignore_modules: list[Any]) -> Any:
@@ -307,7 +312,7 @@ def build_kfac(model: nn.Module, opts: KfacOptions, ctx: BuildContext) -> Optimi
             continue
         if isinstance(m, nn.Embedding):
             reason = "nn.Embedding (ASDL 0.1a5 has no K-FAC inverse for it with ema_decay=-1, and otherwise applies its factors to a reshaped, not transposed, gradient)"
-        elif any(d > opts.max_factor_dim for d in _kfac_factor_dims(m)):
+        elif opts.max_factor_dim is not None and any(d > opts.max_factor_dim for d in _kfac_factor_dims(m)):
             reason = f"a Kronecker factor larger than max_factor_dim={opts.max_factor_dim}"
         elif _excluded_by_name(name, opts.exclude_modules):
             reason = "listed in exclude_modules"
@@ -364,7 +369,8 @@ def build_shampoo(model: nn.Module, opts: ShampooOptions, ctx: BuildContext) -> 
             continue
         seen.add(id(p))
         owner_name, owner = owners[id(p)]
-        if max(p.shape) > opts.max_factor_dim or _excluded_by_name(owner_name, opts.exclude_modules):
+        too_large = opts.max_factor_dim is not None and max(p.shape) > opts.max_factor_dim
+        if too_large or _excluded_by_name(owner_name, opts.exclude_modules):
             excluded.append(f"{name} {tuple(p.shape)}")
         else:
             selected.append((name, p))
