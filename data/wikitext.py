@@ -119,7 +119,8 @@ def write_from_hf(root: Path, variant: str) -> dict[str, Path]:
     for split, path in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
-        tmp.write_text("".join(ds[HF_SPLITS[SPLITS[split]]]["text"]), encoding="utf-8")
+        lines = ds[HF_SPLITS[SPLITS[split]]]["text"]  # one row per line of the original file
+        tmp.write_text("".join(t if t.endswith("\n") else t + "\n" for t in lines), encoding="utf-8")
         os.replace(tmp, path)
     return files
 

@@ -185,3 +185,22 @@ def test_resident_is_the_default_and_resident_rejected_for_folder_datasets(cifar
     assert build_data(opts(root)).extras["loader"] == "resident"
     with pytest.raises(ValueError, match="loader=resident"):
         build_data({"name": "tiny_imagenet", "root": str(tmp_path), "loader": "resident", "download": False})
+
+
+@pytest.mark.gpu
+def test_resident_loader_on_cuda(cifar_root):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    root, written = cifar_root
+    ctx = BuildContext(seed=0, device=torch.device("cuda"))
+    a, b = build_data(opts(root), ctx), build_data(opts(root), ctx)
+    for (xa, ya), (xb, yb) in zip(a.train.iterate(0), b.train.iterate(0)):
+        assert xa.is_cuda and torch.equal(xa, xb) and torch.equal(ya, yb)
+    (xe, _), = collect(a.evals["test"], 0)
+    (xc, _), = collect(build_data(opts(root)).evals["test"], 0)
+    assert torch.equal(xe.cpu(), xc)  # same normalisation on both devices
+    images, labels = written["cifar10"]["train"]
+    mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    for x, y in a.train.iterate(1):
+        for img, label in zip(x.cpu(), y.cpu()):
+            assert any(explain(img, images[i], mean, std) is not None for i in np.flatnonzero(labels == int(label)))

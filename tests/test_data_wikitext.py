@@ -129,3 +129,22 @@ def test_missing_text_or_tokenizer_gives_clear_messages(tmp_path, tok_dir):
         build_data(wiki_opts(tmp_path, tmp_path / "no_tokenizer"))
     assert "vocab.json" in str(e.value) and "prepare_data.py gpt1_tokenizer" in str(e.value)
     assert "tokenizer_dir" in str(e.value)
+
+
+def test_text_files_are_written_from_the_hf_dataset_rows(tmp_path, tok_dir, monkeypatch):
+    import datasets
+
+    rows = {"train": [" = A = \n", "", " the cat sat . \n"], "validation": [" the mat \n"], "test": [" on the \n"]}
+    calls = []
+
+    def fake_load_dataset(name, config):
+        calls.append((name, config))
+        return {split: {"text": lines} for split, lines in rows.items()}
+
+    monkeypatch.delenv(OFFLINE_ENV)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    b = build_data(wiki_opts(tmp_path, tok_dir, download=True, cache=False))
+    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1")]
+    assert (tmp_path / "wikitext-2-raw" / "wiki.train.raw").read_text() == " = A = \n\n the cat sat . \n"
+    assert (tmp_path / "wikitext-2-raw" / "wiki.valid.raw").read_text() == " the mat \n"
+    assert b.extras["tokens"] == {"train": 7, "val": 2, "test": 2}
