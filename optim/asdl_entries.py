@@ -143,9 +143,6 @@ class AsdlAdapter(OptimizerAdapter):
         self.optimizer.step()
         return StepOutput(mean_loss[0], outputs.detach())
 
-    def diagnostics(self) -> dict[str, float]:
-        return {"curvature_steps_done": float(self.grad_maker.state["step"])}
-
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "grad_maker": self.grad_maker_state()}
 

@@ -125,10 +125,9 @@ class FAdam(Optimizer):
         torch._foreach_lerp_(momentum, natural, 1.0 - beta1)
 
         # 5.-6. natural gradient of the weight decay (from θ before this step), clipped the same way
+        del natural  # folded into m; frees its memory before the decay term is allocated
         if wd != 0.0:
-            decay = natural  # reuse the buffer: ḡ has been folded into m
-            torch._foreach_copy_(decay, params)
-            torch._foreach_div_(decay, denom)
+            decay = torch._foreach_div(params, denom)
             self._clip_rms_(decay, inv_sqrt_numel, clip)
             torch._foreach_add_(params, decay, alpha=-lr * wd)
         torch._foreach_add_(params, momentum, alpha=-lr)
