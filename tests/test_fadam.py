@@ -201,3 +201,25 @@ def test_registry_entry_and_param_groups():
 def test_bad_hyperparameters_fail_clearly(bad):
     with pytest.raises(ValueError, match="FAdam"):
         build_optimizer({"name": "fadam", **bad}, _tiny_model())
+
+
+@pytest.mark.gpu
+def test_cuda_step_matches_cpu_and_never_syncs_with_the_host():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cpu_model = _tiny_model()
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    cpu_opt, gpu_opt = FAdam(cpu_model.parameters(), lr=1e-2), FAdam(gpu_model.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for model, opt, dev in ((cpu_model, cpu_opt, "cpu"), (gpu_model, gpu_opt, "cuda")):
+        for step in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
+            if dev == "cuda" and step == 2:
+                torch.cuda.set_sync_debug_mode("error")  # any host sync inside step() raises
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(cpu_model.parameters(), gpu_model.parameters()):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-5, atol=1e-6)
