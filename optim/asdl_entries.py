@@ -176,8 +176,8 @@ class KfacAdapter(AsdlAdapter):
             if fisher is None:
                 continue
             tensors = {}
-            for key, (field, sub) in _SYMMATRIX_FIELDS.items():
-                value = getattr(fisher, field, None)
+            for key, (part, sub) in _SYMMATRIX_FIELDS.items():
+                value = getattr(fisher, part, None)
                 if sub is not None and value is not None:
                     value = getattr(value, sub, None)
                 if isinstance(value, torch.Tensor):
