@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fisherbench.config import register_configs
+from fisherbench.distributed import shutdown as shutdown_distributed
 from fisherbench.errors import explain_compose_error, is_compose_error
 from fisherbench.runner import EXIT_CODES, ConfigError, attach_choices, run, summary_line
 
@@ -35,6 +36,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         if multirun:
             return  # the other jobs of the sweep still run
         sys.exit(2)
+    finally:
+        shutdown_distributed()
     print(summary_line(result), flush=True)
     if not multirun:
         code = EXIT_CODES.get("skipped" if result.skipped else result.status, 1)

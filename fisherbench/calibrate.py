@@ -89,8 +89,8 @@ def measure(
         t0 = time.perf_counter()
         epoch = 0
         while len(batches) < needed:
-            for b in source.iterate(epoch):
-                batches.append(b)
+            for x, y in source.iterate(epoch):
+                batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
                 if len(batches) >= needed:
                     break
             epoch += 1

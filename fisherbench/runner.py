@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from fisherbench import checkpoint as ckpt
 from fisherbench.budget import plan_budget
 from fisherbench.config import CONFIG_DIR, NON_IDENTITY_KEYS, register_configs, validate
-from fisherbench.distributed import DistInfo, broadcast_object, init_from_env
+from fisherbench.distributed import DistInfo, all_gather_object, broadcast_object, init_from_env
 from fisherbench.env import (
     device_info,
     git_state,
@@ -123,10 +123,14 @@ def identity_of(cfg: DictConfig) -> dict[str, Any]:
     return d
 
 
-def run_id_of(cfg: DictConfig) -> str:
+def run_id_of(cfg: DictConfig, world_size: int = 1) -> str:
+    """The run's identity hash. Data-parallel runs (world_size > 1) are other runs than single-process ones."""
     from results.store import run_id
 
-    return run_id(identity_of(cfg))
+    identity = identity_of(cfg)
+    if world_size > 1:
+        identity["world_size"] = world_size
+    return run_id(identity)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -248,7 +252,7 @@ def run(cfg: DictConfig) -> RunResult:
     set_determinism(bool(cfg.deterministic))
     seed_everything(int(cfg.seed))
 
-    rid = run_id_of(cfg)
+    rid = run_id_of(cfg, info.world_size)
     root = Path(cfg.results_dir)
     run_dir = RunDir(root / rid)
     lock = None
@@ -455,6 +459,9 @@ def _summary(cfg, trainer: Trainer, status: str, rid: str, param_count: int, err
     }
     if derived is not None:
         summary["reference_budget"] = {k: v for k, v in derived.items() if k != "calibration"}
+    if trainer.dist.enabled:  # replicas must agree; record every rank's parameter hash to prove it
+        summary["world_size"] = trainer.dist.world_size
+        summary["rank_params_sha256"] = all_gather_object(summary["final_params_sha256"], trainer.dist)
     return summary
 
 

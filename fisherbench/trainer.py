@@ -29,7 +29,10 @@ from fisherbench.tasks import MetricSums, Task
 from optim.registry import OptimizerAdapter, unwrap
 from results.store import RunDir
 
-FAULT_ENV = "FISHERBENCH_FAULT_AT_STEP"  # hard-exit (no cleanup) after this training step, for tests
+# Fault injection for tests: hard-exit (no cleanup, like kill -9) after training step N, or send this process
+# a signal (e.g. "12:SIGTERM") after step N so that the real signal handling path runs.
+FAULT_ENV = "FISHERBENCH_FAULT_AT_STEP"
+SIGNAL_ENV = "FISHERBENCH_SIGNAL_AT_STEP"
 
 
 @dataclass
@@ -138,6 +141,10 @@ class Trainer:
         self.correct_acc: Optional[torch.Tensor] = None
         fault = os.environ.get(FAULT_ENV)
         self.fault_at = int(fault) if fault else None
+        self.signal_at: Optional[tuple[int, int]] = None
+        if os.environ.get(SIGNAL_ENV):
+            step, _, name = os.environ[SIGNAL_ENV].partition(":")
+            self.signal_at = (int(step), int(getattr(signal, name or "SIGTERM")))
 
     # ------------------------------------------------------------------------------------------- loop
     def fit(self) -> TrainState:
@@ -170,6 +177,7 @@ class Trainer:
                     inputs, targets = next(batches)
                 except StopIteration:
                     break
+                inputs, targets = self._to_device(inputs), self._to_device(targets)
                 t_data = self.clock.now()
                 if cfg.schedule.interval == "step":
                     self._set_lr(plan.progress(st.step, self.ledger.train_s))
@@ -182,6 +190,8 @@ class Trainer:
                 st.batch += 1
                 if self.fault_at is not None and st.step >= self.fault_at:
                     os._exit(86)  # simulated hard crash: no cleanup, no checkpoint
+                if self.signal_at is not None and st.step == self.signal_at[0]:
+                    os.kill(os.getpid(), self.signal_at[1])
 
                 nonfinite, stop_requested, train_s = self._agree(
                     not math.isfinite(loss), signals.received is not None, self.ledger.train_s
@@ -223,6 +233,10 @@ class Trainer:
         all_reduce_max_(t, self.dist)
         return bool(t[0] > 0), bool(t[1] > 0), float(t[2])
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Batches of host-side loaders move here (a no-op for device-resident data)."""
+        return t.to(self.device, non_blocking=True)
+
     def _set_lr(self, progress: float) -> None:
         set_lr(self.adapter.param_groups, lr_multiplier(self.cfg.schedule, progress))
 
@@ -262,6 +276,7 @@ class Trainer:
             batches = self.bundle.train.iterate(0, 0)
             for _ in range(min(steps, self.steps_per_epoch)):
                 inputs, targets = next(batches)
+                inputs, targets = self._to_device(inputs), self._to_device(targets)
                 self.adapter.train_step(self.model, inputs, targets, self.task.loss, self.autocast)
             self.model.load_state_dict(model_state)
             self.adapter.load_state_dict(opt_state)
@@ -272,6 +287,8 @@ class Trainer:
     def _evaluate_splits(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
         limit = self.cfg.eval.max_batches
+        # the inner module: a DDP wrapper may issue collectives in forward, and ranks' eval shards can differ
+        model = unwrap(self.model)
         self.model.eval()
         try:
             with self.adapter.eval_weights(), self.autocast():
@@ -280,7 +297,8 @@ class Trainer:
                     for i, (inputs, targets) in enumerate(source.iterate(0)):
                         if limit is not None and i >= limit:
                             break
-                        sums.add(self.model(inputs), targets)
+                        inputs, targets = self._to_device(inputs), self._to_device(targets)
+                        sums.add(model(inputs), targets)
                     if self.dist.enabled:
                         for v in sums.sums.values():
                             all_reduce_sum_(v, self.dist)

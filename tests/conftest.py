@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("FISHERBENCH_OFFLINE", "1")  # data/download.py refuses to download
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("FISHERBENCH_DATA", os.path.join(os.path.dirname(__file__), "_no_data_here"))
 
@@ -17,6 +18,11 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def _seed_everything():
     torch.manual_seed(0)
     yield
+    # a deterministic run switches global torch flags; do not leak them into other tests (touch cuDNN flags
+    # only when changed: the first access loads the cuDNN libraries, ~5 s)
+    if torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
 
 
 TINY = ["model=small_cnn", "model.width=4", "model.hidden=16", "data=synthetic_image", "data.shape=[3,8,8]",
