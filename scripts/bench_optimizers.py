@@ -1,0 +1,317 @@
+"""Step time, peak memory and optimizer-state size of registered optimizer configs, as ratios to a reference.
+
+    python scripts/bench_optimizers.py --model resnet18_cifar --batch-size 32 --threads 2 \\
+        --optimizers adam,adamw,adafisher,adafisher_official,adafisher_paper,adafisher_constf --json bench.json
+
+Every name is an option of the `optimizer` config group (`configs/optimizer/<name>.yaml`), composed with
+Hydra exactly as a training run would and built through `optim.build_optimizer`; nothing here knows any
+particular optimizer. What a timed step is: `adapter.train_step` (zero_grad, forward, backward, step) on a
+fixed synthetic batch, then reading the loss (the trainer syncs on it too); on CUDA between synchronisations.
+
+Method:
+* All arms live in one process and are timed interleaved: each round runs two consecutive steps of every
+  arm, in a rotated order, so that machine noise hits all arms alike; the report gives medians.
+* Periodic optimizers (capabilities name a `period_option`, e.g. AdaFisher's `update_interval`) are timed with
+  that option set to 2, so every other step is a curvature/statistics step: the two kinds of steps are
+  measured separately, and the per-step time amortised over the *configured* period P is
+  `(t_curvature + (P - 1) * t_ordinary) / P`.
+* Peak memory is measured in a separate pass, one arm alive at a time: on CUDA from the allocator
+  (`max_memory_allocated` during the step); on CPU from the process's resident-set high-water mark
+  (`/proc/self/clear_refs` + `VmHWM`, after `malloc_trim`), an approximation (allocator caching). The value
+  reported is the arm's parameter + gradient + optimizer-state bytes plus the step's growth above what was
+  resident when it started.
+* Optimizer-state bytes come from `adapter.state_bytes()` after warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import models  # noqa: E402
+import optim  # noqa: E402
+from fisherbench.runner import load_group_option  # noqa: E402
+from fisherbench.tasks import get_task  # noqa: E402
+
+TIMING_PERIOD = 2  # periodic arms are timed with every other step a curvature step
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def make_batches(model_name: str, batch: int, input_shape: tuple[int, ...], num_classes: int, count: int,
+                 device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    caps = models.MODELS.get(model_name).capabilities
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        if getattr(caps, "input_kind", "image") == "tokens":
+            x = torch.randint(0, num_classes, (batch, *input_shape), generator=gen)
+            y = torch.randint(0, num_classes, (batch, *input_shape), generator=gen)
+        else:
+            x = torch.randn(batch, *input_shape, generator=gen)
+            y = torch.randint(0, num_classes, (batch,), generator=gen)
+        out.append((x.to(device), y.to(device)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- arms
+class Arm:
+    """One optimizer config on its own copy of the model."""
+
+    def __init__(self, name: str, options: dict[str, Any], build_model: Callable[[], torch.nn.Module],
+                 device: torch.device, timing: bool) -> None:
+        self.name = name
+        caps = optim.OPTIMIZERS.get(options["name"]).capabilities
+        key = getattr(caps, "period_option", None)
+        self.period = int(options[key]) if key and options.get(key) else None
+        if self.period and timing:
+            options = {**options, key: TIMING_PERIOD}
+        self.step_period = TIMING_PERIOD if (self.period and timing) else self.period
+        self.options = options
+        torch.manual_seed(0)
+        self.model = build_model().to(device)
+        self.adapter = optim.build_optimizer(options, self.model, optim.BuildContext(device=device))
+        self.steps = 0
+        self.times: dict[str, list[float]] = {"ordinary": [], "curvature": []}
+
+    def next_kind(self) -> str:
+        if self.step_period and self.steps % self.step_period == 0:
+            return "curvature"
+        return "ordinary"
+
+    def step(self, batch, loss_fn, autocast, sync) -> float:
+        x, y = batch
+        sync()
+        t = time.perf_counter()
+        out = self.adapter.train_step(self.model, x, y, loss_fn, autocast)
+        float(out.loss)
+        sync()
+        self.steps += 1
+        return time.perf_counter() - t
+
+    def live_bytes(self) -> int:
+        tensors = [p for p in self.model.parameters()] + [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += list(self.model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors) + self.adapter.state_bytes()
+
+
+# ----------------------------------------------------------------------------------------------- memory
+class PeakMemory:
+    """Growth of memory during one call above the level at its start (CUDA allocator, or CPU resident set)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.note = "CUDA allocator (max_memory_allocated)" if device.type == "cuda" else None
+        if device.type != "cuda":
+            try:
+                self._libc = ctypes.CDLL("libc.so.6")
+                Path("/proc/self/clear_refs").write_text("5")
+                self.note = "CPU resident set high-water mark (approximate: allocator caching)"
+            except OSError:
+                self._libc = None
+
+    @property
+    def available(self) -> bool:
+        return self.note is not None
+
+    def _rss_hwm(self) -> tuple[int, int]:
+        fields = {}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                fields[key] = int(value.split()[0]) * 1024
+        return fields["VmRSS"], fields["VmHWM"]
+
+    def growth(self, fn: Callable[[], Any]) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - start
+        gc.collect()
+        self._libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        start, _ = self._rss_hwm()
+        fn()
+        _, peak = self._rss_hwm()
+        return max(0, peak - start)
+
+
+# ------------------------------------------------------------------------------------------------- bench
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    reference = args.reference or next((n for n in ("adam", "adamw") if n in names), names[0])
+    if reference not in names:
+        names.insert(0, reference)
+    options = {n: load_group_option("optimizer", n) for n in names}
+    for n in names:
+        for item in args.set or []:
+            key, _, value = item.partition("=")
+            if key in options[n]:
+                options[n][key] = type(options[n][key])(value) if options[n][key] is not None else value
+
+    caps = models.MODELS.get(args.model).capabilities
+    task = get_task(getattr(caps, "task", "classification"))
+    input_shape = tuple(args.input_shape) if args.input_shape else ((256,) if caps.input_kind == "tokens" else (3, 32, 32))
+
+    def build_model() -> torch.nn.Module:
+        return models.create_model(args.model, num_classes=args.num_classes, input_shape=input_shape)
+
+    batches = make_batches(args.model, args.batch_size, input_shape, args.num_classes, 4, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    # ---- timing: all arms alive, interleaved
+    arms = [Arm(n, options[n], build_model, device, timing=True) for n in names]
+    for arm in arms:
+        for i in range(args.warmup):
+            arm.step(batches[i % len(batches)], task.loss, autocast, sync)
+    state_bytes = {arm.name: arm.adapter.state_bytes() for arm in arms}
+    for r in range(args.rounds):
+        order = arms[r % len(arms):] + arms[: r % len(arms)]
+        for arm in order:
+            for k in range(2):
+                kind = arm.next_kind()
+                arm.times[kind].append(arm.step(batches[(r + k) % len(batches)], task.loss, autocast, sync))
+        if args.verbose:
+            print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+    timing = {}
+    for arm in arms:
+        ordinary = statistics.median(arm.times["ordinary"])
+        curvature = statistics.median(arm.times["curvature"]) if arm.times["curvature"] else None
+        amortised = ordinary if curvature is None else (curvature + (arm.period - 1) * ordinary) / arm.period
+        timing[arm.name] = {"ordinary_s": ordinary, "curvature_s": curvature, "amortised_s": amortised,
+                            "period": arm.period, "samples": {k: len(v) for k, v in arm.times.items()}}
+    del arms
+    gc.collect()
+
+    # ---- memory: one arm alive at a time
+    meter = PeakMemory(device)
+    memory: dict[str, dict[str, Optional[int]]] = {}
+    if meter.available and not args.skip_memory:
+        for n in names:
+            arm = Arm(n, options[n], build_model, device, timing=True)
+            for i in range(args.warmup):
+                arm.step(batches[i % len(batches)], task.loss, autocast, sync)
+            peaks: dict[str, Optional[int]] = {"ordinary": None, "curvature": None}
+            for _ in range(2):
+                kind = arm.next_kind()
+                base = arm.live_bytes()
+                growth = meter.growth(lambda: arm.step(batches[0], task.loss, autocast, sync))
+                peaks[kind] = max(peaks[kind] or 0, base + growth)
+            memory[n] = peaks
+            del arm
+            gc.collect()
+
+    ref_t, ref_state = timing[reference], state_bytes[reference]
+    ref_peak = memory.get(reference, {}).get("ordinary")
+    rows = []
+    for n in names:
+        t, mem = timing[n], memory.get(n, {})
+        rows.append({
+            "optimizer": n,
+            **t,
+            "ordinary_vs_ref": t["ordinary_s"] / ref_t["ordinary_s"],
+            "curvature_vs_ref": (t["curvature_s"] / ref_t["ordinary_s"]) if t["curvature_s"] else None,
+            "amortised_vs_ref": t["amortised_s"] / ref_t["amortised_s"],
+            "curvature_vs_ordinary": (t["curvature_s"] / t["ordinary_s"]) if t["curvature_s"] else None,
+            "state_bytes": state_bytes[n],
+            "state_vs_ref": state_bytes[n] / ref_state if ref_state else None,
+            "peak_ordinary_bytes": mem.get("ordinary"),
+            "peak_curvature_bytes": mem.get("curvature"),
+            "peak_curvature_vs_ordinary": (mem["curvature"] / mem["ordinary"]) if mem.get("curvature") else None,
+            "peak_vs_ref": (mem["ordinary"] / ref_peak) if mem.get("ordinary") and ref_peak else None,
+        })
+    return {
+        "model": args.model, "batch_size": args.batch_size, "input_shape": list(input_shape),
+        "device": str(device), "threads": torch.get_num_threads(), "precision": args.precision,
+        "rounds": args.rounds, "warmup": args.warmup, "reference": reference, "timing_period": TIMING_PERIOD,
+        "memory_method": meter.note if not args.skip_memory else None,
+        "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "rows": rows,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    def f(x, spec=".2f", suffix=""):
+        return "–" if x is None else f"{x:{spec}}{suffix}"
+
+    ref = result["reference"]
+    lines = [
+        f"{result['model']}, batch {result['batch_size']}, {result['device']}, {result['threads']} threads, "
+        f"{result['precision']}, {result['rounds']} interleaved rounds (medians); ratios to `{ref}`.",
+        "",
+        f"| optimizer | ordinary step ms | curvature step ms | curvature / ordinary | amortised ms (period) "
+        f"| ordinary × {ref} | curvature × {ref} | amortised × {ref} | state MB | state × {ref} "
+        "| peak MB ordinary | peak MB curvature | peak curvature / ordinary |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        mb = 1 / 2**20
+        lines.append(
+            f"| {r['optimizer']} | {r['ordinary_s'] * 1e3:.0f} | {f(r['curvature_s'] and r['curvature_s'] * 1e3, '.0f')} "
+            f"| {f(r['curvature_vs_ordinary'])} | {r['amortised_s'] * 1e3:.0f} ({r['period'] or 1}) "
+            f"| {r['ordinary_vs_ref']:.3f} | {f(r['curvature_vs_ref'], '.3f')} | {r['amortised_vs_ref']:.3f} "
+            f"| {r['state_bytes'] * mb:.1f} | {f(r['state_vs_ref'], '.3f')} "
+            f"| {f(r['peak_ordinary_bytes'] and r['peak_ordinary_bytes'] * mb, '.0f')} "
+            f"| {f(r['peak_curvature_bytes'] and r['peak_curvature_bytes'] * mb, '.0f')} "
+            f"| {f(r['peak_curvature_vs_ordinary'], '.3f')} |"
+        )
+    if result.get("memory_method"):
+        lines += ["", f"Peak memory: {result['memory_method']}."]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small_cnn", help="registered model name (default small_cnn)")
+    p.add_argument("--optimizers", default="adam,adamw,adafisher",
+                   help="comma-separated optimizer config options (configs/optimizer/<name>.yaml)")
+    p.add_argument("--reference", default=None, help="config the ratios are relative to (default adam, else adamw)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--input-shape", type=int, nargs="+", default=None, help="per-example shape (default 3 32 32 / 256)")
+    p.add_argument("--num-classes", type=int, default=10, help="classes (or vocabulary size for token models)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--rounds", type=int, default=20, help="interleaved rounds (2 steps per arm each)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override an option in every config that has it (e.g. --set implementation=compiled)")
+    p.add_argument("--skip-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--json", default=None, help="also write the full result here")
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    print(markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
