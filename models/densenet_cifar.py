@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -132,6 +132,8 @@ def torchvision_densenet_remap(model: CifarDenseNet, source: dict[str, torch.Ten
 @dataclass
 class CifarDenseNetOptions(ModelOptions):
     name: str = "densenet121_cifar"
+    blocks: list[int] = field(default_factory=lambda: [6, 12, 24, 16])  # layers per dense block
+    growth_rate: int = 32
     pretrained: bool = False
     # official: the official `load_state_dict(strict=False)`: torchvision's names (`features.*`) match none
     #           of ours, so nothing is copied and the model stays randomly initialised (as in the paper);
@@ -151,8 +153,11 @@ class CifarDenseNetOptions(ModelOptions):
 def build_densenet121_cifar(opts: CifarDenseNetOptions, *, num_classes: int, input_shape: Optional[tuple],
                             double_backward: bool) -> nn.Module:
     shape = image_shape(input_shape, (3, 32, 32))
+    if len(opts.blocks) != 4:
+        raise ValueError(f"{opts.name}: blocks needs 4 entries (layers per dense block), got {list(opts.blocks)}")
     require_size(opts.name, shape, (32,))  # AvgPool(4) after three halvings: the head expects 32x32
-    model = CifarDenseNet([6, 12, 24, 16], growth_rate=32, num_classes=num_classes, in_channels=shape[0])
+    model = CifarDenseNet(list(opts.blocks), growth_rate=opts.growth_rate, num_classes=num_classes,
+                          in_channels=shape[0])
     if opts.pretrained:
         if opts.pretrained_keys not in ("official", "remap"):
             raise ValueError(f"{opts.name}: pretrained_keys must be official or remap, got {opts.pretrained_keys!r}")

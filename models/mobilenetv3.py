@@ -70,6 +70,12 @@ class SqueezeExcite(nn.Module):
         return x * self.fc(self.avg_pool(x).view(b, c)).view(b, c, 1, 1)
 
 
+def _divisible(value: float, divisor: int = 8) -> int:
+    """Round to a multiple of `divisor`, not below 90% of `value` (the TF MobileNet rule)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
 def _act(nl: str) -> nn.Module:
     return HardSwish() if nl == "HS" else nn.ReLU(inplace=False)
 
@@ -107,20 +113,26 @@ class OfficialBottleneck(nn.Module):
 
 
 class OfficialMobileNetV3(nn.Module):
-    def __init__(self, num_classes: int, in_channels: int = 3, small_input: bool = True, dropout: float = 0.2) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 3, small_input: bool = True, dropout: float = 0.2,
+                 width_multiplier: float = 1.0) -> None:
         super().__init__()
         s = 1 if small_input else 2
-        layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_channels, 16, 3, s, 1, bias=False),
-                                                 nn.BatchNorm2d(16), HardSwish())]
-        cin = 16
+        wm = width_multiplier
+        cin = _divisible(16 * wm)
+        last = _divisible(1280 * wm) if wm > 1 else 1280
+        layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_channels, cin, 3, s, 1, bias=False),
+                                                 nn.BatchNorm2d(cin), HardSwish())]
         for k, exp, cout, se, nl, stride in LARGE:
+            exp, cout = _divisible(exp * wm), _divisible(cout * wm)
             layers.append(OfficialBottleneck(cin, exp, cout, k, s if stride is None else stride, se, nl))
             cin = cout
-        layers.append(nn.Sequential(nn.Conv2d(cin, 960, 1, bias=False), nn.BatchNorm2d(960), HardSwish()))
+        # the official scales the (already scaled) last expansion width once more; identical at wm = 1
+        head = _divisible(exp * wm)
+        layers.append(nn.Sequential(nn.Conv2d(cin, head, 1, bias=False), nn.BatchNorm2d(head), HardSwish()))
         self.featureList = nn.ModuleList(layers)
-        self.last_stage_layers = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(960, 1280, 1, bias=False),
+        self.last_stage_layers = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(head, last, 1, bias=False),
                                                HardSwish())
-        self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(1280, num_classes))
+        self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(last, num_classes))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -141,6 +153,7 @@ class OfficialMobileNetV3(nn.Module):
 @dataclass
 class OfficialMobileNetV3Options(ModelOptions):
     name: str = "mobilenetv3_official"
+    width_multiplier: float = 1.0  # the official class's option; the paper used 1.0
     dropout: float = 0.2
     # As in the official trainer: torchvision's ImageNet weights loaded by name with strict=False. Their names
     # (`features.*`) match none of this model's (`featureList.*`), and the dense convs could not take the
@@ -161,7 +174,8 @@ def build_mobilenetv3_official(opts: OfficialMobileNetV3Options, *, num_classes:
                                double_backward: bool) -> nn.Module:
     c, h, _ = image_shape(input_shape, (3, 32, 32))
     # The official switch: 32 (CIFAR) and 56 inputs drop the first two stride-2s.
-    model = OfficialMobileNetV3(num_classes, c, small_input=h in (32, 56), dropout=opts.dropout)
+    model = OfficialMobileNetV3(num_classes, c, small_input=h in (32, 56), dropout=opts.dropout,
+                                width_multiplier=opts.width_multiplier)
     if opts.pretrained:
         source = {k: v for k, v in pt.fetch_torchvision_state_dict(WEIGHTS).items()
                   if not k.startswith("classifier.3.")}  # the official replaced this head first
@@ -169,9 +183,24 @@ def build_mobilenetv3_official(opts: OfficialMobileNetV3Options, *, num_classes:
     return model
 
 
+def _hook_safe_inverted_residual():
+    from torchvision.models.mobilenetv3 import InvertedResidual
+
+    class HookSafeInvertedResidual(InvertedResidual):
+        """torchvision's block with `result + input` instead of `result += input` (an in-place add on a hooked
+        BatchNorm's output breaks full backward hooks, official spec §1.1). Same parameters and names."""
+
+        def forward(self, input):
+            result = self.block(input)
+            return result + input if self.use_res_connect else result
+
+    return InvertedResidual, HookSafeInvertedResidual
+
+
 @dataclass
 class MobileNetV3Options(ModelOptions):
     name: str = "mobilenetv3"
+    width_mult: float = 1.0  # torchvision's width multiplier (ImageNet weights exist for 1.0)
     dropout: float = 0.2
     pretrained: bool = False  # torchvision ImageNet weights (all but the classifier's last Linear)
 
@@ -191,7 +220,7 @@ def build_mobilenetv3(opts: MobileNetV3Options, *, num_classes: int, input_shape
     c, h, _ = image_shape(input_shape, (3, 32, 32))
     if c != 3:
         raise ValueError(f"{opts.name} (torchvision) takes 3-channel images, got {c}")
-    model = mobilenet_v3_large(weights=None, num_classes=num_classes, dropout=opts.dropout)
+    model = mobilenet_v3_large(weights=None, num_classes=num_classes, dropout=opts.dropout, width_mult=opts.width_mult)
     if h < 128:  # CIFAR-sized: keep the resolution through the stem and the first stride-2 block
         model.features[0][0].stride = (1, 1)
         model.features[2].block[1][0].stride = (1, 1)
@@ -199,4 +228,8 @@ def build_mobilenetv3(opts: MobileNetV3Options, *, num_classes: int, input_shape
         source = {k: v for k, v in pt.fetch_torchvision_state_dict(WEIGHTS).items()
                   if not k.startswith("classifier.3.")}
         pt.log_report(opts.name, WEIGHTS, pt.load_by_name(model, source))
+    original, hook_safe = _hook_safe_inverted_residual()
+    for block in model.modules():
+        if type(block) is original:
+            block.__class__ = hook_safe
     return disable_inplace(model)

@@ -66,16 +66,17 @@ def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, block: type, num_blocks: list[int], num_classes: int, in_channels: int = 3) -> None:
+    def __init__(self, block: type, num_blocks: list[int], num_classes: int, in_channels: int = 3,
+                 width: int = 64) -> None:
         super().__init__()
-        self.in_planes = 64
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(block, 64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(block, 128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(block, 256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
-        self.linear = nn.Linear(512 * block.expansion, num_classes)
+        self.in_planes = width
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._make_layer(block, width, num_blocks[0], 1)
+        self.layer2 = self._make_layer(block, 2 * width, num_blocks[1], 2)
+        self.layer3 = self._make_layer(block, 4 * width, num_blocks[2], 2)
+        self.layer4 = self._make_layer(block, 8 * width, num_blocks[3], 2)
+        self.linear = nn.Linear(8 * width * block.expansion, num_classes)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.relu = nn.ReLU(inplace=False)
 
@@ -98,6 +99,7 @@ PRETRAINED_KEYS = ("official", "remap")
 @dataclass
 class CifarResNetOptions(ModelOptions):
     name: str = "resnet18_cifar"
+    width: int = 64  # channels of the stem and first stage (doubling per stage); 64 is the published network
     # Load torchvision ImageNet weights (transfer-learning table). Only resnet50_cifar / resnet101_cifar.
     pretrained: bool = False
     # official: copy what the official `load_state_dict(strict=False)` copied (body convs and BNs; the
@@ -152,14 +154,15 @@ def _register(name: str, summary: str, params: str) -> None:
     )
     def build(opts: CifarResNetOptions, *, num_classes: int, input_shape: Optional[tuple], double_backward: bool):
         channels, _, _ = image_shape(input_shape, (3, 32, 32))
-        model = CifarResNet(block, blocks, num_classes, channels)
+        model = CifarResNet(block, blocks, num_classes, channels, opts.width)
         if opts.pretrained:
             if weights is None:
                 raise ValueError(f"{name} has no pretrained weights in the paper; pretrained=true is supported for "
                                  "resnet50_cifar, resnet101_cifar, densenet121_cifar, mobilenetv3_official, "
                                  "mobilenetv3 and resnet50")
-            if channels != 3:
-                raise ValueError(f"{name}: ImageNet weights need 3 input channels, got {channels}")
+            if channels != 3 or opts.width != 64:
+                raise ValueError(f"{name}: ImageNet weights need 3 input channels and width 64, got "
+                                 f"{channels} and {opts.width}")
             load_imagenet_weights(model, name, weights, opts.pretrained_keys)
         return model
 

@@ -7,12 +7,25 @@ from dataclasses import dataclass
 from typing import Optional
 
 from torch import nn
+from torchvision.models import resnet as tv_resnet
 
 from models import pretrained as pt
 from models.common import disable_inplace, image_shape
 from models.registry import MODELS, ModelCapabilities, ModelOptions
 
 WEIGHTS = "ResNet50_Weights.IMAGENET1K_V2"
+
+
+class HookSafeBottleneck(tv_resnet.Bottleneck):
+    """torchvision's Bottleneck with `out = out + identity` instead of `out += identity`: the in-place add on
+    the output of a hooked BatchNorm breaks full backward hooks (official spec §1.1). Same parameters/names."""
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
 
 
 @dataclass
@@ -42,4 +55,7 @@ def build_resnet50(opts: ResNet50Options, *, num_classes: int, input_shape: Opti
             raise ValueError(f"{opts.name}: ImageNet weights need 3 input channels, got {c}")
         source = {k: v for k, v in pt.fetch_torchvision_state_dict(WEIGHTS).items() if not k.startswith("fc.")}
         pt.log_report(opts.name, WEIGHTS, pt.load_by_name(model, source))
+    for block in model.modules():
+        if type(block) is tv_resnet.Bottleneck:
+            block.__class__ = HookSafeBottleneck
     return disable_inplace(model)  # torchvision uses ReLU(inplace=True), which breaks module hooks
