@@ -6,7 +6,7 @@ every patch embedding). Its focal convolutions are **dense** (no `groups`), whic
 parameter network (spec §2 item 7); that is the network behind the paper's FocalNet numbers. Tokens are
 kept as (B, L, C) with `nn.Linear` projections and `nn.LayerNorm`, as in the official file.
 
-`focalnet`: the standard FocalNet-T (SRF) from timm (depthwise focal convs, 28 M parameters) with a
+`focalnet`: the standard FocalNet-T (SRF) from timm (depthwise focal convs, 27.66 M parameters) with a
 stride-2 patch stem instead of timm's fixed stride 4, so a 32x32 image gives the same 16x16 first-stage grid.
 """
 from __future__ import annotations
@@ -203,7 +203,7 @@ class FocalNetOptions(ModelOptions):
     "focalnet",
     schema=FocalNetOptions,
     capabilities=ModelCapabilities(input_kind="image", family="vit", input_size=32, variant="standard"),
-    summary="Standard FocalNet-T (SRF, depthwise focal convs; timm) with a stride-2 stem for 32x32 (27.9 M)",
+    summary="Standard FocalNet-T (SRF, depthwise focal convs; timm) with a stride-2 stem for 32x32 (27.66 M)",
     source="timm",
 )
 def build_focalnet(opts: FocalNetOptions, *, num_classes: int, input_shape: Optional[tuple],
