@@ -5,6 +5,7 @@ layer's input and the gradient w.r.t. its output with its own hooks, builds the 
 (E[a a^T], E[g g^T]) in float64, takes their diagonals, and checks the optimizer's running state
 `0.08 * 1 + 0.008 * minmax(diag)` (or the paper's convex EMA).
 """
+import copy
 import math
 
 import pytest
@@ -316,3 +317,25 @@ def test_shared_module_called_twice_averages_its_calls():
     # sum of the two calls' per-call statistics == their average after the scale-free min-max
     h_true = sum(diag_of_second_moment(rows_with_bias(a, True)) for a in inputs)
     torch.testing.assert_close(opt.fisher_factors()["lin"][0].double(), official_fold(h_true), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_counts_each_layer_once(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(3)
+    base = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+
+    def factors(wrap):
+        model = nn.Sequential(*[copy.deepcopy(m) for m in base])
+        opt = AdaFisher(model, update_interval=1)
+        out = checkpoint(model, x.clone().requires_grad_(), use_reentrant=reentrant) if wrap else model(x)
+        out.pow(2).sum().backward()
+        opt.step()
+        return opt.fisher_factors()
+
+    plain, ckpt = factors(False), factors(True)
+    for name in plain:
+        for a, b in zip(plain[name], ckpt[name]):
+            torch.testing.assert_close(a, b)
