@@ -135,7 +135,7 @@ def batchnorm_activation_stat(module: nn.Module, x: Tensor) -> Tensor:
     spatial = math.prod(x.shape[2:])
     reduce = [0] + list(range(2, x.ndim))
     m = x.sum(reduce, dtype=torch.float32) / spatial**2
-    return torch.stack([m.square().sum(), m.new_tensor(float(m.numel()))]) / batch**2
+    return torch.stack([m.square().sum(), m.new_full((), float(m.numel()))]) / batch**2
 
 
 def batchnorm_gradient_stat(module: nn.Module, g: Tensor) -> Tensor:
@@ -150,7 +150,7 @@ def layernorm_activation_stat(module: nn.LayerNorm, x: Tensor) -> Tensor:
     reduce = [d for d in range(x.ndim) if d != 1]
     k = math.prod(x.shape[d] for d in reduce if d != 0)
     m = x.sum(reduce, dtype=torch.float32) / k**2
-    return torch.stack([m.square().sum(), m.new_tensor(float(m.numel()))]) / batch**2
+    return torch.stack([m.square().sum(), m.new_full((), float(m.numel()))]) / batch**2
 
 
 def layernorm_gradient_stat(module: nn.LayerNorm, g: Tensor) -> Tensor:

@@ -339,3 +339,35 @@ def test_runner_three_steps_leave_finite_changed_parameters(config, run_train, m
     for name, p in built["model"].named_parameters():
         assert torch.isfinite(p).all(), name
         assert not torch.equal(p.detach(), built["initial"][name]), name
+
+
+# ------------------------------------------------------------------------------------ implementations, GPU
+@pytest.mark.slow
+def test_compiled_update_matches_foreach():
+    """implementation='compiled' (torch.compile kernel, F never materialised) == the eager foreach path."""
+    results = []
+    for implementation in ("foreach", "compiled"):
+        torch.manual_seed(0)
+        model = Net()
+        opt = AdaFisherW(model, update_interval=2, weight_decay=0.01, implementation=implementation)
+        train(model, opt, batches(4))
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", ["foreach", "compiled"])
+def test_step_never_syncs_with_the_host_on_cuda(implementation):
+    model = Net().cuda()
+    opt = AdaFisher(model, update_interval=2, weight_decay=5e-4, implementation=implementation)
+    for x, y in batches(5):
+        opt.zero_grad()
+        F.cross_entropy(model(x.cuda()), y.cuda()).backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()  # statistics steps (fold) and ordinary steps alike
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
