@@ -165,7 +165,7 @@ class StatisticsHooks:
                 return
             x = inputs[0]
             with torch.no_grad(), _autocast_off(x):
-                h = kind.activation_stat(module, x.detach())
+                h = kind.activation_stat(module, x.detach(), output)
 
             def gradient_hook(g: Tensor) -> None:
                 with torch.no_grad():

@@ -102,7 +102,8 @@ def _tap_sums(sq: Tensor, dim: int, taps: int, positions: int, stride: int, dila
     return windows[tuple(index)].sum(-1)
 
 
-def conv2d_activation_stat(module: nn.Conv2d, x: Tensor) -> Tensor:
+def conv2d_activation_stat(module: nn.Conv2d, x: Tensor, out_size: Optional[tuple[int, int]] = None) -> Tensor:
+    """`out_size`: the output's spatial size, if known (detects padding done inside a subclass's forward)."""
     if x.ndim == 3:
         x = x.unsqueeze(0)
     batch = x.shape[0]
@@ -116,6 +117,14 @@ def conv2d_activation_stat(module: nn.Conv2d, x: Tensor) -> Tensor:
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     out_h = (sq.shape[1] - dh * (kh - 1) - 1) // sh + 1
     out_w = (sq.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    if out_size is not None and (out_h, out_w) != tuple(out_size):
+        # a subclass that pads inside forward (TF-style "same", e.g. timm Conv2dSame): infer that padding
+        extra_h = (out_size[0] - 1) * sh + dh * (kh - 1) + 1 - sq.shape[1]
+        extra_w = (out_size[1] - 1) * sw + dw * (kw - 1) + 1 - sq.shape[2]
+        if extra_h < 0 or extra_w < 0:
+            raise ValueError(f"AdaFisher: cannot relate the input and output of {type(module).__name__}")
+        sq = F.pad(sq, (extra_w // 2, extra_w - extra_w // 2, extra_h // 2, extra_h - extra_h // 2))
+        out_h, out_w = out_size
     rows = _tap_sums(sq, 1, kh, out_h, sh, dh)  # (C_in, kh, W_padded)
     taps = _tap_sums(rows, 2, kw, out_w, sw, dw)  # (C_in, kh, kw)
     groups = module.groups
@@ -156,9 +165,17 @@ def layernorm_activation_stat(module: nn.LayerNorm, x: Tensor) -> Tensor:
 def layernorm_gradient_stat(module: nn.LayerNorm, g: Tensor) -> Tensor:
     if g.ndim < 2:
         g = g.unsqueeze(0)
-    normalised = len(module.normalized_shape)
-    lead = list(range(g.ndim - normalised))
-    return g.sum(lead, dtype=torch.float32).square().reshape(-1) / g.shape[0]
+    shape = tuple(module.normalized_shape)
+    if tuple(g.shape[g.ndim - len(shape):]) == shape:  # nn.LayerNorm: the normalised dims are the last ones
+        reduce = list(range(g.ndim - len(shape)))
+    elif len(shape) == 1 and g.shape[1] == shape[0]:  # channels-first subclasses (e.g. timm LayerNorm2d)
+        reduce = [d for d in range(g.ndim) if d != 1]
+    else:
+        raise ValueError(
+            f"AdaFisher: cannot locate the normalised dims {shape} of {type(module).__name__} in its output of "
+            f"shape {tuple(g.shape)}"
+        )
+    return g.sum(reduce, dtype=torch.float32).square().reshape(-1) / g.shape[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,8 +193,8 @@ class LayerKind:
     name: str
     h_length: Callable[[nn.Module], int]
     s_length: Callable[[nn.Module], int]
-    activation_stat: Callable[[nn.Module, Tensor], Tensor]
-    gradient_stat: Callable[[nn.Module, Tensor], Tensor]
+    activation_stat: Callable[[nn.Module, Tensor, Tensor], Tensor]  # (module, input, output) -> H_hat
+    gradient_stat: Callable[[nn.Module, Tensor], Tensor]  # (module, grad of output) -> S_hat
     roles: Callable[[nn.Module], dict[str, tuple[int, int]]]
 
 
@@ -206,7 +223,7 @@ LINEAR = LayerKind(
     "Linear",
     h_length=lambda m: m.in_features + (m.bias is not None),
     s_length=lambda m: m.out_features,
-    activation_stat=linear_activation_stat,
+    activation_stat=lambda m, x, out: linear_activation_stat(m, x),
     gradient_stat=linear_gradient_stat,
     roles=_linear_like_roles,
 )
@@ -214,7 +231,7 @@ CONV2D = LayerKind(
     "Conv2d",
     h_length=lambda m: _fan_in(m) + (m.bias is not None),
     s_length=lambda m: m.out_channels,
-    activation_stat=conv2d_activation_stat,
+    activation_stat=lambda m, x, out: conv2d_activation_stat(m, x, tuple(out.shape[-2:])),
     gradient_stat=conv2d_gradient_stat,
     roles=_linear_like_roles,
 )
@@ -222,7 +239,7 @@ BATCHNORM2D = LayerKind(
     "BatchNorm2d",
     h_length=lambda m: 2,
     s_length=lambda m: m.num_features,
-    activation_stat=batchnorm_activation_stat,
+    activation_stat=lambda m, x, out: batchnorm_activation_stat(m, x),
     gradient_stat=batchnorm_gradient_stat,
     roles=_norm_roles,
 )
@@ -230,7 +247,7 @@ LAYERNORM = LayerKind(
     "LayerNorm",
     h_length=lambda m: 2,
     s_length=lambda m: math.prod(m.normalized_shape),
-    activation_stat=layernorm_activation_stat,
+    activation_stat=lambda m, x, out: layernorm_activation_stat(m, x),
     gradient_stat=layernorm_gradient_stat,
     roles=_norm_roles,
 )

@@ -339,3 +339,36 @@ def test_activation_checkpointing_counts_each_layer_once(reentrant):
     for name in plain:
         for a, b in zip(plain[name], ckpt[name]):
             torch.testing.assert_close(a, b)
+
+
+def test_channels_first_layernorm_subclass_timm_layernorm2d():
+    from timm.layers import LayerNorm2d
+
+    ln = LayerNorm2d(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), ln, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 6, 2))
+    cap = Capture({"1": ln})
+    opt = stat_step(model, torch.randn(4, 2, 5, 6))
+    H, S = opt.fisher_factors()["1"]
+    a, g = cap.inputs["1"], cap.grad("1")
+    s_true = g.sum((0, 2, 3)) ** 2 / 4  # its bias gradient, per channel, squared, / B
+    m = a.sum((0, 2, 3)) / (5 * 6) ** 2  # official LayerNorm rule: keep dim 1 (here the channels)
+    h_true = torch.stack([(m**2).sum(), torch.tensor(3.0, dtype=m.dtype)]) / 4**2
+    torch.testing.assert_close(S.double(), official_fold(s_true), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(H.double(), official_fold(h_true), rtol=1e-5, atol=1e-8)
+
+
+def test_conv_subclass_that_pads_inside_forward_timm_conv2d_same():
+    from timm.layers import Conv2dSame
+
+    conv = Conv2dSame(3, 4, kernel_size=3, stride=2)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(2, 3, 7, 8)
+    model(x)
+    cap = Capture({"0": conv})
+    opt = stat_step(model, x)
+    # reference: the same TF-style padding done explicitly, then the unfold definition
+    padded = nn.Conv2d(3, 4, 3, stride=2)
+    pad_h, pad_w = max((4 - 1) * 2 + 3 - 7, 0), max((4 - 1) * 2 + 3 - 8, 0)
+    xp = F.pad(cap.inputs["0"], (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    torch.testing.assert_close(opt.fisher_factors()["0"][0].double(), official_fold(unfold_diagonal(xp, padded)),
+                               rtol=1e-5, atol=1e-8)
