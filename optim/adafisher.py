@@ -89,9 +89,7 @@ def _explicit_plan(root: nn.Module, params: list[Tensor], names: dict[int, str],
             if p is not None and id(p) in wanted:
                 owners.setdefault(id(p), []).append((mod_name, module, role))
 
-    layers: list[tuple[str, nn.Module, Any]] = []
-    layer_index: dict[int, int] = {}
-    specs: dict[int, ParamSpec] = {}
+    owner_of: dict[int, tuple[str, nn.Module, str, Any]] = {}
     untracked: list[str] = []
     shared: list[str] = []
     for p in params:
@@ -108,15 +106,23 @@ def _explicit_plan(root: nn.Module, params: list[Tensor], names: dict[int, str],
             )
         if not candidates:
             untracked.append(names[id(p)])
+            continue
+        owner_of[id(p)] = candidates[0]
+        if len(owners[id(p)]) > 1:
+            others = sorted({o[0] for o in owners[id(p)] if o[0] != candidates[0][0]})
+            shared.append(f"'{names[id(p)]}' (F from '{candidates[0][0]}', also used by {others})")
+
+    # layers in model order, whatever the order of the parameter groups
+    used = {id(o[1]) for o in owner_of.values()}
+    kinds = {id(o[1]): o[3] for o in owner_of.values()}
+    layers = [(n, m, kinds[id(m)]) for n, m in root.named_modules() if id(m) in used]
+    layer_index = {id(m): i for i, (_, m, _) in enumerate(layers)}
+    specs: dict[int, ParamSpec] = {}
+    for p in params:
+        if id(p) not in owner_of:
             specs[id(p)] = ConstantF(untracked_f)
             continue
-        mod_name, module, role, kind = candidates[0]
-        if len(owners[id(p)]) > 1:
-            others = sorted({o[0] for o in owners[id(p)] if o[0] != mod_name})
-            shared.append(f"'{names[id(p)]}' (F from '{mod_name}', also used by {others})")
-        if id(module) not in layer_index:
-            layer_index[id(module)] = len(layers)
-            layers.append((mod_name, module, kind))
+        _, module, role, kind = owner_of[id(p)]
         start, length = kind.roles(module)[role]
         specs[id(p)] = Preconditioned(layer_index[id(module)], start, length, tuple(p.shape))
 
@@ -125,8 +131,9 @@ def _explicit_plan(root: nn.Module, params: list[Tensor], names: dict[int, str],
         what = "a plain momentum step at the raw lr, as the official code" if untracked_f == 1.0 else (
             "identity factors, a step lr*m/(1+damping)")
         notes.append(
-            f"{len(untracked)} parameter tensor(s) belong to no supported layer (Linear, Conv2d, BatchNorm2d, "
-            f"LayerNorm) and get F = {untracked_f:g} ({what}): {_listing(untracked)}"
+            f"{len(untracked)} parameter tensor(s) are not weights/biases of a tracked layer (Linear, Conv2d, "
+            f"BatchNorm2d, LayerNorm, called through its forward) and get F = {untracked_f:g} ({what}): "
+            f"{_listing(untracked)}"
         )
     if shared:
         notes.append(f"parameters shared between a tracked and an untracked module: {_listing(shared)}")
@@ -152,14 +159,13 @@ def _official_plan(root: nn.Module, params: list[Tensor], names: dict[int, str])
     by_id = {id(p): a for p, a in zip(all_params, outcome)}
     owner = {id(p): n.rsplit(".", 1)[0] if "." in n else "" for n, p in root.named_parameters()}
 
-    layers: list[tuple[str, nn.Module, Any]] = []
-    layer_index: dict[int, int] = {}
+    referenced = sorted({a.module for a in (by_id[id(p)] for p in params) if isinstance(a, ModuleF)})
+    layers = [(tracked[k][0], tracked[k][1], official_kind_of(tracked[k][1])) for k in referenced]
+    layer_index = {k: i for i, k in enumerate(referenced)}  # model order
     specs: dict[int, ParamSpec] = {}
     never, ones, foreign = [], [], []
     for p in params:
-        assignment = by_id.get(id(p))
-        if assignment is None:
-            raise ValueError(f"AdaFisher: parameter '{names[id(p)]}' is not a parameter of the model")
+        assignment = by_id[id(p)]
         if isinstance(assignment, NeverUpdated):
             specs[id(p)] = None
             if p.requires_grad:
@@ -170,11 +176,8 @@ def _official_plan(root: nn.Module, params: list[Tensor], names: dict[int, str])
         else:
             assert isinstance(assignment, ModuleF)
             mod_name, module = tracked[assignment.module]
-            if id(module) not in layer_index:
-                layer_index[id(module)] = len(layers)
-                layers.append((mod_name, module, official_kind_of(module)))
             start, length = official_kind_of(module).roles(module)[assignment.slot]
-            specs[id(p)] = Preconditioned(layer_index[id(module)], start, length, assignment.f_shape)
+            specs[id(p)] = Preconditioned(layer_index[assignment.module], start, length, assignment.f_shape)
             if owner[id(p)] != mod_name or getattr(module, assignment.slot) is not p:
                 foreign.append(f"{names[id(p)]} <- {mod_name or '<root>'}.{assignment.slot}")
     notes = []
