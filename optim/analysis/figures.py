@@ -5,7 +5,7 @@
 * `spectrum_figure`: eigenvalues without / with the off-diagonal noise on log-log axes, with the Kaiser
   criterion (mean eigenvalue) and the damping (Figures 3 right, 6 right).
 * `fft_figure`: 20 log10 |FFT| of H, H~, S, S~ with the Eq. 7 SNR under the noisy rows (Figure 7).
-* `heatmap_figure`: log10 |entries| of H and S at each step (Figure 8).
+* `heatmap_figure`: log10 |entries| of H (top) and S (bottom) at each step (Figure 8).
 Each is saved as PNG and PDF by `save`. matplotlib runs on the Agg backend (no display needed).
 """
 from __future__ import annotations
@@ -18,7 +18,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.collections import PatchCollection  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Circle  # noqa: E402
 from matplotlib.ticker import LogFormatter, NullFormatter  # noqa: E402
 
@@ -34,7 +36,7 @@ def _np(t) -> np.ndarray:
 
 def _grid(rows: int, cols: int, size: float = 3.0):
     fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 1.0, size * rows + 0.6), squeeze=False)
-    fig.subplots_adjust(left=0.1, right=0.95, bottom=0.08, top=0.9, wspace=0.45, hspace=0.45)
+    fig.subplots_adjust(left=0.1, right=0.88, bottom=0.08, top=0.9, wspace=0.45, hspace=0.45)
     return fig, axes
 
 
@@ -51,15 +53,30 @@ def _suffix(fa: FactorAnalysis) -> str:
     return f" [{b.k} of {b.n} sampled]" if b.sampled else ""
 
 
+def _few_ticks(ax) -> None:
+    ax.locator_params(nbins=4)
+    ax.tick_params(labelsize=7)
+
+
+def _row_colorbar(fig, axes_row, mappable, label: str = "") -> None:
+    """One colour bar per row (shared scale across steps): fewer axes to draw, honest comparison."""
+    cb = fig.colorbar(mappable, ax=list(axes_row), fraction=0.03, pad=0.02)
+    cb.ax.tick_params(labelsize=7)
+    if label:
+        cb.set_label(label, fontsize=8)
+
+
 def gershgorin_figure(layer: str, analyses: Sequence[LayerAnalysis]):
     fig, axes = _grid(2, len(analyses))
-    for col, la in enumerate(analyses):
-        for row, (key, label) in enumerate(FACTORS):
-            fa: FactorAnalysis = getattr(la, key)
+    for row, (key, label) in enumerate(FACTORS):
+        factors: list[FactorAnalysis] = [getattr(la, key) for la in analyses]
+        all_r = np.concatenate([_np(fa.radii) for fa in factors])
+        norm = Normalize(vmin=float(all_r.min()), vmax=float(all_r.max()) + 1e-300)
+        for col, (la, fa) in enumerate(zip(analyses, factors)):
             ax = axes[row, col]
             c, r, eig = _np(fa.centres), _np(fa.radii), _np(fa.eig)
-            discs = PatchCollection([Circle((ci, 0.0), ri) for ci, ri in zip(c, r)], cmap="viridis",
-                                    facecolor="none", alpha=0.6)
+            discs = PatchCollection([Circle((ci, 0.0), ri) for ci, ri in zip(c, r)], cmap="viridis", norm=norm,
+                                    alpha=0.6)
             discs.set_array(r)
             discs.set_facecolor("none")
             ax.add_collection(discs)
@@ -71,12 +88,13 @@ def gershgorin_figure(layer: str, analyses: Sequence[LayerAnalysis]):
             ax.set_ylim(-float(np.max(r)) * 1.05 - 1e-12, float(np.max(r)) * 1.05 + 1e-12)
             ax.set_title(f"{label} | step {la.step}{_suffix(fa)}", fontsize=9)
             ax.grid(True, linewidth=0.4)
+            _few_ticks(ax)
             if col == 0:
-                ax.set_ylabel("imaginary part")
+                ax.set_ylabel("imaginary part", fontsize=8)
             if row == 1:
-                ax.set_xlabel("real part")
-            fig.colorbar(discs, ax=ax, fraction=0.046, pad=0.04, label="radius" if col == len(analyses) - 1 else None)
-    fig.suptitle(f"Gershgorin discs and eigenvalues: {layer}", fontsize=10)
+                ax.set_xlabel("real part", fontsize=8)
+        _row_colorbar(fig, axes[row], ScalarMappable(norm=norm, cmap="viridis"), "disc radius")
+    fig.suptitle(f"Gershgorin discs (centres: black dots) and eigenvalues (red x): {layer}", fontsize=10)
     return fig
 
 
@@ -97,7 +115,8 @@ def spectrum_figure(layer: str, analyses: Sequence[LayerAnalysis]):
             ax.axhline(la.metrics["damping"], color="grey", linestyle=":", linewidth=1.0, label="damping λ")
             _plain_log_axes(ax)
             ax.set_title(f"{label} | step {la.step}{_suffix(fa)}", fontsize=9)
-            ax.grid(True, which="both", linestyle="--", linewidth=0.4)
+            ax.tick_params(labelsize=7)
+            ax.grid(True, which="major", linestyle="--", linewidth=0.4)
             if row == 1:
                 ax.set_xlabel("eigenvalue index (descending)")
             if col == 0:
@@ -110,30 +129,38 @@ def spectrum_figure(layer: str, analyses: Sequence[LayerAnalysis]):
 def fft_figure(layer: str, analyses: Sequence[LayerAnalysis]):
     fig, axes = _grid(4, len(analyses))
     rows = (("H", "H", False), ("H", "H + noise", True), ("S", "S", False), ("S", "S + noise", True))
-    for col, la in enumerate(analyses):
-        for row, (key, label, noisy) in enumerate(rows):
-            fa: FactorAnalysis = getattr(la, key)
-            mat = fa.noisy_matrix() if noisy else fa.block.matrix
+    for row, (key, label, noisy) in enumerate(rows):
+        factors: list[FactorAnalysis] = [getattr(la, key) for la in analyses]
+        spectra = [_np(fft_magnitude_db(fa.noisy_matrix() if noisy else fa.block.matrix)) for fa in factors]
+        norm = Normalize(vmin=min(float(x.min()) for x in spectra), vmax=max(float(x.max()) for x in spectra))
+        for col, (la, fa, spec) in enumerate(zip(analyses, factors, spectra)):
             ax = axes[row, col]
-            img = ax.imshow(_np(fft_magnitude_db(mat)), cmap="hot", extent=(-np.pi, np.pi, -np.pi, np.pi))
+            img = ax.imshow(spec, cmap="hot", norm=norm, extent=(-np.pi, np.pi, -np.pi, np.pi))
             ax.set_title(f"{label} | step {la.step}{_suffix(fa)}", fontsize=9)
-            fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04)
+            _few_ticks(ax)
             if noisy:
                 ax.set_xlabel(f"SNR (Eq. 7): {fa.metrics['snr_db']:.2f} dB", fontsize=9, fontweight="bold")
+        _row_colorbar(fig, axes[row], img, "dB")
     fig.suptitle(f"|FFT| in dB of the factors and their noisy versions: {layer}", fontsize=10)
     return fig
 
 
 def heatmap_figure(layer: str, analyses: Sequence[LayerAnalysis]):
-    fig, axes = _grid(1, 2 * len(analyses))
-    panels = [(la, key, label) for key, label in FACTORS for la in analyses]
-    for ax, (la, key, label) in zip(axes[0], panels):
-        fa: FactorAnalysis = getattr(la, key)
-        mat = np.abs(_np(fa.block.matrix))
-        img = ax.imshow(np.log10(mat + 1e-30 + (mat.max() if mat.size else 1.0) * 1e-12), cmap="viridis")
-        ax.set_title(f"log10 |{label}| | step {la.step}{_suffix(fa)}", fontsize=9)
-        fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(f"Kronecker factors: {layer}", fontsize=10)
+    fig, axes = _grid(2, len(analyses))
+    for row, (key, label) in enumerate(FACTORS):
+        factors: list[FactorAnalysis] = [getattr(la, key) for la in analyses]
+        logs = []
+        for fa in factors:
+            mat = np.abs(_np(fa.block.matrix))
+            logs.append(np.log10(mat + max(float(mat.max()), 1e-300) * 1e-12))
+        norm = Normalize(vmin=min(float(x.min()) for x in logs), vmax=max(float(x.max()) for x in logs))
+        for col, (la, fa, lg) in enumerate(zip(analyses, factors, logs)):
+            ax = axes[row, col]
+            img = ax.imshow(lg, cmap="viridis", norm=norm)
+            ax.set_title(f"{label} | step {la.step}{_suffix(fa)}", fontsize=9)
+            _few_ticks(ax)
+        _row_colorbar(fig, axes[row], img, f"log10 |{label}|")
+    fig.suptitle(f"Kronecker factors (log10 |entries|): {layer}", fontsize=10)
     return fig
 
 
