@@ -162,6 +162,7 @@ def derive_reference_budget(
             steps=int(b.calibration_steps), warmup=int(b.calibration_warmup), autocast=autocast,
         )
         measured["machine"] = machine_key(device)
+        measured["steps_per_epoch"] = steps_per_epoch  # lets `python -m sweep --dry-run` estimate run times
         cached = measured
         try:
             atomic_write_json(cache_file, measured)

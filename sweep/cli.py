@@ -1,0 +1,159 @@
+"""`python -m sweep <spec> [overrides] [options]`: expand a sweep spec into runs and run them.
+
+    python -m sweep quick                                  # every optimizer, equal time, CPU
+    python -m sweep table2_cifar10 --dry-run               # the 200 runs, epoch counts, GPU-hours
+    python -m sweep table2_cifar10 --gpus 0,1,2,3          # a queue over four GPUs
+    python -m sweep table2_cifar10 --arms main,fixed       # + AdaFisher (paper eqs.), F = λ, SGD-momentum
+    python -m sweep table2_cifar10 --rows ResNet-18 --seeds 0,1 budget.reference_epochs=20
+    python -m sweep table2_cifar10 --gpus 0,1,2,3 --gpus-per-run 4          # each run DDP over 4 GPUs (torchrun)
+    python -m sweep table2_cifar10 --launcher submitit_slurm hydra.launcher.partition=gpu
+    python -m sweep table2_cifar10 --calibrate             # measure the WCT epoch counts on this machine
+    python -m sweep optuna_adafisher_resnet18 --optuna --trials 30
+
+Positional `key=value` arguments are Hydra overrides for every run (`hydra.launcher.*` ones configure the
+launcher). Re-running a command skips finished runs and resumes interrupted ones.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from sweep.spec import ARM_SETS, WCT_MODES, SpecError, available_specs, load_spec
+
+
+def _csv(text: Optional[str]) -> Optional[list[str]]:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sweep", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("spec", nargs="?", help=f"a sweep spec (configs/sweep/): {', '.join(available_specs())}")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (key=value)")
+    p.add_argument("--list", action="store_true", help="list the sweep specs and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the runs, epoch counts and GPU-hours; run nothing")
+    p.add_argument("--arms", default="main", help=f"arm sets, comma-separated ({', '.join(ARM_SETS)})")
+    p.add_argument("--seeds", help="seeds instead of the spec's, e.g. 0,1")
+    p.add_argument("--rows", help="only these rows (comma-separated)")
+    p.add_argument("--columns", help="only these columns (comma-separated)")
+    p.add_argument("--wct", default="measured", choices=WCT_MODES,
+                   help="measured: budgets derived on this machine (paper protocol); paper: Table 6 epoch counts")
+    p.add_argument("--results-dir", default=None, help="results store (default: the config's results_dir)")
+    p.add_argument("--gpus", help="GPU ids for the queue, e.g. 0,1,2,3 (default: CPU workers)")
+    p.add_argument("--gpus-per-run", type=int, default=1, help="GPUs per run; >1 runs each under torchrun (DDP)")
+    p.add_argument("--workers", type=int, default=1, help="CPU workers when no --gpus")
+    p.add_argument("--launcher", default="local", choices=("local", "submitit_local", "submitit_slurm"),
+                   help="local queue, or a Hydra submitit launcher")
+    p.add_argument("--overwrite", action="store_true", help="re-run runs that are already in the store")
+    p.add_argument("--calibrate", action="store_true", help="measure and cache each cell's WCT epoch count")
+    p.add_argument("--optuna", action="store_true", help="run the spec's `search` with Optuna (SQLite, resumable)")
+    p.add_argument("--trials", type=int, default=None, help="Optuna: total finished trials wanted")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in <results>/_optuna/)")
+    p.add_argument("--reclaim", action="store_true",
+                   help="Optuna: also retry trials left running by processes on other hosts")
+    p.add_argument("--commands", action="store_true", help="with --dry-run: also print each run's command")
+    return p
+
+
+def _results_dir(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[str]]:
+    """`--results-dir` or a `results_dir=` override (it never changes a run's identity)."""
+    rest, found = [], args.results_dir
+    for ov in overrides:
+        if ov.startswith("results_dir="):
+            found = ov.split("=", 1)[1]
+        else:
+            rest.append(ov)
+    if found is None:
+        from fisherbench.config import TrainConfig
+
+        found = TrainConfig.results_dir
+    return Path(found).expanduser().resolve(), rest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list or not args.spec:
+        for name in available_specs():
+            spec = load_spec(name)
+            print(f"{name:<26} {spec.title}")
+        return 0
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as exc:
+        print(f"[sweep] {exc}", file=sys.stderr)
+        return 2
+    launcher_overrides = [o for o in args.overrides if o.startswith("hydra.")]
+    results_dir, overrides = _results_dir(args, [o for o in args.overrides if not o.startswith("hydra.")])
+    arm_sets = _csv(args.arms) or ["main"]
+    seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else None
+
+    if args.optuna:
+        from sweep.search import run_search
+
+        return run_search(spec, results_dir, overrides, trials=args.trials, storage=args.storage,
+                          workers_gpus=args.gpus, cpu_workers=args.workers, wct_mode=args.wct,
+                          reclaim=args.reclaim)
+
+    from sweep.expand import expand
+
+    def progress(i: int, n: int) -> None:
+        if sys.stderr.isatty() or i == n:
+            print(f"\r[sweep] composing cells {i}/{n}", end="\n" if i == n else "", file=sys.stderr, flush=True)
+
+    try:
+        runs = expand(spec, arm_sets, overrides, args.wct, seeds, _csv(args.rows), _csv(args.columns), progress)
+    except (SpecError, ValueError) as exc:
+        print(f"[sweep] {exc}", file=sys.stderr)
+        return 2
+    if not runs:
+        print("[sweep] no runs selected", file=sys.stderr)
+        return 2
+    nproc = max(1, args.gpus_per_run)
+    print(f"[sweep] {spec.name}: {spec.title}")
+    print(f"[sweep] {len(runs)} runs ({len({r.cell.key for r in runs})} cells × seeds "
+          f"{seeds if seeds is not None else spec.seeds}; arms {','.join(arm_sets)}; WCT {args.wct}) "
+          f"-> {results_dir}")
+
+    if args.calibrate:
+        from sweep.calibrate import calibrate_cells
+
+        calibrate_cells(runs, results_dir)
+        args.dry_run = True
+    if args.dry_run:
+        from sweep.estimate import estimate, format_plan
+        from sweep.local import train_command
+
+        print(format_plan(estimate(spec, runs, results_dir, nproc), nproc))
+        if args.commands:
+            for r in runs:
+                print(" ".join(train_command(r, results_dir, nproc)))
+        else:
+            print("first run: " + " ".join(train_command(runs[0], results_dir, nproc)))
+        return 0
+
+    if args.launcher != "local":
+        from sweep.launchers import launch
+
+        outcomes = launch(runs, results_dir, args.launcher, launcher_overrides, spec.name)
+        counts: dict[str, int] = {}
+        for o in outcomes:
+            counts[str(o.get("status"))] = counts.get(str(o.get("status")), 0) + 1
+        print(f"[sweep] {len(outcomes)} jobs: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        return 0 if all(o.get("status") in ("completed", "budget_exhausted", "diverged") for o in outcomes) else 1
+
+    from sweep.local import LocalRunner, make_workers, summarize
+
+    try:
+        workers = make_workers(args.gpus, args.workers, nproc)
+    except ValueError as exc:
+        print(f"[sweep] {exc}", file=sys.stderr)
+        return 2
+    outcomes = LocalRunner(results_dir, workers, spec.name, overwrite=args.overwrite).run(runs)
+    print(summarize(outcomes))
+    print(f"[sweep] report: python scripts/report.py {spec.name}"
+          + (f" --results-dir {results_dir}" if args.results_dir or any(o.startswith("results_dir=") for o in args.overrides) else "")
+          + (" " + " ".join(overrides) if overrides else ""))
+    finished = all(o.status in ("completed", "budget_exhausted", "diverged") for o in outcomes)
+    return 0 if finished and len(outcomes) == len(runs) else 1
