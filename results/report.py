@@ -107,6 +107,7 @@ class StoredRun:
     config: dict[str, Any]
     summary: Optional[dict[str, Any]]
     signature: str
+    _rows: Optional[list[dict[str, Any]]] = field(default=None, repr=False)
 
     @property
     def seed(self) -> int:
@@ -117,7 +118,10 @@ class StoredRun:
         return str(self.summary.get("status")) if self.summary else "unfinished"
 
     def rows(self) -> list[dict[str, Any]]:
-        return self.run_dir.metrics()
+        """The run's metric rows (read once)."""
+        if self._rows is None:
+            self._rows = self.run_dir.metrics()
+        return self._rows
 
 
 class StoreIndex:

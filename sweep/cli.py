@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", help="GPU ids for the queue, e.g. 0,1,2,3 (default: CPU workers)")
     p.add_argument("--gpus-per-run", type=int, default=1, help="GPUs per run; >1 runs each under torchrun (DDP)")
     p.add_argument("--workers", type=int, default=1, help="CPU workers when no --gpus")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per CPU worker (default: the cores idle at start / workers, at least 1)")
     p.add_argument("--launcher", default="local", choices=("local", "submitit_local", "submitit_slurm"),
                    help="local queue, or a Hydra submitit launcher")
     p.add_argument("--overwrite", action="store_true", help="re-run runs that are already in the store")
@@ -73,7 +75,7 @@ def _results_dir(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     if args.list or not args.spec:
         for name in available_specs():
             spec = load_spec(name)
@@ -94,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return run_search(spec, results_dir, overrides, trials=args.trials, storage=args.storage,
                           workers_gpus=args.gpus, cpu_workers=args.workers, wct_mode=args.wct,
-                          reclaim=args.reclaim)
+                          reclaim=args.reclaim, threads=args.threads)
 
     from sweep.expand import expand
 
@@ -146,10 +148,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from sweep.local import LocalRunner, make_workers, summarize
 
     try:
-        workers = make_workers(args.gpus, args.workers, nproc)
+        workers = make_workers(args.gpus, args.workers, nproc, args.threads)
     except ValueError as exc:
         print(f"[sweep] {exc}", file=sys.stderr)
         return 2
+    print("[sweep] workers: " + ", ".join(f"{w.name}" + (f" ({w.threads} threads)" if w.threads else "")
+                                        for w in workers))
     outcomes = LocalRunner(results_dir, workers, spec.name, overwrite=args.overwrite).run(runs)
     print(summarize(outcomes))
     print(f"[sweep] report: python scripts/report.py {spec.name}"

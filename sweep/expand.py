@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from sweep.spec import Cell, SweepSpec, merge_overrides
+from sweep.spec import Cell, SweepSpec, merge_overrides, override_key
 
 
 @dataclass
@@ -57,11 +57,19 @@ def hydra_context() -> Iterator[None]:
         yield
 
 
+CONFIG_GROUPS = ("experiment", "model", "data", "optimizer", "budget", "logger")
+
+
 def cell_overrides(spec: SweepSpec, cell: Cell, wct_mode: str = "measured",
                    user_overrides: Sequence[str] = ()) -> list[str]:
-    """All overrides of a cell: preset, spec/row/family/column/cell, WCT budget, then the user's."""
+    """All overrides of a cell: preset, spec/row/family/column/cell, WCT budget, then the user's.
+
+    Group choices are listed first (Hydra applies them first anyway; this only makes commands readable).
+    """
     preset = [f"experiment={spec.preset}"] if spec.preset else []
-    return merge_overrides(preset, cell.overrides, spec.budget_overrides(cell, wct_mode), user_overrides)
+    merged = merge_overrides(preset, cell.overrides, spec.budget_overrides(cell, wct_mode), user_overrides)
+    groups = [ov for ov in merged if override_key(ov) in CONFIG_GROUPS]
+    return groups + [ov for ov in merged if override_key(ov) not in CONFIG_GROUPS]
 
 
 def compose_cell(spec: SweepSpec, cell: Cell, wct_mode: str = "measured",

@@ -59,8 +59,25 @@ class Worker:
         return env
 
 
-def make_workers(gpus: Optional[str], cpu_workers: int = 1, gpus_per_run: int = 1) -> list[Worker]:
-    """`gpus="0,1,2,3"` -> one worker per GPU (or per group of `gpus_per_run`); None -> CPU workers."""
+def cpu_threads(workers: int) -> int:
+    """Threads per CPU worker: the cores left idle at sweep start, shared among the workers (at least 1).
+
+    Oversubscribed OpenMP threads spin against each other: on a busy 2-core machine a small CNN step took
+    1.0 s with 2 threads and 0.047 s with 1, so the free cores, not all cores, set the count.
+    """
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    free = max(1, int(cores - busy + 0.5))
+    return max(1, min(cores, free) // workers)
+
+
+def make_workers(gpus: Optional[str], cpu_workers: int = 1, gpus_per_run: int = 1,
+                 threads: Optional[int] = None) -> list[Worker]:
+    """`gpus="0,1,2,3"` -> one worker per GPU (or per group of `gpus_per_run`); None -> CPU workers with
+    `threads` threads each (default: `cpu_threads`)."""
     if gpus:
         ids = [g.strip() for g in gpus.split(",") if g.strip()]
         if gpus_per_run < 1 or len(ids) % gpus_per_run:
@@ -69,7 +86,7 @@ def make_workers(gpus: Optional[str], cpu_workers: int = 1, gpus_per_run: int = 
         return [Worker(f"gpu{'+'.join(g)}", g) for g in groups]
     if cpu_workers < 1:
         raise ValueError("--workers must be >= 1")
-    threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers > 1 else None
+    threads = threads or cpu_threads(cpu_workers)
     return [Worker(f"cpu{i}", (), threads) for i in range(cpu_workers)]
 
 
