@@ -91,6 +91,8 @@ def test_snr_is_equation_7_and_the_notebook_variant_adds_10_log10_n():
     den = sum(float(noisy[i, j]) ** 2 for i in range(7) for j in range(i + 1, 7))
     assert dg.snr_db(m, noisy) == pytest.approx(10 * math.log10(num / den))
     assert dg.snr_db_notebook(m, noisy) == pytest.approx(dg.snr_db(m, noisy) + 10 * math.log10(7))
+    d, o = dg.energy_parts(m)  # noise-free: the upper triangle holds half the off-diagonal energy
+    assert dg.analyse_factor(m).metrics["snr_db_noise_free"] == pytest.approx(10 * math.log10(2 * d / o))
 
 
 def test_fft_magnitude_matches_numpy():

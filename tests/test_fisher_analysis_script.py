@@ -45,7 +45,8 @@ def _read_when_complete(path: Path, timeout_s: float = 60.0) -> dict:
 def test_short_run_on_digits_writes_table_and_figures(tmp_path):
     out = tmp_path / "fa"
     rc = _script().main(["--model", "small_cnn", "--data", "digits", "--steps", "0,2", "--batches", "2",
-                         "--out", str(out), "--figure-layers", "head.3", "model.width=4", "model.hidden=16", "data.batch_size=32"])
+                         "--out", str(out), "--figure-layers", "head.3", "model.width=4", "model.hidden=16",
+                         "data.batch_size=32"])
     assert rc == 0
     for name in ("fisher_table.csv", "fisher_table.md", "fisher_table.json"):
         assert (out / name).stat().st_size > 0

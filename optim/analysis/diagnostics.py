@@ -10,9 +10,11 @@ Gershgorin radii with `(n-1)/(k-1)`; eigenvalues are those of the sub-block.
 Definitions (n = dimension, M = factor, M~ = M + E with E symmetric, zero diagonal, E_ij ~ N(0, sigma^2)):
 * diagonal-energy ratio: sum_i M_ii^2 / ||M||_F^2 (1 for a diagonal matrix, ~1/n for a dense one).
 * SNR (paper Eq. 7): 10 log10( sum_i |M_ii|^2 / sum_{i<j} |M~_ij|^2 ). The paper applies it to the factor
-  and its noisy version (the official analysis notebook does the same; the FFT of Eq. 6 is shown next to it,
-  `fft_magnitude_db`). The notebook's code uses means instead of sums (`snr_db_notebook`), which adds
-  10 log10(n) dB for n >= 2 (mean over n diagonal entries vs. over all n^2 entries of triu(M~, 1)).
+  and its noisy version, as does the official analysis notebook; the FFT of Eq. 6 is only shown next to it
+  (`fft_magnitude_db`). `snr_db_noise_free` uses M itself: the absolute sigma swamps factors whose entries
+  are far below it (e.g. convolution S from mean-loss gradients). The notebook's code uses means instead
+  of sums (`snr_db_notebook`), which adds 10 log10(n) dB (mean over n diagonal entries vs. over all n^2
+  entries of triu(M~, 1)).
 * Gershgorin discs: centre M_ii, radius R_i = sum_{j != i} |M_ij|; a row is diagonally dominant (its disc
   excludes 0) when |M_ii| > R_i.
 * Kaiser criterion: eigenvalues above the mean eigenvalue (= 1 for a correlation matrix, the notebook's line).
@@ -291,6 +293,7 @@ def analyse_factor(m: BlockLike, damping: float = DEFAULT_DAMPING, sigma: float 
         "trace_over_dim": float(_f64(b.diag).sum()) / b.n,
         "diag_energy_ratio": d_sq / (d_sq + o_sq) if d_sq + o_sq > 0 else math.nan,
         "snr_db": snr_db(b, noisy),
+        "snr_db_noise_free": snr_db(b, b.matrix),
         "snr_db_notebook": snr_db_notebook(b.matrix, noisy),
         "frac_eig_above_damping": fraction_above(eig, damping),
         "eig_max": float(eig.max()),

@@ -11,9 +11,9 @@ from typing import Any, Optional, Sequence
 from optim.analysis.diagnostics import LayerAnalysis
 
 FACTOR_COLUMNS = (
-    "dim", "analysed_dim", "diag_energy_ratio", "snr_db", "snr_db_notebook", "gershgorin_dominant_frac",
-    "gershgorin_median_radius_over_centre", "noise_max_abs_shift", "noise_max_rel_shift_above_kaiser",
-    "frac_eig_above_damping", "eig_max", "eig_min", "trace_over_dim",
+    "dim", "analysed_dim", "diag_energy_ratio", "snr_db", "snr_db_noise_free", "snr_db_notebook",
+    "gershgorin_dominant_frac", "gershgorin_median_radius_over_centre", "noise_max_abs_shift",
+    "noise_max_rel_shift_above_kaiser", "frac_eig_above_damping", "eig_max", "eig_min", "trace_over_dim",
 )
 LAYER_COLUMNS = (
     "damping", "kron_diag_error", "kron_frac_eig_above_damping", "official_frac_above_damping",
