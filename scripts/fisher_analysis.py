@@ -160,10 +160,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name in layers:
             lf = factors[name]
             examples = lf.examples
-            for which, block, rows in (("H", lf.H, lf.rows_H), ("S", lf.S, lf.rows_S)):
-                if rows < block.n:
-                    _log(f"  note: {name} {which} is {block.n}x{block.n} but averages only {rows} rows, so its rank "
-                         f"is at most {rows}: raise --batches for a full-rank estimate")
+            for which, block, count in (("H", lf.H, lf.rows_H), ("S", lf.S, lf.rows_S)):
+                if count < block.n:
+                    _log(f"  note: {name} {which} is {block.n}x{block.n} but averages only {count} rows, so its "
+                         f"rank is at most {count}: raise --batches for a full-rank estimate")
             la = analyse_layer(name, lf.kind, snap.step, lf.H, lf.S, damping=damping, sigma=args.sigma,
                                seed=args.seed, variant=variant, gamma=gamma, state=snap.adafisher_state.get(name))
             rows.append(layer_row(la))

@@ -75,7 +75,7 @@ def test_short_run_on_digits_writes_table_and_figures(tmp_path):
     assert "| step | layer |" in (out / "fisher_table.md").read_text()
 
 
-def test_run_dir_checkpoint_with_wandb_offline(run_train, tmp_path):
+def test_run_dir_checkpoint_with_wandb_offline(run_train, tmp_path, capsys):
     result = run_train("optimizer=adafisher", "budget=steps", "budget.steps=3", "checkpoint.keep_final=true")
     assert result.status == "completed" and (result.run_dir / "checkpoint.pt").exists()
     rc = _script().main(["--run-dir", str(result.run_dir), "--no-figures", "--layers", "all", "--max-dim", "20",
@@ -87,6 +87,9 @@ def test_run_dir_checkpoint_with_wandb_offline(run_train, tmp_path):
     assert {r["step"] for r in rows} == {"3"}
     wide = next(r for r in rows if r["layer"] == "head.1")  # Linear(4*2*2*2 -> 16): H is 33 > --max-dim 20
     assert (wide["H_dim"], wide["H_analysed_dim"]) == ("33", "20")
+    err = capsys.readouterr().err
+    assert "'head.1': H is 33x33 (more than --max-dim 20)" in err
+    assert "head.1 H is 33x33 but averages only 16 rows" in err  # one batch of 16: rank-deficient estimate
     assert all(r["state_F_over_lambda_max"] not in ("", "nan") for r in rows)  # AdaFisher state from checkpoint
     assert not list(out.glob("*.png"))
     (wandb_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
