@@ -226,7 +226,8 @@ def fisher_spread(t: TableResult, out_dir: Path, name: str = "fisher_spread") ->
         ax.set(xlabel="epoch", ylabel="F / λ", title=row)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(f"{t.spec.title}: spread of the preconditioner F/λ (1 = damping dominates)", fontsize=9)
     fig.tight_layout()
     return save(fig, out_dir / name)

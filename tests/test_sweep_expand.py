@@ -1,0 +1,119 @@
+"""Expansion with Hydra: every preset composes, run ids match what train.py computes, the dry run lists the
+paper's runs with epoch counts, and estimates come from calibration caches and stored runs."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from sweep.spec import available_specs, load_spec
+
+
+def test_every_experiment_preset_composes():
+    from fisherbench.config import CONFIG_DIR
+    from sweep.expand import compose, hydra_context
+
+    presets = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") if not p.stem.startswith("_"))
+    assert {"quick", "table2_cifar10", "table2_cifar100", "table10a_cifar10", "table10a_cifar100", "table3_imagenet",
+            "table4_transfer_cifar10", "table4_transfer_cifar100", "table5_wikitext2", "table11_tiny_imagenet",
+            "fig5_stability"} <= set(presets)
+    with hydra_context():
+        for name in presets:
+            cfg = compose([f"experiment={name}"])
+            assert cfg.experiment == name, name
+            assert cfg._choices["experiment"] == name
+
+
+@pytest.mark.slow
+def test_first_cell_of_every_spec_composes_and_names_its_preset():
+    from sweep.expand import expand
+
+    for name in available_specs():
+        spec = load_spec(name)
+        first = spec.cells(("main",))[0]
+        runs = expand(spec, ("main",), seeds=[0], rows=[first.row], columns=[first.column])
+        assert len(runs) == 1, name
+        if spec.preset:
+            assert runs[0].config.experiment == spec.preset
+
+
+def test_run_ids_are_the_ones_train_py_computes():
+    """The subprocess composes `run.overrides`; its run id must be the one the sweep planned (incl. a row
+    that scales the recipe's LR and a fixed arm with a variant)."""
+    from fisherbench.runner import compose_config, run_id_of
+    from sweep.expand import expand
+
+    fig5 = load_spec("fig5_stability")
+    runs = expand(fig5, ("main",), seeds=[3], rows=["lr x0.3"], columns=["K-FAC"])
+    assert "optimizer.lr=0.09" in runs[0].overrides  # 0.3 x K-FAC's 0.3, written back as an override
+    t2 = load_spec("table2_cifar10")
+    runs += expand(t2, ("fixed",), seeds=[1], rows=["FocalNet"], columns=["AdaFisher (F = λ)"])
+    for r in runs:
+        cfg = compose_config(r.overrides)
+        assert run_id_of(cfg) == r.run_id
+    assert runs[1].config.optimizer.variant == "constf" and runs[1].config.optimizer.weight_decay == 0.05
+
+
+def test_dry_run_lists_the_200_runs_of_table2(capsys, tmp_path):
+    from sweep.cli import main
+
+    assert main(["table2_cifar10", "--dry-run", "--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if re.match(r"^\s*\d+\s{2}", l)]
+    assert len(lines) == 200
+    ids = {l.split()[-5] for l in lines}
+    assert len(ids) == 200  # 8 networks x 5 optimizers x 5 seeds, all distinct runs
+    # derived epoch counts: the reference arm's are its budget, the others' the paper's until calibrated
+    epochs = {}
+    for l in lines:
+        m = re.search(r"(\S+)\s+(\d+)\s+\((budget|paper)\)", l)
+        col = next(c for c in ("Adam", "AdaHessian", "K-FAC", "Shampoo", "AdaFisher") if f" {c} " in l)
+        epochs.setdefault(col, set()).add(int(m.group(2)))
+    assert epochs == {"Adam": {210}, "AdaHessian": {89}, "K-FAC": {107}, "Shampoo": {36}, "AdaFisher": {200}}
+    assert "200 runs" in out and "estimated GPU-hours: unknown" in out
+
+
+def test_dry_run_estimates_from_a_calibration_cache_and_from_stored_runs(tmp_path, capsys):
+    """A cached calibration on this machine gives epochs and hours; a started run's plan beats it."""
+    import torch
+
+    from fisherbench.calibrate import calibration_key
+    from fisherbench.runner import load_group_option
+    from results.store import RunDir
+    from sweep.estimate import estimate, format_plan
+    from sweep.expand import expand
+
+    spec_path = tmp_path / "mini.yaml"
+    spec_path.write_text("""
+title: mini
+seeds: [0, 1]
+overrides: [model=small_cnn, data=synthetic_image, device=cpu]
+families: {cnn: {}}
+rows: {net: {family: cnn}}
+arms: {main: {Ref: [optimizer=adam], Other: [optimizer=sgd]}}
+wct: {reference: {cnn: adam}, epochs: 10, paper_epochs: {Other: 7}}
+""")
+    spec = load_spec(spec_path)
+    runs = expand(spec)
+    other = [r for r in runs if r.cell.column == "Other"]
+    cfg = other[0].config.copy()
+    cfg.results_dir = str(tmp_path)
+    key = calibration_key(cfg, load_group_option("optimizer", "adam"), torch.device("cpu"))
+    (tmp_path / "_calibration").mkdir()
+    # reference 0.03 s/step, candidate 0.01 s/step, no data time: floor(10 * 3) = 30 epochs of 16 steps
+    (tmp_path / "_calibration" / f"{key}.json").write_text(json.dumps({
+        "data_s_per_step": 0.0, "steps_per_epoch": 16, "steps": 20,
+        "arms": {"reference": {"amortised_s": 0.03}, "candidate": {"amortised_s": 0.01}}}))
+    est = {(e.run.cell.column, e.run.seed): e for e in estimate(spec, runs, tmp_path)}
+    assert (est[("Other", 0)].epochs, est[("Other", 0)].epochs_source) == (30, "calibration")
+    assert est[("Other", 0)].hours == pytest.approx(30 * 16 * 0.01 / 3600)
+    assert (est[("Ref", 1)].epochs, est[("Ref", 1)].epochs_source) == (10, "budget")
+    # seed 1 of Other has started elsewhere with a plan of 29 epochs: both seeds now use it
+    rd = RunDir(tmp_path / other[1].run_id)
+    rd.create({"seed": 1}, {"budget_plan": {"epochs": 29, "steps_per_epoch": 16}})
+    est = {(e.run.cell.column, e.run.seed): e for e in estimate(spec, runs, tmp_path)}
+    assert (est[("Other", 1)].epochs, est[("Other", 1)].epochs_source) == (29, "run")
+    assert (est[("Other", 0)].epochs, est[("Other", 0)].epochs_source) == (29, "seed 1")
+    text = format_plan(list(est.values()))
+    assert "unfinished" in text and "estimated GPU-hours to run" in text
