@@ -150,11 +150,20 @@ def test_every_model_has_a_config_that_names_it():
 
 
 def test_every_model_config_composes():
+    from hydra import initialize_config_dir
+
+    from fisherbench.config import CONFIG_DIR as ALL_CONFIGS
     from fisherbench.runner import compose_config
 
-    for name in MODELS.names():
-        cfg = compose_config([f"model={name}"])
-        assert cfg.model.name == name
+    with initialize_config_dir(config_dir=str(ALL_CONFIGS), version_base=None):  # one Hydra init for all
+        for name in MODELS.names():
+            cfg = compose_config([f"model={name}"])
+            assert cfg.model.name == name
+            # the composed node is what the trainer passes to create_model
+            with torch.device("meta"):
+                create_model(**{k: v for k, v in cfg.model.items()}, num_classes=10,
+                             input_shape=(3, 64, 64) if name == "swin_big" else
+                             (16,) if MODELS.get(name).capabilities.input_kind == "tokens" else None)
 
 
 def test_capabilities_are_consistent():

@@ -42,11 +42,11 @@ FULL = {
 FAST = {
     **FULL,
     "resnet18_cifar": ({"width": 8}, (3, 32, 32), 10),
-    "resnet50_cifar": ({"width": 8}, (3, 32, 32), 10),
+    "resnet50_cifar": ({"width": 8}, (3, 16, 16), 10),
     "resnet101_cifar": ({"width": 8}, (3, 16, 16), 10),
     "densenet121_cifar": ({"blocks": [1, 2, 1, 1], "growth_rate": 8}, (3, 32, 32), 10),
     "mobilenetv3_official": ({"width_multiplier": 0.25}, (3, 32, 32), 10),
-    "mobilenetv3": ({"width_mult": 0.25}, (3, 32, 32), 10),
+    "mobilenetv3": ({"width_mult": 0.25}, (3, 16, 16), 10),
     "swin_tiny_official": ({"hidden_dim": 8, "head_dim": 4, "heads": [1, 1, 2, 2], "layers": [2, 2, 2, 2]},
                            (3, 32, 32), 10),
     "swin_tiny": ({"embed_dim": 8, "num_heads": [1, 1, 2, 2], "depths": [2, 2, 2, 2]}, (3, 32, 32), 10),
