@@ -34,8 +34,9 @@ def save(fig, path_stem: Path) -> list[Path]:
     return out
 
 
-def _color(i: int):
-    return plt.get_cmap("tab10" if i < 10 else "tab20")(i % 20)
+def _color(i: int, n: int = 10):
+    """The i-th of n colours: tab10, or tab20 when there are more than ten lines (same colour per column)."""
+    return plt.get_cmap("tab10")(i % 10) if n <= 10 else plt.get_cmap("tab20")(i % 20)
 
 
 def _series(rows: list[dict[str, Any]], x_key: str, y_key: str, transform=None) -> tuple[np.ndarray, np.ndarray]:
@@ -107,16 +108,15 @@ def curves(t: TableResult, out_dir: Path, name: str = "wct") -> list[Path]:
                 if b is None:
                     continue
                 x, m, sd = b
-                ax.plot(x, m, color=_color(k), label=col, lw=1.4)
-                ax.fill_between(x, m - sd, m + sd, color=_color(k), alpha=0.2, lw=0)
-            if yk == "train/loss" or (yk == "test/ppl"):
-                ax.set_yscale("log")
+                ax.plot(x, m, color=_color(k, len(t.columns)), label=col, lw=1.4)
+                ax.fill_between(x, m - sd, m + sd, color=_color(k, len(t.columns)), alpha=0.2, lw=0)
+            ax.set_yscale("log")  # losses, errors and perplexities span decades
             ax.set_xlabel(xl)
             ax.set_ylabel(yl)
             ax.grid(alpha=0.3)
             if j == 0:
                 ax.set_title(row, loc="left", fontsize=10)
-        axes[i][1].legend(fontsize=7, ncol=2)
+        axes[i][1].legend(fontsize=7, ncol=2 if len(t.columns) > 5 else 1)
     fig.suptitle(f"{t.spec.title}\nmean ± std over seeds", fontsize=10)
     fig.tight_layout()
     return save(fig, out_dir / name)
@@ -135,11 +135,12 @@ def cost(t: TableResult, out_dir: Path, name: str = "cost") -> list[Path]:
     for ax, data, label in ((axes[0], secs, "training seconds per epoch"), (axes[1], mem, "peak memory (GiB)")):
         for k, col in enumerate(t.columns):
             ax.bar(x + (k - (len(t.columns) - 1) / 2) * width, np.nan_to_num(data[:, k]), width, label=col,
-                   color=_color(k))
+                   color=_color(k, len(t.columns)))
         ax.set_xticks(x, t.rows, rotation=20 if len(t.rows) > 3 else 0, fontsize=8)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, ncol=min(7, len(t.columns)), loc="lower center",
+               bbox_to_anchor=(0.5, -0.02 - 0.04 * math.ceil(len(t.columns) / 7)))
     fig.suptitle(f"{t.spec.title}: cost per epoch (peak memory: CUDA max allocated; on CPU the process peak RSS)",
                  fontsize=9)
     fig.tight_layout()
@@ -168,24 +169,25 @@ def stability(t: TableResult, out_dir: Path, name: str = "stability") -> list[Pa
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     markers = "osv^D<>p*h"
     for k, col in enumerate(t.columns):
+        color = _color(k, len(t.columns))
         cells = [c for c in t.cells if c.column == col and c.mean is not None]
         bs = sorted(((_config_value(c, "data.batch_size"), c) for c in cells if "batch_size" in _panels(c)),
                     key=lambda p: p[0] or 0)
         lr = sorted(((_config_value(c, "optimizer.lr"), c) for c in cells if "lr" in _panels(c)),
                     key=lambda p: p[0] or 0)
         if bs:
-            axes[0].errorbar([b for b, _ in bs], [c.mean for _, c in bs], [c.std for _, c in bs], color=_color(k),
+            axes[0].errorbar([b for b, _ in bs], [c.mean for _, c in bs], [c.std for _, c in bs], color=color,
                              marker="o", label=col, capsize=2)
             for j, (b, c) in enumerate(bs):
                 sec = c.mean_of(run_epoch_seconds)
                 if sec is not None:
-                    axes[2].scatter(sec, c.mean, color=_color(k), marker=markers[j % len(markers)],
+                    axes[2].scatter(sec, c.mean, color=color, marker=markers[j % len(markers)],
                                     label=f"batch {int(b)}" if k == 0 else None)
             at256 = [c for b, c in bs if b == 256]
             if at256 and at256[0].mean_of(run_epoch_seconds) is not None:
-                axes[3].bar(k, at256[0].mean_of(run_epoch_seconds), color=_color(k))
+                axes[3].bar(k, at256[0].mean_of(run_epoch_seconds), color=color)
         if lr:
-            axes[1].errorbar([x for x, _ in lr], [c.mean for _, c in lr], [c.std for _, c in lr], color=_color(k),
+            axes[1].errorbar([x for x, _ in lr], [c.mean for _, c in lr], [c.std for _, c in lr], color=color,
                              marker="o", label=col, capsize=2)
     axes[0].set(xscale="log", xlabel="batch size", ylabel=t.metric.label, title="(A) batch size")
     axes[0].set_xscale("log", base=2)
@@ -219,10 +221,10 @@ def fisher_spread(t: TableResult, out_dir: Path, name: str = "fisher_spread") ->
             hi = band([_series(s.run.rows(), "epoch", hi_key) for s in c.seeds])
             if lo is None or hi is None:
                 continue
-            ax.plot(lo[0], lo[1], color=_color(k), lw=1, ls="--")
-            ax.plot(hi[0], hi[1], color=_color(k), lw=1.4, label=f"{col} (max; dashed: min)")
+            ax.plot(lo[0], lo[1], color=_color(k, len(t.columns)), lw=1, ls="--")
+            ax.plot(hi[0], hi[1], color=_color(k, len(t.columns)), lw=1.4, label=f"{col} (max; dashed: min)")
             if len(lo[0]) == len(hi[0]):
-                ax.fill_between(hi[0], lo[1], hi[1], color=_color(k), alpha=0.15, lw=0)
+                ax.fill_between(hi[0], lo[1], hi[1], color=_color(k, len(t.columns)), alpha=0.15, lw=0)
         ax.set(xlabel="epoch", ylabel="F / λ", title=row)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)

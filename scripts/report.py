@@ -41,6 +41,7 @@ def report_spec(name: str, index: StoreIndex, out: Path, overrides: Sequence[str
                   flush=True)
 
     tables = collect(spec, index, arm_sets, overrides, wct, seeds, progress)
+    name = spec.name  # a spec given as a path is written under its file name
     files = [_write(out / "tables" / f"{name}.md", render.markdown(tables)),
              _write(out / "tables" / f"{name}.csv", render.csv_text(tables)),
              _write(out / "tables" / f"{name}.tex", render.latex(tables))]
@@ -100,7 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arm_sets = [a for a in args.arms.split(",") if a]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     index = StoreIndex(Path(results_dir), progress=True)
-    names = available_specs() if args.spec == "all" else [args.spec]
+    # `all`: every table/figure spec; search specs (`search:`) only define Optuna studies over a table's cell
+    names = [n for n in available_specs() if not load_spec(n).search] if args.spec == "all" else [args.spec]
     all_tables: list[TableResult] = []
     for name in names:
         try:

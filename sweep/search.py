@@ -116,7 +116,7 @@ def run_search(spec: SweepSpec, results_dir: Path, user_overrides: Sequence[str]
     if not search:
         print(f"[sweep] spec {spec.name} has no `search` section (see sweep/search.py)", file=sys.stderr)
         return 2
-    cells = spec.cells(("main", "fixed"), rows=[search["row"]], columns=[search["column"]])
+    cells = spec.cells(list(spec.arms), rows=[search["row"]], columns=[search["column"]])
     if not cells:
         print(f"[sweep] search cell {search['row']} × {search['column']} is not in {spec.name}", file=sys.stderr)
         return 2
