@@ -191,9 +191,12 @@ def _build(cfg: DictConfig, device: torch.device, info: DistInfo):
             **model_opts,
         )
 
+    from models.gpt import EmbeddingsUnavailable
+    from models.pretrained import PretrainedWeightsUnavailable
+
     try:
         model = build_model().to(device)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, PretrainedWeightsUnavailable, EmbeddingsUnavailable) as exc:
         raise ConfigError(f"model '{cfg.model.name}': {exc}") from None
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
