@@ -129,11 +129,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = args.out or args.run_dir / "fisher_analysis"
             _log(f"run {args.run_dir}: {len(paths)} checkpoint file(s)")
         else:
-            if steps is None:
+            if steps is None and not args.list_layers:
                 raise SystemExit("--steps is required with --model/--data (e.g. --steps 0,100)")
             cfg = _compose(args)
             setup = sources.setup_from_config(cfg, args.device)
-            snapshots = sources.training_snapshots(setup, steps, log=_log)
+            snapshots = sources.training_snapshots(setup, steps or [0], log=_log)
             out = args.out or (Path(cfg["results_dir"]) / "fisher_analysis"
                                / f"{args.model}-{args.data}-{args.optimizer}-seed{cfg['seed']}")
         probe = setup.build_model()
