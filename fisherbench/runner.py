@@ -15,7 +15,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -233,11 +233,14 @@ def _meta(cfg: DictConfig, device: torch.device, bundle, info: DistInfo, param_c
 
 
 # ----------------------------------------------------------------------------------------------- run
-def run(cfg: DictConfig) -> RunResult:
+def run(cfg: DictConfig, on_trainer: Optional[Callable[[Trainer], None]] = None) -> RunResult:
     """Run (or skip, or resume) the run that `cfg` identifies. Raises ConfigError for user errors.
 
     Only one process at a time runs a given run id (a lock file per run id in `results_dir`); another
     process that asks for the same run gets `status: running_elsewhere` and skips it.
+    `on_trainer(trainer)` is called once the trainer is built (e.g. to set `trainer.on_eval` to a
+    `optim.analysis.sources.FactorCallback` that collects Kronecker factors during the run; time spent in
+    `on_eval` is charged to `log_s`, outside the budget clock).
     """
     from results.store import RunDir
 
@@ -268,7 +271,7 @@ def run(cfg: DictConfig) -> RunResult:
         return RunResult(run_dir.path, {"run_id": rid, "status": "running_elsewhere", "skipped": True},
                          skipped=True)
     try:
-        return _run_unlocked(cfg, info, device, rid, run_dir)
+        return _run_unlocked(cfg, info, device, rid, run_dir, on_trainer)
     finally:
         if lock is not None:
             lock.release()
@@ -296,7 +299,8 @@ class RunLock:
         self._lock.release()
 
 
-def _run_unlocked(cfg: DictConfig, info: DistInfo, device: torch.device, rid: str, run_dir) -> RunResult:
+def _run_unlocked(cfg: DictConfig, info: DistInfo, device: torch.device, rid: str, run_dir,
+                  on_trainer: Optional[Callable[[Trainer], None]] = None) -> RunResult:
     existing = run_dir.summary() if info.is_main else None
     skip = bool(existing and run_dir.is_final() and not cfg.overwrite)
     skip = broadcast_object(skip, info)
@@ -341,6 +345,9 @@ def _run_unlocked(cfg: DictConfig, info: DistInfo, device: torch.device, rid: st
         cfg=cfg, model=model, adapter=adapter, bundle=bundle, task=task, plan=plan, device=device,
         run_dir=run_dir if info.is_main else None, logger=logger, dist=info, run_id=rid,
     )
+
+    if on_trainer is not None:
+        on_trainer(trainer)
 
     # ---- resume or start fresh
     payload, notes = None, []

@@ -161,3 +161,13 @@ def test_fault_injection_then_resume_is_bitwise_identical(tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("train_s", "wall_s")} for r in rows]
     assert strip(run_dir.metrics()) == strip(clean_dir.metrics())  # no duplicated or missing rows
     assert s_resumed["ledger"]["train_s"] > 0
+
+
+def test_on_trainer_hook_sees_every_evaluation(tmp_path):
+    from fisherbench.runner import compose_config, run
+    from tests.conftest import TINY
+
+    rows = []
+    cfg = compose_config([*TINY, f"results_dir={tmp_path}", "budget=steps", "budget.steps=6"])
+    result = run(cfg, on_trainer=lambda trainer: setattr(trainer, "on_eval", rows.append))
+    assert [r["step"] for r in rows] == [r["step"] for r in RunDir(result.run_dir).metrics()] == [4, 6]
