@@ -204,11 +204,17 @@ def summary_markdown(verdicts: dict[str, list[str]]) -> str:
 
 def console_table(t: TableResult) -> str:
     """A plain-text version of the comparison for the terminal."""
-    header = ["row", "column", "ours", "paper", "Δ", "seeds", "verdict"]
+    with_paper = any(c.paper is not None for c in t.cells)
+    header = ["row", "column", "ours", "seeds", "epochs", "s/epoch"] + (["paper", "Δ", "verdict"] if with_paper else [])
     rows: list[list[Any]] = []
     for c in t.cells:
-        rows.append([c.row, c.column, ours_text(c), paper_text(c), _f(c.delta, c.metric.digits, sign=True),
-                     f"{c.n}/{len(c.seeds_expected)}", verdict_text(c) if c.paper is not None else ""])
+        sec = c.mean_of(run_epoch_seconds)
+        row = [c.row, c.column, ours_text(c), f"{c.n}/{len(c.seeds_expected)}", _epochs_text(c.mean_of(run_epochs)),
+               "" if sec is None else f"{sec:.2f}"]
+        if with_paper:
+            row += [paper_text(c), _f(c.delta, c.metric.digits, sign=True),
+                    verdict_text(c) if c.paper is not None else ""]
+        rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)])

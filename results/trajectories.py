@@ -94,12 +94,15 @@ def figure1(out_stem: Path, optimizers: Sequence[tuple[str, str]] = OPTIMIZERS, 
     finite = np.isfinite(all_l) & np.all(np.isfinite(points), axis=1)
     lo, hi = points[finite].min(axis=0), points[finite].max(axis=0)
     pad = 0.05 * (hi - lo + 1e-12)
-    gx, gy = np.meshgrid(np.linspace(lo[0] - pad[0], hi[0] + pad[0], grid), np.linspace(lo[1] - pad[1], hi[1] + pad[1], grid))
+    gx, gy = np.meshgrid(np.linspace(lo[0] - pad[0], hi[0] + pad[0], grid),
+                         np.linspace(lo[1] - pad[1], hi[1] + pad[1], grid))
     surface = griddata(points[finite], all_l[finite], (gx, gy), method="cubic")
+    # cubic interpolation overshoots between distant trajectories: keep it within the recorded losses
+    surface = np.clip(surface, all_l[finite].min(), all_l[finite].max())
 
     fig, ax = plt.subplots(figsize=(7, 5.5))
     cs = ax.contourf(gx, gy, surface, levels=30, cmap="viridis", alpha=0.85)
-    fig.colorbar(cs, ax=ax, label="training loss (cross-entropy)")
+    fig.colorbar(cs, ax=ax, label="training loss (cross-entropy; cubic interpolation of the recorded points)")
     final = {}
     for k, (label, (w, l)) in enumerate(trajectories.items()):
         p = pca.transform(w)

@@ -57,9 +57,6 @@ def report_spec(name: str, index: StoreIndex, out: Path, overrides: Sequence[str
             print(f"{t.metric.label}:")
             print(render.console_table(t))
             print()
-        print("epochs under the budget:")
-        print(render.epochs_markdown(tables[0]))
-        print()
     else:
         print(f"[report] {name}: {found} seed results in {len(tables[0].cells)} cells")
     for f in files + [p for p in fig_files if p.suffix == ".png"]:
@@ -116,7 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.spec == "all":
         _write(out / "tables" / "summary.md", "# Reproduction summary\n\n" + summary + "\n")
         print(f"[report] wrote {out / 'tables' / 'summary.md'}")
-    print("\n" + summary.split("\n")[0])
+    if sum(len(v) for v in verdicts.values()):
+        print("\n" + summary.split("\n")[0])
     for k in ("reproduced", "not reproduced"):
         for cell in verdicts.get(k, [])[:40]:
             print(f"  {'✓' if k == 'reproduced' else '✗'} {cell}")

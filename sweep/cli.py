@@ -159,5 +159,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"[sweep] report: python scripts/report.py {spec.name}"
           + (f" --results-dir {results_dir}" if args.results_dir or any(o.startswith("results_dir=") for o in args.overrides) else "")
           + (" " + " ".join(overrides) if overrides else ""))
-    finished = all(o.status in ("completed", "budget_exhausted", "diverged") for o in outcomes)
+    # runs another process is training are its business: no failure here
+    finished = all(o.status in ("completed", "budget_exhausted", "diverged", "running_elsewhere") for o in outcomes)
     return 0 if finished and len(outcomes) == len(runs) else 1

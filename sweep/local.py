@@ -105,7 +105,7 @@ class Outcome:
     status: str  # a store status, or running_elsewhere / crashed (no summary) / config_error
     returncode: Optional[int] = None
     seconds: float = 0.0
-    ran: bool = False  # a train.py process was started for it
+    ran: bool = False  # trained by a train.py process of this sweep (not skipped as done / held elsewhere)
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -240,29 +240,34 @@ class LocalRunner:
         self.events.write(event="start", run_id=run.run_id, cell=[run.cell.row, run.cell.column], seed=run.seed,
                           worker=worker.name, resume=state == "resume", command=cmd)
         t0 = time.time()
+        skipped = None  # what train.py said when it did not train (another process holds or finished the run)
         with open(log_path, "a") as log:
             log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {worker.name}: {' '.join(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO_ROOT, text=True,
                                     env={**worker.env(), **self.extra_env}, start_new_session=True)
             self._procs[run.run_id] = proc
             try:
+                for line in proc.stdout:  # relay to the run's log; our own process's output only
+                    log.write(line)
+                    log.flush()
+                    if line.startswith("[fisherbench] skipped"):
+                        skipped = line
                 rc = proc.wait()
             finally:
                 self._procs.pop(run.run_id, None)
         seconds = time.time() - t0
-        status, summary = self._read_back(run, rc, log_path)
+        status, summary = self._read_back(run, rc, skipped)
         self.events.write(event="end", run_id=run.run_id, status=status, returncode=rc, seconds=seconds,
-                          worker=worker.name)
-        return Outcome(run, status, rc, seconds, ran=True, summary=summary)
+                          worker=worker.name, trained=skipped is None)
+        return Outcome(run, status, rc, seconds, ran=skipped is None and status != "config_error", summary=summary)
 
-    def _read_back(self, run: PlannedRun, rc: int, log_path: Path) -> tuple[str, dict[str, Any]]:
+    def _read_back(self, run: PlannedRun, rc: int, skipped: Optional[str]) -> tuple[str, dict[str, Any]]:
+        if skipped and "running_elsewhere" in skipped:
+            return "running_elsewhere", {}
         summary = RunDir(self.results_dir / run.run_id).summary() or {}
         if summary.get("status"):
             return str(summary["status"]), summary
-        tail = _tail(log_path)
-        if "running_elsewhere" in tail:
-            return "running_elsewhere", {}
         if rc == 2:
             return "config_error", {}
         return ("crashed" if rc not in (0, 4) else EXIT_MEANING[rc]), {}
@@ -273,22 +278,12 @@ class LocalRunner:
             elapsed = time.time() - self._t0
             n = f"[{self._done:>{len(str(self._total))}}/{self._total}]"
             detail = _metric_text(outcome.summary) if outcome.status not in ("running_elsewhere",) else ""
-            took = f"{outcome.seconds:.0f}s" if outcome.ran else "stored"
+            took = f"{outcome.seconds:.0f}s" if outcome.ran else "-"
             log_hint = f" (log: {self.log_dir / (outcome.run.run_id + '.log')})" if outcome.status in (
                 "failed", "crashed", "config_error", "oom") else ""
             print(f"{n} {outcome.status:<17} {outcome.run.label:<44} {detail:<26} {took:>6} "
                   f"{outcome.run.run_id} · {worker.name} · {elapsed / 60:.1f} min{log_hint}",
                   file=self.out, flush=True)
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - n))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _count(items) -> dict[str, int]:
@@ -302,8 +297,10 @@ def summarize(outcomes: Sequence[Outcome]) -> str:
     counts = _count(o.status for o in outcomes)
     ran = sum(o.ran for o in outcomes)
     parts = [f"{k} {v}" for k, v in sorted(counts.items())]
-    unfinished = [o for o in outcomes if o.status not in FINAL_STATUSES]
+    unfinished = [o for o in outcomes if o.status not in (*FINAL_STATUSES, "running_elsewhere")]
     line = f"[sweep] {len(outcomes)} runs: " + ", ".join(parts) + f" ({ran} trained now)"
+    if counts.get("running_elsewhere"):
+        line += "; running_elsewhere = another process holds the run (its lock); it finishes them"
     if unfinished:
         line += "; re-launch the same command to retry/resume the unfinished ones"
     return line

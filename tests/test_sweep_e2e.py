@@ -121,6 +121,8 @@ def test_two_concurrent_sweeps_train_each_run_once(mini):
         assert log.count("[fisherbench] completed") == 1, log
     events = [json.loads(l) for l in (runs / "_sweeps" / "mini.events.jsonl").read_text().splitlines()]
     assert {e["sweep_pid"] for e in events} == {p.pid for p in procs}
+    trained = [e["run_id"] for e in events if e["event"] == "end" and e["trained"]]
+    assert sorted(trained) == sorted(d.name for d in dirs)  # the sweeps agree: each run trained once
 
 
 def test_optuna_study_resumes_and_retries_an_interrupted_trial(mini, monkeypatch, capsys):
