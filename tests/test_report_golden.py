@@ -223,3 +223,33 @@ def test_population_std_matches_numpy():
     assert c.mean == pytest.approx(np.mean(values))
     assert c.std == pytest.approx(np.std(values, ddof=0))
     assert not math.isclose(c.std, np.std(values, ddof=1))
+
+
+def test_stability_panels_from_tagged_rows(tmp_path):
+    """Figure 5's panels read batch size and learning rate from each run's config (scaled LR rows too)."""
+    from fisherbench.runner import resolved_dict
+    from results.figures import _config_value, stability
+    from results.report import StoreIndex, collect
+    from sweep.expand import composed_cells
+    from sweep.spec import load_spec
+
+    p = tmp_path / "stab.yaml"
+    p.write_text("""
+seeds: [0]
+overrides: [model=small_cnn, model.hidden=0, data=synthetic_image, budget=epochs, budget.epochs=1, logger=none]
+families: {cnn: {}}
+rows:
+  bs 16: {family: cnn, overrides: [data.batch_size=16], tags: {panel: batch_size}}
+  bs 32: {family: cnn, overrides: [data.batch_size=32], tags: {panel: [batch_size, lr]}}
+  lr x3: {family: cnn, overrides: [data.batch_size=32], scale: {optimizer.lr: 3.0}, tags: {panel: lr}}
+arms: {main: {Adam: [optimizer=adam], SGD: [optimizer=sgd]}}
+""")
+    spec = load_spec(p)
+    for cc in composed_cells(spec, ["main"]):
+        fabricate(tmp_path / "runs", resolved_dict(cc.config), 0, "completed", [0.5, 0.6], train_s=2.0)
+    (t,) = collect(spec, StoreIndex(tmp_path / "runs"))
+    lr_x3 = t.cell("lr x3", "SGD")
+    assert _config_value(lr_x3, "optimizer.lr") == pytest.approx(0.3) and _config_value(lr_x3, "data.batch_size") == 32
+    paths = stability(t, tmp_path / "fig")
+    assert sorted(q.name for q in paths) == ["stability.pdf", "stability.png"]
+    assert all(q.stat().st_size > 1000 for q in paths)
