@@ -109,6 +109,23 @@ def epochs_markdown(t: TableResult) -> str:
     return _md_table(["epochs", *t.columns], body)
 
 
+def table6_markdown(tables: Sequence[TableResult]) -> str:
+    """Paper Table 6 across specs: per WCT spec, the epochs each optimizer reached (mean over its networks and
+    seeds; the paper's count in parentheses)."""
+    specs = [t for t in tables if getattr(t.spec, "wct", None) and t.metric.name == t.spec.metric]
+    columns = list(dict.fromkeys(col for t in specs for col in t.columns))
+    body = []
+    for t in specs:
+        row = [t.spec.name]
+        for col in columns:
+            vals = [v for r in t.rows if (c := t.cell(r, col)) and (v := c.mean_of(run_epochs)) is not None]
+            ours = _epochs_text(sum(vals) / len(vals)) if vals else ("" if col not in t.columns else "—")
+            paper = t.spec.paper_epochs(col) if col in t.columns else None
+            row.append(ours + (f" ({paper})" if paper is not None else ""))
+        body.append(row)
+    return _md_table(["spec", *columns], body)
+
+
 def cost_markdown(t: TableResult) -> str:
     """Training seconds per epoch and peak memory per cell (mean over seeds)."""
     body = []

@@ -253,3 +253,11 @@ arms: {main: {Adam: [optimizer=adam], SGD: [optimizer=sgd]}}
     paths = stability(t, tmp_path / "fig")
     assert sorted(q.name for q in paths) == ["stability.pdf", "stability.png"]
     assert all(q.stat().st_size > 1000 for q in paths)
+
+
+def test_table6_across_specs(golden):
+    from results import tables as render
+
+    spec, store, _ = golden
+    text = render.table6_markdown(_tables(spec, store))
+    assert text.splitlines()[-1] == "| golden | 2 (2) | 1.1 (3) |"  # SGD: mean of net A (5/3) and net B (0.5)
