@@ -117,3 +117,31 @@ wct: {reference: {cnn: adam}, epochs: 10, paper_epochs: {Other: 7}}
     assert (est[("Other", 0)].epochs, est[("Other", 0)].epochs_source) == (29, "seed 1")
     text = format_plan(list(est.values()))
     assert "unfinished" in text and "estimated GPU-hours to run" in text
+
+
+def test_calibrate_then_dry_run_knows_epochs_and_hours(tmp_path):
+    """`--calibrate` times each cell with the runner's calibration; the dry run then reads the cache."""
+    from sweep.calibrate import calibrate_cells
+    from sweep.estimate import estimate
+    from sweep.expand import expand
+
+    spec_path = tmp_path / "mini.yaml"
+    spec_path.write_text("""
+title: mini
+seeds: [0, 1]
+overrides: [model=small_cnn, model.width=4, model.hidden=0, data=digits, device=cpu,
+            budget.calibration_steps=3, budget.calibration_warmup=1]
+families: {cnn: {}}
+rows: {net: {family: cnn}}
+arms: {main: {Ref: [optimizer=adam], Other: [optimizer=sgd]}}
+wct: {reference: {cnn: adam}, epochs: 4}
+""")
+    spec = load_spec(spec_path)
+    runs = expand(spec)
+    derived = calibrate_cells(runs, tmp_path)
+    assert len(derived) == 1 and derived[0]["steps_per_epoch"] == 23  # one calibration for both seeds
+    est = {(e.run.cell.column, e.run.seed): e for e in estimate(spec, runs, tmp_path)}
+    for seed in (0, 1):
+        e = est[("Other", seed)]
+        assert (e.epochs, e.epochs_source) == (derived[0]["derived_epochs"], "calibration")
+        assert e.hours == pytest.approx(e.epochs * 23 * derived[0]["candidate_step_s"] / 3600)
