@@ -190,7 +190,8 @@ def latex(tables: Sequence[TableResult]) -> str:
     out = []
     for t in tables:
         d = t.metric.digits
-        out += [f"% {t.spec.title} -- {t.metric.label}; ours (paper)", r"\begin{tabular}{l" + "c" * len(t.columns) + "}",
+        out += [f"% {t.spec.title} -- {t.metric.label}; ours (paper)",
+                r"\begin{tabular}{l" + "c" * len(t.columns) + "}",
                 r"\toprule", " & ".join(["", *(_tex(c) for c in t.columns)]) + r" \\", r"\midrule"]
         for r in t.rows:
             cells = []
@@ -222,7 +223,8 @@ def summary_markdown(verdicts: dict[str, list[str]]) -> str:
 def console_table(t: TableResult) -> str:
     """A plain-text version of the comparison for the terminal."""
     with_paper = any(c.paper is not None for c in t.cells)
-    header = ["row", "column", "ours", "seeds", "epochs", "s/epoch"] + (["paper", "Δ", "verdict"] if with_paper else [])
+    header = ["row", "column", "ours", "seeds", "epochs", "s/epoch"]
+    header += ["paper", "Δ", "verdict"] if with_paper else []
     rows: list[list[Any]] = []
     for c in t.cells:
         sec = c.mean_of(run_epoch_seconds)

@@ -66,7 +66,8 @@ def report_spec(name: str, index: StoreIndex, out: Path, overrides: Sequence[str
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/report.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("spec", help=f"all, {', '.join(FIGURE_ONLY)}, or one of: {', '.join(available_specs())}")
     p.add_argument("overrides", nargs="*", help="the Hydra overrides the sweep was given (key=value)")
     p.add_argument("--results-dir", default=None, help="results store (default: the config's results_dir)")
@@ -83,7 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if args.spec == "fig1_iris" or not args.no_figures:
             files, final = figure1(out / "figures" / "fig1_iris" / "trajectories")
-            print("[report] Figure 1 (IRIS): final training loss " + ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
+            losses = ", ".join(f"{k} {v:.3f}" for k, v in final.items())
+            print(f"[report] Figure 1 (IRIS): final training loss {losses}")
             print(f"[report] wrote {files[0]}")
         if args.spec in FIGURE_ONLY:
             return 0

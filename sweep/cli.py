@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sweep.spec import ARM_SETS, WCT_MODES, SpecError, available_specs, load_spec
+from sweep.spec import ARM_SETS, SPEC_DIR, WCT_MODES, SpecError, available_specs, load_spec
 
 
 def _csv(text: Optional[str]) -> Optional[list[str]]:
@@ -29,7 +29,8 @@ def _csv(text: Optional[str]) -> Optional[list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sweep", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("spec", nargs="?", help=f"a sweep spec (configs/sweep/): {', '.join(available_specs())}")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (key=value)")
     p.add_argument("--list", action="store_true", help="list the sweep specs and exit")
@@ -156,9 +157,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                         for w in workers))
     outcomes = LocalRunner(results_dir, workers, spec.name, overwrite=args.overwrite).run(runs)
     print(summarize(outcomes))
-    print(f"[sweep] report: python scripts/report.py {spec.name}"
-          + (f" --results-dir {results_dir}" if args.results_dir or any(o.startswith("results_dir=") for o in args.overrides) else "")
-          + (" " + " ".join(overrides) if overrides else ""))
+    custom_dir = args.results_dir or any(o.startswith("results_dir=") for o in args.overrides)
+    print(f"[sweep] report: python scripts/report.py {spec.path if spec.path.parent != SPEC_DIR else spec.name}"
+          + (f" --results-dir {results_dir}" if custom_dir else "") + (" " + " ".join(overrides) if overrides else ""))
     # runs another process is training are its business: no failure here
     finished = all(o.status in ("completed", "budget_exhausted", "diverged", "running_elsewhere") for o in outcomes)
     return 0 if finished and len(outcomes) == len(runs) else 1

@@ -158,8 +158,8 @@ def format_plan(estimates: Sequence[Estimate], nproc: int = 1) -> str:
               f"{'epochs':>7} {'(from)':<12}  {'est. h':>7}")
     lines += [header, "-" * len(header)]
     for i, e in enumerate(estimates, 1):
-        ep = f"{e.epochs:g}" if e.epochs is not None else "?"
-        hrs = f"{e.hours:.2f}" if e.hours is not None else "?"
+        ep = f"{e.epochs:g}" if e.epochs is not None else ("?" if e.epochs_source == "?" else "-")
+        hrs = f"{e.hours:.3g}" if e.hours is not None else "?"
         lines.append(f"{i:>4}  {e.run.cell.row:<{w_row}}  {e.run.cell.column:<{w_col}}  {e.run.seed:>4}  "
                      f"{e.run.run_id:<16}  {e.store:<16}  {ep:>7} {'(' + e.epochs_source + ')':<12}  {hrs:>7}")
     todo = [e for e in estimates if e.store not in ("completed", "budget_exhausted", "diverged")]

@@ -359,7 +359,8 @@ def _validate(spec: SweepSpec) -> None:
     spec.rows = {r: v for r, v in spec.rows.items() if v is not None}
     for row, rspec in spec.rows.items():
         spec.family_chain((rspec or {}).get("family", "default"))
-    for table_name, table in [("paper", spec.paper), *((f"extra_metrics.{m}", t) for m, t in spec.extra_metrics.items())]:
+    extra = [(f"extra_metrics.{m}", t) for m, t in spec.extra_metrics.items()]
+    for table_name, table in [("paper", spec.paper), *extra]:
         for row, values in table.items():
             if row not in spec.rows:
                 raise SpecError(f"{where}: {table_name} names row {row!r}, which is not in `rows`")
