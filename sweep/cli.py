@@ -42,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wct", default="measured", choices=WCT_MODES,
                    help="measured: budgets derived on this machine (paper protocol); paper: Table 6 epoch counts")
     p.add_argument("--results-dir", default=None, help="results store (default: the config's results_dir)")
-    p.add_argument("--gpus", help="GPU ids for the queue, e.g. 0,1,2,3 (default: CPU workers)")
+    p.add_argument("--gpus", default="auto",
+                   help="GPU ids for the queue, e.g. 0,1,2,3; auto (default): every visible GPU, else the CPU; "
+                        "none: the CPU")
     p.add_argument("--gpus-per-run", type=int, default=1, help="GPUs per run; >1 runs each under torchrun (DDP)")
-    p.add_argument("--workers", type=int, default=1, help="CPU workers when no --gpus")
+    p.add_argument("--workers", type=int, default=1, help="CPU workers (when training on the CPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads per CPU worker (default: the cores idle at start / workers, at least 1)")
     p.add_argument("--launcher", default="local", choices=("local", "submitit_local", "submitit_slurm"),

@@ -42,6 +42,7 @@ class Worker:
     name: str
     gpus: tuple[str, ...] = ()
     threads: Optional[int] = None
+    hide_gpus: bool = False
 
     @property
     def nproc(self) -> int:
@@ -51,8 +52,8 @@ class Worker:
         env = dict(os.environ)
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
-        elif "CUDA_VISIBLE_DEVICES" not in os.environ and self.name.startswith("cpu"):
-            env["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers stay off the GPUs
+        elif self.hide_gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # `--gpus none` on a machine with GPUs: train on the CPU
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -74,10 +75,22 @@ def cpu_threads(workers: int) -> int:
     return max(1, min(cores, free) // workers)
 
 
-def make_workers(gpus: Optional[str], cpu_workers: int = 1, gpus_per_run: int = 1,
+def visible_gpus() -> list[str]:
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def make_workers(gpus: Optional[str] = "auto", cpu_workers: int = 1, gpus_per_run: int = 1,
                  threads: Optional[int] = None) -> list[Worker]:
-    """`gpus="0,1,2,3"` -> one worker per GPU (or per group of `gpus_per_run`); None -> CPU workers with
-    `threads` threads each (default: `cpu_threads`)."""
+    """`gpus="0,1,2,3"` -> one worker per GPU (or per group of `gpus_per_run`); `auto` (or None) -> every GPU
+    this process sees, else CPU workers with `threads` threads each (default: `cpu_threads`); `none` -> CPU
+    workers even where there are GPUs."""
+    hide = gpus == "none"
+    if gpus in (None, "auto"):
+        gpus = ",".join(visible_gpus()) or None
+    elif hide:
+        gpus = None
     if gpus:
         ids = [g.strip() for g in gpus.split(",") if g.strip()]
         if gpus_per_run < 1 or len(ids) % gpus_per_run:
@@ -87,7 +100,7 @@ def make_workers(gpus: Optional[str], cpu_workers: int = 1, gpus_per_run: int = 
     if cpu_workers < 1:
         raise ValueError("--workers must be >= 1")
     threads = threads or cpu_threads(cpu_workers)
-    return [Worker(f"cpu{i}", (), threads) for i in range(cpu_workers)]
+    return [Worker(f"cpu{i}", (), threads, hide_gpus=hide) for i in range(cpu_workers)]
 
 
 def train_command(run: PlannedRun, results_dir: Path, nproc: int = 1, extra: Sequence[str] = ()) -> list[str]:

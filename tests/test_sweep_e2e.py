@@ -219,5 +219,7 @@ def test_torchrun_command_for_multi_gpu_runs(tmp_path):
     assert [w.gpus for w in workers] == [("0", "1", "2", "3"), ("4", "5", "6", "7")]
     assert workers[1].env()["CUDA_VISIBLE_DEVICES"] == "4,5,6,7" and workers[1].nproc == 4
     assert Worker("cpu0", (), 1).env()["OMP_NUM_THREADS"] == "1"
+    (cpu,) = make_workers("none", threads=2)
+    assert cpu.gpus == () and cpu.env()["CUDA_VISIBLE_DEVICES"] == "" and cpu.env()["OMP_NUM_THREADS"] == "2"
     with pytest.raises(ValueError, match="must divide"):
         make_workers("0,1,2", gpus_per_run=2)
