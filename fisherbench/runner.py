@@ -208,6 +208,12 @@ def _build(cfg: DictConfig, device: torch.device, info: DistInfo):
 def _make_adapter(cfg: DictConfig, model, device, info: DistInfo, steps_per_epoch: int, total_steps):
     import optim as optim_pkg
 
+    caps = optim_pkg.OPTIMIZERS.get(cfg.optimizer.name).capabilities
+    if cfg.precision != "fp32" and caps is not None and not caps.supports_amp:
+        raise ConfigError(
+            f"optimizer '{cfg.optimizer.name}' runs in fp32 only (mixed precision would change its curvature "
+            f"estimates; the paper ran it in fp32): use precision=fp32"
+        )
     ctx = optim_pkg.BuildContext(device=device, distributed=info.enabled, steps_per_epoch=steps_per_epoch,
                                  total_steps=total_steps)
     try:

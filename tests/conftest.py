@@ -11,7 +11,9 @@ os.environ.setdefault("FISHERBENCH_DATA", os.path.join(os.path.dirname(__file__)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# the test models are tiny: one thread is faster than two (thread hand-off dominates), also in subprocesses
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

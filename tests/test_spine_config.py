@@ -81,6 +81,7 @@ def test_unknown_group_option_lists_the_choices():
         (["device=cuda:0"], "CUDA is not available"),
         (["optimizer.lr=-1.0"], "optimizer.lr must be a positive"),
         (["data.batch_size=0"], "data.batch_size must be >= 1"),
+        (["optimizer=kfac", "precision=bf16"], "runs in fp32 only"),
     ],
 )
 def test_bad_values_raise_config_error_before_any_run_dir(tmp_path, overrides, message):
