@@ -102,8 +102,14 @@ class TrainConfig:
 NON_IDENTITY_KEYS = ("results_dir", "logger", "overwrite", "tags", "device", "checkpoint", "experiment")
 
 
+_registered = False
+
+
 def register_configs() -> None:
-    """Register the top-level schema and every registry entry's schema with Hydra's ConfigStore."""
+    """Register the top-level schema and every registry entry's schema with Hydra's ConfigStore (once)."""
+    global _registered
+    if _registered:
+        return
     from hydra.core.config_store import ConfigStore
 
     import data
@@ -115,6 +121,7 @@ def register_configs() -> None:
     for registry in (models.MODELS, data.DATASETS, optim.OPTIMIZERS):
         for entry in registry.entries():
             cs.store(group=f"schema/{registry.config_group}", name=entry.name, node=entry.schema)
+    _registered = True
 
 
 def schema_fields(obj_type: Any) -> list[str]:

@@ -325,17 +325,9 @@ def _run_unlocked(cfg: DictConfig, info: DistInfo, device: torch.device, rid: st
 
     derived = None
     if cfg.budget.mode == "reference":
-        try:
-            reference_opts = load_group_option("optimizer", cfg.budget.reference_optimizer)
-        except Exception as exc:  # noqa: BLE001 - Hydra raises several types for a missing option
-            raise ConfigError(f"budget.reference_optimizer={cfg.budget.reference_optimizer!r}: {exc}") from None
-        from fisherbench.calibrate import derive_reference_budget
-
-        trainer_autocast = _autocast(cfg, device)
         _log(f"calibrating: {cfg.budget.reference_optimizer} vs {cfg.optimizer.name} "
              f"({cfg.budget.calibration_steps} interleaved steps each)", info)
-        derived = derive_reference_budget(cfg, reference_opts, build_model, bundle, task.loss, device, trainer_autocast)
-        derived = broadcast_object(derived, info)
+        derived = broadcast_object(reference_budget(cfg, bundle, build_model, device), info)
         _log(f"reference budget: {cfg.budget.reference_optimizer} x {derived['reference_epochs']:g} epochs "
              f"-> {derived['derived_epochs']} epochs of {cfg.optimizer.name} (step-time ratio "
              f"{derived['ratio']:.3f})", info)
@@ -414,6 +406,34 @@ def _run_unlocked(cfg: DictConfig, info: DistInfo, device: torch.device, rid: st
         logger.summary({k: v for k, v in _flat(summary).items() if isinstance(v, (int, float, str))})
         logger.finish(exit_code=EXIT_CODES.get(status, 1))
     return RunResult(run_dir.path, summary)
+
+
+def reference_budget(cfg: DictConfig, bundle, build_model, device: torch.device) -> dict[str, Any]:
+    """Derive (or read from the calibration cache) the epoch count of a `budget=reference` run."""
+    from fisherbench.calibrate import derive_reference_budget
+
+    try:
+        reference_opts = load_group_option("optimizer", cfg.budget.reference_optimizer)
+    except Exception as exc:  # noqa: BLE001 - Hydra raises several types for a missing option
+        raise ConfigError(f"budget.reference_optimizer={cfg.budget.reference_optimizer!r}: {exc}") from None
+    loss = get_task(bundle.task).loss
+    return derive_reference_budget(cfg, reference_opts, build_model, bundle, loss, device, _autocast(cfg, device))
+
+
+def calibrate(cfg: DictConfig) -> dict[str, Any]:
+    """Calibrate a `budget=reference` config on this machine without training it (sweeps' --calibrate).
+
+    The result is cached under `results_dir/_calibration/`, where the run itself will find it.
+    """
+    if cfg.budget.mode != "reference":
+        raise ConfigError(f"calibrate() needs budget=reference, got budget.mode={cfg.budget.mode}")
+    device = resolve_device(cfg.device)
+    bundle, _model, build_model, _entry = _build(cfg, device, DistInfo())
+    try:
+        return reference_budget(cfg, bundle, build_model, device)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _autocast(cfg: DictConfig, device: torch.device):

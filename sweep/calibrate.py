@@ -11,19 +11,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from sweep.expand import PlannedRun
 
 
 def calibrate_cells(runs: Sequence[PlannedRun], results_dir: Path) -> list[dict]:
     from omegaconf import OmegaConf
 
-    from fisherbench.calibrate import derive_reference_budget
-    from fisherbench.distributed import DistInfo
-    from fisherbench.env import resolve_device
-    from fisherbench.runner import ConfigError, _autocast, _build, load_group_option
-    from fisherbench.tasks import get_task
+    from fisherbench.runner import ConfigError, calibrate
 
     seen, out = set(), []
     cells = [r for r in runs if r.config.budget.mode == "reference"]
@@ -33,18 +27,11 @@ def calibrate_cells(runs: Sequence[PlannedRun], results_dir: Path) -> list[dict]
         seen.add(r.cell.key)
         cfg = r.config.copy()
         OmegaConf.update(cfg, "results_dir", str(results_dir), merge=False)
-        device = resolve_device(cfg.device)
         try:
-            bundle, _model, build_model, _ = _build(cfg, device, DistInfo())
-            reference = load_group_option("optimizer", cfg.budget.reference_optimizer)
-            derived = derive_reference_budget(cfg, reference, build_model, bundle, get_task(bundle.task).loss,
-                                              device, _autocast(cfg, device))
+            derived = calibrate(cfg)
         except ConfigError as exc:
             print(f"[sweep] calibrate {r.cell.row} × {r.cell.column}: {exc}", file=sys.stderr)
             continue
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
         print(f"[sweep] calibrated {r.cell.row} × {r.cell.column}: {derived['derived_epochs']} epochs "
               f"(step-time ratio {derived['ratio']:.3f}{', cached' if derived.get('from_cache') else ''})",
               flush=True)
