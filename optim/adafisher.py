@@ -218,8 +218,9 @@ class AdaFisher(torch.optim.Optimizer):
         params: optional parameter groups (dicts with "params" and per-group "lr"/"weight_decay"/"beta");
             default: every trainable parameter of the model.
         minmax_eps: relative epsilon of the scale-free min-max normalisation.
-        implementation: "foreach" (eager, F built per tensor and freed) or "compiled" (torch.compile kernel,
-            F never materialised; compile time on first use).
+        implementation: "foreach" (eager: foreach momentum/decay, then F for one tensor at a time in a reused
+            workspace) or "compiled" (a torch.compile kernel computes m / (S (outer) H + damping) inline, F never
+            materialised; tens of seconds of compilation on first use).
     """
 
     decoupled_weight_decay = False
@@ -292,6 +293,7 @@ class AdaFisher(torch.optim.Optimizer):
         self._fold = fold_coefficients(variant, self.gamma)
         self._coverage_checked = False
         self._damping_tensors: dict[torch.device, Tensor] = {}
+        self._workspace: dict[torch.device, Tensor] = {}
         self._compiled: Optional[Callable] = None
         self._set_collecting(True)
 
@@ -393,7 +395,6 @@ class AdaFisher(torch.optim.Optimizer):
             else:
                 torch._foreach_add_(avgs, params, alpha=(1.0 - beta) * wd)
 
-        pre_p, pre_m, pre_f, pre_c = [], [], [], []
         constant: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
         for p, m, c in zip(params, avgs, corrections):
             spec = self._specs[id(p)]
@@ -404,12 +405,7 @@ class AdaFisher(torch.optim.Optimizer):
             elif self.implementation == "compiled" and spec.f_shape == tuple(p.shape):
                 self._compiled_step(p, m, spec, c)
             else:
-                pre_p.append(p)
-                pre_m.append(m)
-                pre_f.append(self._preconditioner(spec, p.device))
-                pre_c.append(-c)
-        if pre_p:
-            torch._foreach_addcdiv_(pre_p, pre_m, pre_f, pre_c)
+                p.addcdiv_(m, self._preconditioner(spec), value=-c)
         for alpha, (ps, ms) in constant.items():
             torch._foreach_add_(ps, ms, alpha=alpha)
 
@@ -418,10 +414,19 @@ class AdaFisher(torch.optim.Optimizer):
         h = self._factors.H[spec.layer][spec.h_start:spec.h_start + spec.h_len]
         return s, h
 
-    def _preconditioner(self, spec: Preconditioned, device: torch.device) -> Tensor:
-        """F for one parameter: a temporary, freed after the update (never kept as state)."""
+    def _preconditioner(self, spec: Preconditioned) -> Tensor:
+        """F = S (outer) H + damping for one tensor, written into a reused workspace (never kept as state).
+
+        One workspace the size of the largest tracked tensor is reused by every tensor of the step: a
+        fresh F per tensor costs a page-faulting allocation of the whole model's size every step on CPU.
+        """
         s, h = self._factor_views(spec)
-        return torch.addr(self._damping_on(s.device), s, h).view(spec.f_shape)
+        workspace = self._workspace.get(s.device)
+        if workspace is None:
+            size = max(math.prod(sp.f_shape) for sp in self._specs.values() if isinstance(sp, Preconditioned))
+            workspace = self._workspace[s.device] = torch.empty(size, dtype=torch.float32, device=s.device)
+        out = workspace[: s.numel() * h.numel()].view(s.numel(), h.numel())
+        return torch.addr(self._damping_on(s.device), s, h, out=out).view(spec.f_shape)
 
     def _compiled_step(self, p: Tensor, m: Tensor, spec: Preconditioned, c: float) -> None:
         if self._compiled is None:
@@ -480,7 +485,8 @@ class AdaFisher(torch.optim.Optimizer):
         return out
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state: momentum buffers plus the flat factor buffers."""
+        """Bytes of optimizer state: momentum buffers plus the flat factor buffers (not the F workspace,
+        which holds nothing between steps)."""
         total = sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values()
                     if isinstance(t, Tensor))
         return total + (self._factors.nbytes() if self._factors is not None else 0)

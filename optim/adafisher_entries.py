@@ -21,7 +21,7 @@ class AdaFisherOptions(OptimizerOptions):
     update_interval: int = 100  # statistics every T steps ("TCov")
     variant: str = "default"  # default | official | paper | constf
     minmax_eps: float = 1e-6  # relative epsilon of the scale-free min-max
-    implementation: str = "foreach"  # foreach | compiled (torch.compile kernel, F never materialised)
+    implementation: str = "foreach"  # foreach (eager, F per tensor in a workspace) | compiled (F never materialised)
 
 
 @dataclass
