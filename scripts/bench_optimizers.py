@@ -160,11 +160,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if reference not in names:
         names.insert(0, reference)
     options = {n: load_group_option("optimizer", n) for n in names}
-    for n in names:
-        for item in args.set or []:
-            key, _, value = item.partition("=")
-            if key in options[n]:
-                options[n][key] = type(options[n][key])(value) if options[n][key] is not None else value
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        target, _, option = key.rpartition(".")
+        for n in names if not target else [target]:
+            if option in options[n]:
+                current = options[n][option]
+                options[n][option] = type(current)(value) if current is not None else value
 
     caps = models.MODELS.get(args.model).capabilities
     task = get_task(getattr(caps, "task", "classification"))
@@ -297,8 +299,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--rounds", type=int, default=20, help="interleaved rounds (2 steps per arm each)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override an option in every config that has it (e.g. --set implementation=compiled)")
+    p.add_argument("--set", action="append", metavar="[CONFIG.]KEY=VALUE",
+                   help="override an option in every config that has it, or in one config "
+                        "(e.g. --set adafisher.implementation=compiled)")
     p.add_argument("--skip-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--json", default=None, help="also write the full result here")
     p.add_argument("--verbose", action="store_true")
