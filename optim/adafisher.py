@@ -221,6 +221,9 @@ class AdaFisher(torch.optim.Optimizer):
         implementation: "foreach" (eager: foreach momentum/decay, then F for one tensor at a time in a reused
             workspace) or "compiled" (a torch.compile kernel computes m / (S (outer) H + damping) inline, F never
             materialised; tens of seconds of compilation on first use).
+        sync_statistics: all-reduce the statistics over the process group on statistics steps (one call).
+            None (default): when the model passed is a DistributedDataParallel wrapper and the group has more
+            than one rank, so that independent per-rank models (e.g. timing copies) never wait on each other.
     """
 
     decoupled_weight_decay = False
@@ -239,6 +242,7 @@ class AdaFisher(torch.optim.Optimizer):
         *,
         minmax_eps: float = 1e-6,
         implementation: str = "foreach",
+        sync_statistics: Optional[bool] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"AdaFisher takes the model (an nn.Module) first, got {type(model).__name__}")
@@ -295,6 +299,9 @@ class AdaFisher(torch.optim.Optimizer):
         self._damping_tensors: dict[torch.device, Tensor] = {}
         self._workspace: dict[torch.device, Tensor] = {}
         self._compiled: Optional[Callable] = None
+        if sync_statistics is None:
+            sync_statistics = isinstance(model, nn.parallel.DistributedDataParallel)
+        self.sync_statistics = bool(sync_statistics)
         self._set_collecting(True)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -359,7 +366,8 @@ class AdaFisher(torch.optim.Optimizer):
                 loss = closure()
         if self._factors is not None and self._hooks.active:
             old, new = self._fold
-            self._factors.fold(old, new, self.minmax_eps, all_reduce=distributed_world_size() > 1)
+            all_reduce = self.sync_statistics and distributed_world_size() > 1
+            self._factors.fold(old, new, self.minmax_eps, all_reduce=all_reduce)
             if not self._coverage_checked:
                 self._check_coverage()
         for group in self.param_groups:

@@ -70,6 +70,12 @@ def _worker(rank, init_file, out_dir):
                 "all_reduce_calls": list(calls),
                 "flat_size": opt._factors.pending.numel(),
             }
+        # an unwrapped per-rank model (e.g. a timing copy) never communicates
+        torch.manual_seed(rank)
+        alone = linear_in_batch_model()
+        calls.clear()
+        train(alone, AdaFisher(alone, update_interval=1), global_batches()[:2])
+        out["unwrapped_calls"] = len(calls)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.all_reduce = real_all_reduce
@@ -92,6 +98,7 @@ def test_ddp_two_gloo_ranks():
         # statistics steps 0 and 2 of 3: one coalesced all-reduce of the whole flat buffer each
         assert r0["all_reduce_calls"] == [r0["flat_size"]] * 2
 
+    assert ranks[0]["unwrapped_calls"] == ranks[1]["unwrapped_calls"] == 0
     torch.manual_seed(0)
     single = linear_in_batch_model()
     opt = AdaFisher(single, lr=1e-2, update_interval=T)
