@@ -45,18 +45,37 @@ class Clock:
         self.ledger = ledger
         self.sync = sync or (lambda: None)
         self._wall_start: Optional[float] = None
+        self._mark: Optional[float] = None
+        self._mark_parts = 0.0
 
     def now(self) -> float:
         self.sync()
         return time.perf_counter()
 
     def start_wall(self) -> None:
-        self._wall_start = self.now()
+        self._wall_start = self.settle()
 
     def stop_wall(self) -> None:
         if self._wall_start is not None:
-            self.ledger.wall_s += self.now() - self._wall_start
+            self.ledger.wall_s += self.settle() - self._wall_start
             self._wall_start = None
+            self._mark = None
+
+    def settle(self, part: str = "log_s") -> float:
+        """Charge the loop's own bookkeeping since the last call (time no section measured) to `part`.
+
+        Called at the boundaries of every training step, so that every moment of the wall clock lands in
+        exactly one part of the ledger. Returns the current time.
+        """
+        t = self.now()
+        parts = self.ledger.parts_sum()
+        if self._mark is not None:
+            unaccounted = (t - self._mark) - (parts - self._mark_parts)
+            if unaccounted > 0:
+                setattr(self.ledger, part, getattr(self.ledger, part) + unaccounted)
+                parts += unaccounted
+        self._mark, self._mark_parts = t, parts
+        return t
 
     def wall_so_far(self) -> float:
         extra = time.perf_counter() - self._wall_start if self._wall_start is not None else 0.0

@@ -172,7 +172,7 @@ class Trainer:
                 self._set_lr(plan.progress(st.step, self.ledger.train_s, epoch_start=st.epoch))
             batches = self.bundle.train.iterate(st.epoch, st.batch)
             while True:
-                t0 = self.clock.now()
+                t0 = self.clock.settle()  # loop bookkeeping since the last step goes to log_s
                 try:
                     inputs, targets = next(batches)
                 except StopIteration:
@@ -186,6 +186,7 @@ class Trainer:
                 t1 = self.clock.now()
                 self.ledger.train_s += t1 - t0
                 self.ledger.data_s += t_data - t0
+                self.clock.settle()
                 st.step += 1
                 st.batch += 1
                 if self.fault_at is not None and st.step >= self.fault_at:
