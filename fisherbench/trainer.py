@@ -331,6 +331,7 @@ class Trainer:
                 "step": st.step,
                 "epoch": st.epoch + st.batch / max(1, self.steps_per_epoch),
                 "train_s": self.ledger.train_s,
+                "data_s": self.ledger.data_s,  # part of train_s spent waiting for batches (cumulative)
                 "wall_s": self.clock.wall_so_far(),
                 "lr": self.adapter.param_groups[0]["lr"],
                 **self._train_metrics(),

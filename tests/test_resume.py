@@ -44,7 +44,7 @@ def _params(run_dir: Path) -> str:
 
 
 def _rows(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("train_s", "wall_s")} for r in RunDir(run_dir).metrics()]
+    return [{k: v for k, v in r.items() if k not in ("train_s", "data_s", "wall_s")} for r in RunDir(run_dir).metrics()]
 
 
 @pytest.mark.parametrize("optimizer", RESUMABLE)
