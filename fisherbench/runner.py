@@ -8,7 +8,6 @@ during training are recorded in the store as results (diverged / oom / failed / 
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import sys
 import tempfile
 import time

@@ -13,16 +13,6 @@ from optim import build_optimizer
 from optim.pytorch_optimizer_entries import muon_split
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread only adds contention on the shared 2-core machine (50x slower
-    under load), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Quadratic(nn.Module):
     """Outputs its parameter; the loss below makes the objective 0.5 θᵀHθ + bᵀθ."""
 

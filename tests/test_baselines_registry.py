@@ -13,15 +13,6 @@ import optim
 from optim import OPTIMIZERS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread only adds contention on the shared 2-core machine (50x slower
-    under load), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 REPO = Path(__file__).resolve().parent.parent
 TINY_CNN = ["model=small_cnn", "model.width=4", "model.hidden=16", "data=synthetic_image", "data.shape=[3,8,8]",
             "data.num_train=32", "data.num_test=16", "data.batch_size=16"]

@@ -12,16 +12,6 @@ from torch import nn
 from optim import FAdam, build_optimizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread only adds contention on the shared 2-core machine (50x slower
-    under load), so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_fadam(thetas, grads_per_step, *, lr, beta1, beta2, eps, clip, p, wd):
     """The spec's six equations in float64 numpy, one tensor at a time. `grads_per_step[t][i]` may be None
     (no gradient for tensor i at step t: it is skipped and its own step counter does not advance)."""

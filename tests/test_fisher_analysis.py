@@ -21,15 +21,6 @@ from optim.analysis.factors import (
 from optim.analysis.sources import FactorCallback, adafisher_state_of
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: a second OpenMP thread only adds contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _spd(n: int, p: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, p, generator=g, dtype=torch.float64)

@@ -8,19 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ("gershgorin", "spectrum", "fft", "heatmap")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: a second OpenMP thread only adds contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _script():

@@ -23,15 +23,6 @@ from models import pretrained as pt
 from models.densenet_cifar import cifar_channel_order
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: a second OpenMP thread only adds contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomise_bn_stats(model: nn.Module) -> nn.Module:
     g = torch.Generator().manual_seed(1)
     for m in model.modules():

@@ -11,15 +11,6 @@ from models.common import attention
 from models.swin import WindowAttention
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: a second OpenMP thread only adds contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _window_attention_by_loops(mod: WindowAttention, x: torch.Tensor) -> torch.Tensor:
     """Shifted-window attention written token by token: the standard Swin rule, independent of the masks.
 

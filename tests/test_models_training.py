@@ -15,14 +15,6 @@ from torch import nn
 from models import MODELS, create_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: a second OpenMP thread only adds contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 ROOT = Path(__file__).resolve().parent.parent
 
 # name: (options, input shape, classes) at full size (the paper's inputs)

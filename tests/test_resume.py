@@ -2,7 +2,6 @@
 concurrent processes, and 2-process data-parallel training (gloo on CPU)."""
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path

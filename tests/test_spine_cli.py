@@ -1,5 +1,4 @@
 """`python train.py` as users run it: the default run, bad input, multirun, W&B offline read-back."""
-import json
 import os
 import subprocess
 import sys
@@ -7,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from results.store import RunDir, iter_run_dirs
+from results.store import iter_run_dirs
 from results.wandb_offline import find_run_files, read_run
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,5 +1,4 @@
 """Composition of every config group, and the errors users get for bad values (in-process)."""
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException

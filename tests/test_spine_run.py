@@ -1,5 +1,4 @@
 """The spine end to end, in-process: budgets, ledger, store, skip-on-rerun, divergence, resume."""
-import json
 import math
 import os
 import subprocess
