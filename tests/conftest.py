@@ -8,12 +8,46 @@ os.environ.setdefault("FISHERBENCH_OFFLINE", "1")  # data/download.py refuses to
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("FISHERBENCH_DATA", os.path.join(os.path.dirname(__file__), "_no_data_here"))
 
+import ipaddress  # noqa: E402
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # the test models are tiny: one thread is faster than two (thread hand-off dominates), also in subprocesses
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+def _is_local(address) -> bool:
+    if not isinstance(address, tuple):  # AF_UNIX path or abstract name
+        return True
+    host = address[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Refuse any connection off this machine, so a test that reaches a download path proves it stays offline."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def connect(self, address):
+        if not _is_local(address):
+            raise OSError(f"tests must not use the network (tried to connect to {address!r})")
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        if not _is_local(address):
+            raise OSError(f"tests must not use the network (tried to connect to {address!r})")
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
 
 
 @pytest.fixture(autouse=True)
