@@ -186,7 +186,6 @@ class Trainer:
                 t1 = self.clock.now()
                 self.ledger.train_s += t1 - t0
                 self.ledger.data_s += t_data - t0
-                self.clock.settle()
                 st.step += 1
                 st.batch += 1
                 if self.fault_at is not None and st.step >= self.fault_at:
