@@ -8,6 +8,7 @@ from typing import Any, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
+from fisherbench.errors import UserError
 from fisherbench.registry import Registry, options_from
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -87,7 +88,7 @@ def build_data(options: Any, context: Optional[BuildContext] = None) -> DataBund
     entry = DATASETS.get(str(name))
     opts = options_from(entry.schema, options)
     if opts.batch_size < 1:
-        raise ValueError(f"data.batch_size must be >= 1, got {opts.batch_size}")
+        raise UserError(f"data.batch_size must be >= 1, got {opts.batch_size}")
     if opts.loader not in ("auto", "torch", "resident"):
-        raise ValueError(f"data.loader must be auto|torch|resident, got {opts.loader!r}")
+        raise UserError(f"data.loader must be auto|torch|resident, got {opts.loader!r}")
     return entry.builder(opts, context or BuildContext())
