@@ -2,7 +2,7 @@
 
 `mobilenetv3_official`: the official repo's definition (kuan-wang/pytorch-mobilenet-v3 layout, `input_size=32`
 so the stem and the second block have stride 1). Its "depthwise" convolutions are **dense** (no `groups`),
-which makes it a 70.05 M-parameter network (spec §2 item 7, §4.4); SE blocks are Linear (no bias) + hard
+which makes it a 70.05 M-parameter network (4.2 M with the standard depthwise convolutions); SE blocks are Linear (no bias) + hard
 sigmoid; the head is a bias-free 1x1 conv 960->1280 (no BN), hard-swish, Dropout 0.2, Linear. This is the
 network behind the paper's MobileNetV3 numbers.
 
@@ -189,7 +189,8 @@ def _hook_safe_inverted_residual():
 
     class HookSafeInvertedResidual(InvertedResidual):
         """torchvision's block with `result + input` instead of `result += input` (an in-place add on a hooked
-        BatchNorm's output breaks full backward hooks, official spec §1.1). Same parameters and names."""
+        BatchNorm's output breaks full backward hooks, which the official AdaFisher registers). Same parameters
+        and names."""
 
         def forward(self, input):
             result = self.block(input)

@@ -19,7 +19,8 @@ WEIGHTS = "ResNet50_Weights.IMAGENET1K_V2"
 
 class HookSafeBottleneck(tv_resnet.Bottleneck):
     """torchvision's Bottleneck with `out = out + identity` instead of `out += identity`: the in-place add on
-    the output of a hooked BatchNorm breaks full backward hooks (official spec §1.1). Same parameters/names."""
+    the output of a hooked BatchNorm breaks full backward hooks (the reason the official AdaFisher README forbids
+    in-place operations). Same parameters/names."""
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)

@@ -56,7 +56,8 @@ from optim.registry import (
     unwrap,
 )
 
-# The paper's runs exclude normalisation layers from preconditioning (official §4.1).
+# The paper's runs exclude normalisation layers from preconditioning (the official trainer passes
+# `ignore_modules=[BatchNorm1d/2d/3d, LayerNorm]` to ASDL's PreconditioningConfig).
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
 # SymMatrix constructor keyword -> (attribute, sub-attribute): everything K-FAC can store per module.
 _SYMMATRIX_FIELDS = {
