@@ -8,6 +8,7 @@ on how many batches were drawn before, on the number of workers, or on the globa
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import struct
 from typing import Any, Callable, Iterator, Optional
@@ -55,6 +56,22 @@ def shard_size(n: int, shuffle: bool, rank: int, world_size: int) -> int:
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask: what a SLURM/cgroup allocation or taskset gives
+    it), not the machine's count: 8 workers on a 2-core allocation only fight the training process."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cap_workers(requested: int) -> int:
+    """`data.num_workers` capped at the cores available to this process (0 = load in the main process)."""
+    if requested < 0:
+        raise ValueError(f"data.num_workers must be >= 0, got {requested}")
+    return min(int(requested), available_cpus())
 
 
 def resolve_loader(requested: str, device: torch.device, *, resident_supported: bool, dataset: str) -> str:
@@ -197,7 +214,8 @@ class TorchLoaderSource:
         self.n = len(dataset)  # type: ignore[arg-type]
         self.batch_size = batch_size // world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.num_workers = num_workers
+        self.requested_workers = num_workers
+        self.num_workers = cap_workers(num_workers)  # the config's value, capped at the cores available
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.collate_fn = collate_fn

@@ -143,7 +143,7 @@ def test_text_files_are_written_from_the_hf_dataset_rows(tmp_path, tok_dir, monk
 
     monkeypatch.delenv(OFFLINE_ENV)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    b = build_data(wiki_opts(tmp_path, tok_dir, download=True, cache=False))
+    b = build_data(wiki_opts(tmp_path, tok_dir, download=True, cache=False, batch_size=1))  # 1 window of 8
     assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1")]
     assert (tmp_path / "wikitext-2-raw" / "wiki.train.raw").read_text() == " = A = \n\n the cat sat . \n"
     assert (tmp_path / "wikitext-2-raw" / "wiki.valid.raw").read_text() == " the mat \n"
