@@ -61,7 +61,8 @@ def build_imagenet(opts: ImageNetOptions, ctx: BuildContext) -> DataBundle:
         raise DatasetNotFoundError(f"imagenet at {base}: no images found in train/ or val/. {HOW_TO_GET}")
     fingerprint = f"imagenet:classes={len(classes)}:train={len(train_set)}:val={len(val_set)}"
     evals = {"test": val_set}  # the labelled val/ folder is the test split (as in the paper)
-    split = hold_out(train_set.targets, len(train_set), opts.val_fraction, ctx.seed, what="the imagenet training set")
+    split = hold_out(train_set.targets, len(train_set), opts.val_fraction, ctx.seed,
+                     what="the imagenet training set")
     extras: dict[str, Any] = {"loader": "torch", "classes": classes}
     if split is not None:  # a validation split from train/, with the evaluation transform
         evals = {"val": train_set.subset(split.val, eval_tf), **evals}

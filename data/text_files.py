@@ -229,7 +229,8 @@ def split_tail(text: str, fraction: float) -> tuple[str, str]:
 
 def token_ids(tokenizer: Any, text: str, text_sha: str, cache: bool, cache_dir: Path) -> np.ndarray:
     """Token ids of `text`, read from / written to the cache keyed by (text, tokenizer)."""
-    path = cache_dir / "text_files" / f"ids-{hashlib.sha256((text_sha + tokenizer.digest).encode()).hexdigest()[:24]}.npy"
+    key = hashlib.sha256((text_sha + tokenizer.digest).encode()).hexdigest()[:24]
+    path = cache_dir / "text_files" / f"ids-{key}.npy"
     if cache and path.is_file():
         try:
             return np.load(path)  # allow_pickle=False (numpy's default): a planted file cannot run code
@@ -294,7 +295,9 @@ def build_text_files(opts: TextFilesOptions, ctx: BuildContext) -> DataBundle:
             raise DatasetNotFoundError(f"text_files: data.tokenizer must be byte, char, train or a folder with "
                                        f"vocab.json + merges.txt; {kind!r} is none of these")
         tokenizer, origin = folder_tokenizer(folder), str(folder)
-    ids = {split: token_ids(tokenizer, texts[split], shas[split], opts.cache, cache_dir) for split in SPLIT_FILES}
+    # byte/char ids take numpy a moment; cache only what a BPE has to work for
+    cache_ids = opts.cache and isinstance(tokenizer, HFTokenizer)
+    ids = {split: token_ids(tokenizer, texts[split], shas[split], cache_ids, cache_dir) for split in SPLIT_FILES}
     for split, t in ids.items():
         if len(t) < 2:
             raise ValueError(f"text_files: the {split} text gives {len(t)} token(s); a language model needs >= 2")
@@ -307,7 +310,8 @@ def build_text_files(opts: TextFilesOptions, ctx: BuildContext) -> DataBundle:
     val_source = "valid file" if opts.valid else f"last {fraction:g} of the training text"
     return DataBundle(
         train=TensorBatchSource(*windows["train"], opts.batch_size, shuffle=True, seed=ctx.seed, **common),
-        evals={split: TensorBatchSource(*windows[split], eval_bs, shuffle=False, **common) for split in ("val", "test")},
+        evals={split: TensorBatchSource(*windows[split], eval_bs, shuffle=False, **common)
+               for split in ("val", "test")},
         task="language_model",
         num_classes=tokenizer.vocab_size,
         input_shape=(opts.seq_len,),

@@ -104,7 +104,8 @@ def build_tiny_imagenet(opts: TinyImageNetOptions, ctx: BuildContext) -> DataBun
                                    f"wnids.txt. Delete it and run `python scripts/prepare_data.py tiny_imagenet`.")
     fingerprint = f"tiny_imagenet:classes={len(classes)}:train={len(train_set)}:val={len(val_set)}"
     evals = {"test": val_set}  # the labelled val/ folder is the test split (as in the paper)
-    split = hold_out(train_set.targets, len(train_set), opts.val_fraction, ctx.seed, what="the tiny_imagenet training set")
+    split = hold_out(train_set.targets, len(train_set), opts.val_fraction, ctx.seed,
+                     what="the tiny_imagenet training set")
     extras: dict[str, Any] = {"loader": "torch", "classes": classes}
     if split is not None:  # a validation split from train/, with the evaluation transform
         evals = {"val": train_set.subset(split.val, eval_tf), **evals}

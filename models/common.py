@@ -82,3 +82,16 @@ def require_size(model_name: str, shape: tuple[int, int, int], sizes: Sequence[i
             f"model '{model_name}' is defined for {allowed} images, got {h}x{w}. Pick a dataset of that size "
             f"(e.g. data=cifar10 for 32x32, data=tiny_imagenet for 64x64) or a model defined for {h}x{w}."
         )
+
+
+def require_min_size(model_name: str, shape: tuple[int, int, int], min_size: int, why: str) -> None:
+    """Refuse images smaller than `min_size` (the architecture's total downsampling, `why`): below it the last
+    stages see 1x1 maps padded with zeros, and the run trains a different, degenerate network (an
+    ImageNet-stem ResNet-50 on 8x8 digits stays at chance level) that would be stored as a result."""
+    _, h, w = shape
+    if min(h, w) < min_size:
+        raise ValueError(
+            f"model '{model_name}' needs images of at least {min_size}x{min_size} ({why}), got {h}x{w}. Use "
+            f"larger inputs (data=image_folder data.image_size={min_size} or more) or a model for small images "
+            f"(e.g. small_cnn, resnet18_cifar)."
+        )
