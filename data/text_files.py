@@ -40,9 +40,11 @@ from data.wikitext import IGNORE_INDEX, PAD_ID, gpt1_tokenizer, make_windows
 KINDS = ("byte", "char", "train")  # anything else names a folder
 SPLIT_FILES = {"train": "train", "val": "valid", "test": "test"}  # split -> option
 # Pieces of text that byte-level BPE (and GPT-1's whitespace pre-tokeniser) encode exactly as the whole text:
-# a pre-token never spans a newline followed by a non-space character, so cutting there changes nothing (the
-# tests check it) and lets `tokenizers` encode the pieces in parallel.
-_SAFE_CUT = re.compile(r"(?<=\n)(?=\S)")
+# cut just before a newline that follows a non-space character. No pre-token crosses that point (GPT-2's
+# pattern has no look-behind, and its whitespace look-ahead never reaches back over a non-space character),
+# so the pieces give the same pre-tokens and ids (the tests compare with whole-text encoding), and
+# `tokenizers` encodes them in parallel. Python's \S is a subset of the Rust regex's \S, so no cut is wrong.
+_SAFE_CUT = re.compile(r"(?<=\S)(?=\n)")
 
 
 @dataclass
@@ -96,8 +98,8 @@ class CharTokenizer:
 
 
 class HFTokenizer:
-    """A `tokenizers.Tokenizer` whose pre-tokeniser never joins a newline to the next line's first
-    non-space character (byte-level BPE, GPT-1's BERT pre-tokeniser): encoded in pieces, in parallel."""
+    """A `tokenizers.Tokenizer` with a pre-tokeniser for which `_SAFE_CUT` is safe (byte-level BPE, GPT-1's
+    BERT pre-tokeniser): the text is encoded in pieces, in parallel."""
 
     def __init__(self, tokenizer: Any, kind: str) -> None:
         self.tokenizer, self.kind = tokenizer, kind
