@@ -368,8 +368,9 @@ def build_image_folder(opts: ImageFolderOptions, ctx: BuildContext) -> DataBundl
         listing = "; ".join(f"{root / r}: {e}" for r, e in list(bad.items())[:10])
         raise DatasetNotFoundError(f"image_folder: {len(bad)} file(s) cannot be read as images: {listing}"
                                    + (" ..." if len(bad) > 10 else "") + ". Remove or replace them.")
-    fingerprint = (f"image_folder:{layout}:classes={len(classes)}:"
-                   + ":".join(f"{split}={len(s)}" for split, s in samples.items())
+    # files per folder, then the content hash; carved splits append their own tags (test=..., val=...)
+    fingerprint = (f"image_folder:{layout}:classes={len(classes)}:files="
+                   + ",".join(f"{split if layout == 'split' else 'all'}/{len(s)}" for split, s in samples.items())
                    + f":sha256={scan.fingerprint([r for split in rel.values() for r in split])[:16]}")
 
     # the splits: folders first; a test split carved from train (fixed seed) when there is no held-out folder;

@@ -35,7 +35,7 @@ def test_split_layout_with_val_and_test_folders(tmp_path):
     # labels follow the class folder names through the sorted class list
     for p, label in b.train.dataset.dataset.samples:
         assert f"/train/{b.extras['classes'][label]}/" in p
-    assert b.fingerprint.startswith("image_folder:split:classes=3:train=18:val=6:test=9:sha256=")
+    assert b.fingerprint.startswith("image_folder:split:classes=3:files=train/18,val/6,test/9:sha256=")
 
 
 def test_one_held_out_folder_is_the_test_split_and_val_fraction_carves_val(tmp_path):
@@ -227,5 +227,5 @@ def test_image_folder_trains_through_the_runner_with_val_metrics(run_train, tmp_
     assert s["status"] == "completed" and s["steps"] == 3
     assert {"val/acc1", "test/acc1", "val/loss", "test/loss"} <= set(s["final"])
     meta = json.loads((r.run_dir / "meta.json").read_text())
-    assert meta["dataset"]["fingerprint"].startswith("image_folder:split:classes=2:train=24:val=8:")
+    assert meta["dataset"]["fingerprint"].startswith("image_folder:split:classes=2:files=train/24,val/8:")
     assert meta["dataset"]["input_shape"] == [3, 8, 8] and meta["dataset"]["num_train"] == 18
