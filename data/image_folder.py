@@ -26,7 +26,7 @@ from data.augment import IMAGENET_MEAN, IMAGENET_STD, Cutout
 from data.download import DatasetNotFoundError
 from data.loaders import TorchLoaderSource, cap_workers, resolve_loader
 from data.registry import DATASETS, BuildContext, ClassificationOptions, DataBundle, DataCapabilities, cache_root
-from data.splits import HoldOut, check_fraction, hold_out
+from data.splits import check_fraction, hold_out
 
 
 class LabelledImageFiles(Dataset):
