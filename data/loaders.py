@@ -68,10 +68,15 @@ def available_cpus() -> int:
 
 
 def cap_workers(requested: int) -> int:
-    """`data.num_workers` capped at the cores available to this process (0 = load in the main process)."""
+    """`data.num_workers` capped at this process's share of the cores it may use (0 = load in the main
+    process). Under torchrun the ranks of a node share its cores: the share is cores / LOCAL_WORLD_SIZE."""
     if requested < 0:
         raise ValueError(f"data.num_workers must be >= 0, got {requested}")
-    return min(int(requested), available_cpus())
+    try:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_ranks = 1
+    return min(int(requested), max(1, available_cpus() // local_ranks))
 
 
 def resolve_loader(requested: str, device: torch.device, *, resident_supported: bool, dataset: str) -> str:

@@ -165,6 +165,10 @@ def test_workers_are_capped_at_the_available_cores(tmp_path, monkeypatch):
     assert b.evals["test"].num_workers == 2
     monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda pid: {3})
     assert build_data(opts(root, tmp_path, num_workers=8, image_size=8)).train.num_workers == 1
+    monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks share the node's 16 cores
+    assert build_data(opts(root, tmp_path, num_workers=8, image_size=8)).train.num_workers == 4
+    assert build_data(opts(root, tmp_path, num_workers=0, image_size=8)).train.num_workers == 0
 
 
 def test_clear_errors(tmp_path):
