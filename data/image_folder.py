@@ -328,7 +328,7 @@ def _check_options(opts: ImageFolderOptions) -> None:
 @DATASETS.register(
     "image_folder",
     schema=ImageFolderOptions,
-    capabilities=DataCapabilities(input_kind="image", task="classification", offline=True),
+    capabilities=DataCapabilities(input_kind="image", task="classification", offline=False, downloadable=False),
     summary="Your own images: <root>/train/<class>/* (+ val/, test/) or <root>/<class>/*; any size; "
             "normalisation from the data",
     source="user-provided folder",

@@ -254,7 +254,8 @@ def token_ids(tokenizer: Any, text: str, text_sha: str, cache: bool, cache_dir: 
 @DATASETS.register(
     "text_files",
     schema=TextFilesOptions,
-    capabilities=DataCapabilities(input_kind="tokens", task="language_model", offline=True),
+    capabilities=DataCapabilities(input_kind="tokens", task="language_model", offline=False,
+                                  downloadable=False),
     summary="Your own text files (data.train/valid/test) with a byte, char, trained-BPE or vocab.json+merges.txt "
             "tokenizer",
     source="user-provided files",

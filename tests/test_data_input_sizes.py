@@ -13,7 +13,8 @@ def test_batch_larger_than_the_training_set_is_refused_with_the_numbers():
     with pytest.raises(ValueError, match=r"data.batch_size=2000 is larger than the 1438 training examples of "
                                          r"'digits'.*at most 1438"):
         build_data({"name": "digits", "batch_size": 2000})
-    with pytest.raises(ValueError, match="larger than the 1295 training examples"):  # after the val hold-out (stratified)
+    # after the stratified val hold-out
+    with pytest.raises(ValueError, match="larger than the 1295 training examples"):
         build_data({"name": "digits", "batch_size": 1400, "val_fraction": 0.1})
     assert build_data({"name": "digits", "batch_size": 1438}).num_train == 1438  # the whole set is allowed
     assert build_data({"name": "digits", "batch_size": 4, "eval_batch_size": 100_000}).num_train == 1438

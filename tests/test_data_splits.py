@@ -69,10 +69,12 @@ def test_cifar_val_split_comes_out_of_the_training_set(cifar_root, loader):
     assert len(xt) == split["num_train"]
     flat = lambda t: {tuple(r.tolist()) for r in t.flatten(1)}  # noqa: E731
     assert not flat(xv) & flat(xt)
-    norm = (torch.from_numpy(train_images).permute(0, 3, 1, 2).float() / 255
-            - torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)) / torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.2023, 0.1994, 0.2010])
+    pixels = torch.from_numpy(train_images).permute(0, 3, 1, 2).float() / 255
+    norm = (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     assert flat(xv) | flat(xt) == flat(norm)  # together they are exactly the training set
-    assert sorted(yv.tolist() + torch.cat([y for _, y in plain.train.iterate(0)]).tolist()) == sorted(train_labels.tolist())
+    yt = torch.cat([y for _, y in plain.train.iterate(0)])
+    assert sorted(yv.tolist() + yt.tolist()) == sorted(train_labels.tolist())
 
 
 def test_cifar_val_split_is_seeded_and_default_is_the_papers_protocol(cifar_root):

@@ -98,7 +98,7 @@ def test_gpt2_format_folder(files, tmp_path):
     # independent decoding: vocab id -> symbol -> bytes through GPT-2's byte-to-unicode table (written out as
     # in GPT-2's encoder.py: printable bytes map to themselves, the rest to 256, 257, ...)
     inverse = {i: s for s, i in vocab.items()}
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for byte in range(256):
         if byte not in bs:
