@@ -6,43 +6,83 @@
     python train.py optimizer=sgd budget=reference budget.reference_optimizer=adamw budget.reference_epochs=2
 
 Exit codes: 0 completed / skipped, 1 failed or out of memory, 2 configuration error, 3 diverged,
-4 preempted (checkpointed; re-launch to resume).
+4 preempted (SIGTERM, SIGINT/Ctrl-C or SIGUSR1: checkpointed; launch the same command again to resume).
+A multirun (`-m`) exits with the largest code of its jobs and lists the jobs that did not complete; it
+writes `<results_dir>/_multirun/<time>/jobs.jsonl`, one line per job: its overrides, run id and status.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fisherbench.config import register_configs
+from engine.compose import attach_choices, register_configs
+from engine.lifecycle import run
+from engine.summary import summary_line
 from fisherbench.distributed import shutdown as shutdown_distributed
-from fisherbench.errors import explain_compose_error, is_compose_error
-from fisherbench.runner import EXIT_CODES, ConfigError, attach_choices, run, summary_line
+from fisherbench.errors import UserError, explain_compose_error, is_compose_error
+from fisherbench.status import EXIT_PREEMPTED, EXIT_USER_ERROR
+from fisherbench.store import LockLostError
+
+_jobs: list[dict] = []  # multirun: one entry per job, reported when the sweep ends
+
+
+def _record_job(hc, overrides: list[str], run_id: str | None, status: str, code: int) -> None:
+    entry = {"job": hc.job.num, "overrides": overrides, "run_id": run_id, "status": status, "exit_code": code}
+    _jobs.append(entry)
+    index = Path(hc.sweep.dir) / "jobs.jsonl"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    with open(index, "a") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    overrides = list(hc.overrides.task)
     cfg = attach_choices(cfg, dict(hc.runtime.choices))
     try:
         result = run(cfg)
-    except ConfigError as exc:
+    except UserError as exc:
         print(f"[fisherbench] configuration error: {exc}", file=sys.stderr)
+        if multirun:  # the other jobs of the sweep still run
+            _record_job(hc, overrides, None, "configuration_error", EXIT_USER_ERROR)
+            return
+        sys.exit(EXIT_USER_ERROR)
+    except LockLostError as exc:
+        print(f"[fisherbench] stopped: {exc}. Another process may be running this run; this one wrote nothing "
+              "more to the store.", file=sys.stderr)
         if multirun:
-            return  # the other jobs of the sweep still run
-        sys.exit(2)
+            _record_job(hc, overrides, None, "lock_lost", 1)
+            return
+        sys.exit(1)
     finally:
         shutdown_distributed()
     print(summary_line(result), flush=True)
-    if not multirun:
-        code = EXIT_CODES.get("skipped" if result.skipped else result.status, 1)
-        if code:
+    code = result.exit_code
+    if multirun:
+        _record_job(hc, overrides, result.summary.get("run_id"), result.status, code)
+        if code == EXIT_PREEMPTED:  # a stop signal stops the whole multirun, not just this job
             sys.exit(code)
+    elif code:
+        sys.exit(code)
+
+
+def _report_multirun() -> int:
+    failed = [j for j in _jobs if j["exit_code"] != 0]
+    if not failed:
+        return 0
+    print(f"[fisherbench] {len(failed)} of {len(_jobs)} jobs did not complete:", file=sys.stderr)
+    for j in failed:
+        print(f"  job {j['job']}: {j['status']} (exit {j['exit_code']}) {' '.join(j['overrides'])}", file=sys.stderr)
+    return max(j["exit_code"] for j in failed)
 
 
 def main() -> None:
@@ -51,11 +91,17 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us, to explain them
     try:
         _hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C before training started (during training it is a stop signal)
+        print("[fisherbench] interrupted before training started; nothing was recorded", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except Exception as exc:  # noqa: BLE001
         if user_wants_trace or not is_compose_error(exc):
             raise
         print(f"[fisherbench] configuration error: {explain_compose_error(exc)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
+    code = _report_multirun()
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fisherbench.errors import UserError
+
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, BatchAugment, Cutout
 from data.download import DatasetNotFoundError, DownloadError, download, extract, file_digest, missing_message
 from data.loaders import TensorBatchSource, TorchLoaderSource, resolve_loader
@@ -169,7 +171,7 @@ def read_cifar(root: Path, spec: CifarSpec) -> CifarArrays:
     classes = [str(c) for c in meta[spec.meta["key"]]]
     for labels in (train_y, test_y):
         if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
-            raise ValueError(f"{spec.name}: labels outside [0, {spec.num_classes}) in {folder}")
+            raise UserError(f"{spec.name}: labels outside [0, {spec.num_classes}) in {folder}")
     return CifarArrays(train_x, train_y, test_x, test_y, classes)
 
 
@@ -227,7 +229,7 @@ def _fingerprint(spec: CifarSpec, arrays: CifarArrays) -> str:
 
 def build_cifar(spec: CifarSpec, opts: CifarOptions, ctx: BuildContext) -> DataBundle:
     if opts.cutout and opts.cutout_length < 1:
-        raise ValueError(f"data.cutout_length must be >= 1 when data.cutout=true, got {opts.cutout_length}")
+        raise UserError(f"data.cutout_length must be >= 1 when data.cutout=true, got {opts.cutout_length}")
     root = resolve_root(opts.root)
     ensure_cifar(root, spec, download_missing=opts.download, verify=opts.verify)
     arrays = read_cifar(root, spec)

@@ -9,18 +9,20 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Optional
 
+from fisherbench.errors import UserError
+
 OFFLINE_ENV = "FISHERBENCH_OFFLINE"  # set to 1 to forbid every download (tests, air-gapped clusters)
 USER_AGENT = "fisherbench/0.1 (python-urllib)"
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset's files are missing (or incomplete) and were not fetched; the message says how to get them."""
 
     def __str__(self) -> str:  # FileNotFoundError formats (errno, strerror); we want the plain message
         return str(self.args[0]) if self.args else ""
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download failed (no network, HTTP error, checksum mismatch)."""
 
 

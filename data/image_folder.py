@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fisherbench.errors import UserError
+
 from data.augment import IMAGENET_MEAN, IMAGENET_STD, Cutout
 from data.download import DatasetNotFoundError
 from data.loaders import TorchLoaderSource, cap_workers, resolve_loader
@@ -286,17 +288,17 @@ def _normalisation(opts: ImageFolderOptions, train: LabelledImageFiles, size: in
     """(mean, std, record) from the options, or computed from the training images and cached under a key
     of the data fingerprint (split included) and every option that changes the statistics."""
     if (opts.mean is None) != (opts.std is None):
-        raise ValueError("image_folder: give both data.mean and data.std, or neither (computed from the data)")
+        raise UserError("image_folder: give both data.mean and data.std, or neither (computed from the data)")
     if opts.mean is not None:
         mean, std = [float(v) for v in opts.mean], [float(v) for v in opts.std]
         if len(mean) != opts.channels or len(std) != opts.channels:
-            raise ValueError(f"image_folder: data.mean and data.std need {opts.channels} values (one per channel, "
+            raise UserError(f"image_folder: data.mean and data.std need {opts.channels} values (one per channel, "
                              f"data.channels={opts.channels}), got {len(mean)} and {len(std)}")
         if min(std) <= 0:
-            raise ValueError(f"image_folder: data.std values must be > 0, got {std}")
+            raise UserError(f"image_folder: data.std values must be > 0, got {std}")
         return mean, std, {"source": "given", "mean": mean, "std": std}
     if opts.stats_images < 1:
-        raise ValueError(f"image_folder: data.stats_images must be >= 1, got {opts.stats_images}")
+        raise UserError(f"image_folder: data.stats_images must be >= 1, got {opts.stats_images}")
     key = hashlib.sha256(f"{data_key}|size={size}|channels={opts.channels}|n={opts.stats_images}".encode())
     cache_file = cache_dir / "image_folder" / f"stats-{key.hexdigest()[:24]}.json"
     cached = _read_json(cache_file)
@@ -306,7 +308,7 @@ def _normalisation(opts: ImageFolderOptions, train: LabelledImageFiles, size: in
         mean, std, used = channel_stats(train, size, opts.stats_images, opts.num_workers)
         _write_json_atomic(cache_file, {"key": data_key, "mean": mean, "std": std, "images": used, "size": size})
     if min(std) <= 1e-6:
-        raise ValueError(f"image_folder: the training images are constant in some channel (std {std}); give "
+        raise UserError(f"image_folder: the training images are constant in some channel (std {std}); give "
                          f"data.mean and data.std explicitly")
     return mean, std, {"source": f"computed from {used} training images", "mean": mean, "std": std,
                        "cache": str(cache_file)}
@@ -314,15 +316,15 @@ def _normalisation(opts: ImageFolderOptions, train: LabelledImageFiles, size: in
 
 def _check_options(opts: ImageFolderOptions) -> None:
     if opts.root is None:
-        raise ValueError(f"data=image_folder needs data.root=<folder with your images>. {LAYOUT_HELP}")
+        raise UserError(f"data=image_folder needs data.root=<folder with your images>. {LAYOUT_HELP}")
     if opts.augment not in AUGMENTS:
-        raise ValueError(f"image_folder: data.augment must be one of {', '.join(AUGMENTS)}, got {opts.augment!r}")
+        raise UserError(f"image_folder: data.augment must be one of {', '.join(AUGMENTS)}, got {opts.augment!r}")
     if opts.check_images not in CHECKS:
-        raise ValueError(f"image_folder: data.check_images must be decode or header, got {opts.check_images!r}")
+        raise UserError(f"image_folder: data.check_images must be decode or header, got {opts.check_images!r}")
     if opts.channels not in (1, 3):
-        raise ValueError(f"image_folder: data.channels must be 3 (RGB) or 1 (grayscale), got {opts.channels}")
+        raise UserError(f"image_folder: data.channels must be 3 (RGB) or 1 (grayscale), got {opts.channels}")
     if opts.image_size is not None and opts.image_size < 1:
-        raise ValueError(f"image_folder: data.image_size must be >= 1, got {opts.image_size}")
+        raise UserError(f"image_folder: data.image_size must be >= 1, got {opts.image_size}")
 
 
 @DATASETS.register(
@@ -378,10 +380,10 @@ def build_image_folder(opts: ImageFolderOptions, ctx: BuildContext) -> DataBundl
     check_fraction(opts.val_fraction)
     held_out_folders = [s for s in ("val", "test") if s in folders]
     if opts.test_fraction is not None and held_out_folders:
-        raise ValueError(f"image_folder: data.test_fraction carves a test split only when there is no val/ or test/ "
+        raise UserError(f"image_folder: data.test_fraction carves a test split only when there is no val/ or test/ "
                          f"folder, but {root} has {'/ and '.join(held_out_folders)}/; drop data.test_fraction")
     if opts.val_fraction > 0 and set(held_out_folders) == {"val", "test"}:
-        raise ValueError(f"image_folder: {root} has val/ and test/ folders; data.val_fraction would carve a second "
+        raise UserError(f"image_folder: {root} has val/ and test/ folders; data.val_fraction would carve a second "
                          f"validation split from train/. Use val/ (val_fraction=0) or remove val/.")
     train_files = LabelledImageFiles(folders["train"], classes, samples=samples["train"],
                                      mode="RGB" if opts.channels == 3 else "L")
@@ -403,7 +405,7 @@ def build_image_folder(opts: ImageFolderOptions, ctx: BuildContext) -> DataBundl
         carved = hold_out(train_files.targets, len(train_files), fraction, SPLIT_SEED, what=str(folders["train"]),
                           option="data.test_fraction", name="test")
         if carved is None:
-            raise ValueError("image_folder: with no val/ or test/ folder, data.test_fraction must be > 0 "
+            raise UserError("image_folder: with no val/ or test/ folder, data.test_fraction must be > 0 "
                              "(a run needs a test split)")
         evals_files["test"] = train_files.subset(carved.val)
         train_files = train_files.subset(carved.train)

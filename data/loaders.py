@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fisherbench.errors import UserError
+
 from data.registry import Batch
 
 BatchTransform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
@@ -71,7 +73,7 @@ def cap_workers(requested: int) -> int:
     """`data.num_workers` capped at this process's share of the cores it may use (0 = load in the main
     process). Under torchrun the ranks of a node share its cores: the share is cores / LOCAL_WORLD_SIZE."""
     if requested < 0:
-        raise ValueError(f"data.num_workers must be >= 0, got {requested}")
+        raise UserError(f"data.num_workers must be >= 0, got {requested}")
     try:
         local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
@@ -89,7 +91,7 @@ def resolve_loader(requested: str, device: torch.device, *, resident_supported: 
     wall-clock budget. Folder datasets (Tiny ImageNet, ImageNet) always use the torch DataLoader.
     """
     if requested == "resident" and not resident_supported:
-        raise ValueError(
+        raise UserError(
             f"data.loader=resident is only available for datasets that fit on the device as tensors "
             f"(CIFAR-sized); use data.loader=torch (or auto) for {dataset}"
         )
@@ -122,7 +124,7 @@ class TensorBatchSource:
         if len(inputs) != len(targets):
             raise ValueError(f"inputs ({len(inputs)}) and targets ({len(targets)}) differ in length")
         if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} is not divisible by the world size {world_size}")
+            raise UserError(f"batch size {batch_size} is not divisible by the world size {world_size}")
         self.device = torch.device(device)
         self.inputs = inputs.to(self.device)
         self.targets = targets.to(self.device)
@@ -214,7 +216,7 @@ class TorchLoaderSource:
         collate_fn: Optional[Callable] = None,
     ) -> None:
         if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} is not divisible by the world size {world_size}")
+            raise UserError(f"batch size {batch_size} is not divisible by the world size {world_size}")
         self.dataset = SeededDataset(dataset, seed, randomize=shuffle)
         self.n = len(dataset)  # type: ignore[arg-type]
         self.batch_size = batch_size // world_size

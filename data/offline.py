@@ -9,6 +9,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from fisherbench.errors import UserError
+
 from data.loaders import TensorBatchSource
 from data.registry import DATASETS, BuildContext, ClassificationOptions, DataBundle, DataCapabilities
 from data.splits import hold_out
@@ -28,7 +30,7 @@ class OfflineOptions(ClassificationOptions):
 
 def _stratified_split(y: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
+        raise UserError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
     rng = np.random.default_rng(SPLIT_SEED)
     train_idx, test_idx = [], []
     for c in np.unique(y):

@@ -8,6 +8,7 @@ from typing import Any, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
+from fisherbench.errors import UserError
 from fisherbench.registry import Registry, options_from
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -102,9 +103,9 @@ def build_data(options: Any, context: Optional[BuildContext] = None) -> DataBund
     entry = DATASETS.get(str(name))
     opts = options_from(entry.schema, options)
     if opts.batch_size < 1:
-        raise ValueError(f"data.batch_size must be >= 1, got {opts.batch_size}")
+        raise UserError(f"data.batch_size must be >= 1, got {opts.batch_size}")
     if opts.loader not in ("auto", "torch", "resident"):
-        raise ValueError(f"data.loader must be auto|torch|resident, got {opts.loader!r}")
+        raise UserError(f"data.loader must be auto|torch|resident, got {opts.loader!r}")
     bundle = entry.builder(opts, context or BuildContext())
     check_batch_size(str(name), opts.batch_size, bundle.num_train)
     return bundle
@@ -119,7 +120,7 @@ def check_batch_size(name: str, batch_size: int, num_train: int) -> None:
     would be stored under a wrong configuration, and the fix is one override.
     """
     if batch_size > num_train:
-        raise ValueError(
+        raise UserError(
             f"data.batch_size={batch_size} is larger than the {num_train} training examples of '{name}' (after "
             f"any validation hold-out), so every batch would be the whole training set and the run would not "
             f"use the batch size it records. Set data.batch_size to at most {num_train} (or use more data / a "

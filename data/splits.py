@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from fisherbench.errors import UserError
+
 from data.loaders import mix_seed
 
 VAL_SALT = 0x7661_6C69  # "vali": keeps the split's RNG stream apart from the run's order/augmentation streams
@@ -47,7 +49,7 @@ class HoldOut:
 def check_fraction(value: float, option: str = "data.val_fraction") -> float:
     value = float(value)
     if not 0.0 <= value < 1.0:
-        raise ValueError(f"{option} must be in [0, 1) (the share of the training set held out), got {value:g}")
+        raise UserError(f"{option} must be in [0, 1) (the share of the training set held out), got {value:g}")
     return value
 
 
@@ -76,9 +78,9 @@ def hold_out(labels: Optional[Sequence[int] | np.ndarray], n: int, fraction: flo
     train = np.sort(np.concatenate(train_parts)) if train_parts else np.zeros(0, dtype=np.int64)
     if len(val) == 0:
         largest = int(np.bincount(y - y.min()).max()) if n else 0
-        raise ValueError(f"{option}={fraction:g} of {what} ({n} examples, at most {largest} per class) "
+        raise UserError(f"{option}={fraction:g} of {what} ({n} examples, at most {largest} per class) "
                          f"holds out no example: rounding per class gives 0. Use {option} >= "
                          f"{0.5 / max(largest, 1):.2g}")
     if len(train) == 0:
-        raise ValueError(f"{option}={fraction:g} leaves no training example of {what} ({n} examples)")
+        raise UserError(f"{option}={fraction:g} leaves no training example of {what} ({n} examples)")
     return HoldOut(train, val, fraction, int(seed), name)

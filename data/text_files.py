@@ -31,6 +31,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from fisherbench.errors import UserError
+
 from data.download import DatasetNotFoundError
 from data.loaders import TensorBatchSource
 from data.registry import DATASETS, BuildContext, DataBundle, DataCapabilities, DataOptions, cache_root
@@ -164,10 +166,10 @@ def trained_tokenizer(text: str, text_sha: str, opts: TextFilesOptions, cache_di
     from tokenizers import Tokenizer
 
     if opts.vocab_size < 256:
-        raise ValueError(f"text_files: data.vocab_size must be >= 256 (the byte alphabet) for tokenizer=train, "
+        raise UserError(f"text_files: data.vocab_size must be >= 256 (the byte alphabet) for tokenizer=train, "
                          f"got {opts.vocab_size}")
     if opts.min_frequency < 1:
-        raise ValueError(f"text_files: data.min_frequency must be >= 1, got {opts.min_frequency}")
+        raise UserError(f"text_files: data.min_frequency must be >= 1, got {opts.min_frequency}")
     key = hashlib.sha256(f"{text_sha}|bpe|V={opts.vocab_size}|min={opts.min_frequency}|"
                          f"tokenizers={tokenizers.__version__}".encode()).hexdigest()[:24]
     path = cache_dir / "text_files" / f"tokenizer-{key}.json"
@@ -202,7 +204,7 @@ def _write_atomic(path: Path, payload: bytes) -> None:
 def read_text(option: str, value: Optional[str]) -> tuple[Path, str, str]:
     """(path, text, sha256) of one text file option, with clear errors."""
     if not value:
-        raise ValueError(f"data=text_files needs data.{option}=<path to a UTF-8 text file>")
+        raise UserError(f"data=text_files needs data.{option}=<path to a UTF-8 text file>")
     path = Path(value).expanduser()
     if not path.is_file():
         raise DatasetNotFoundError(f"text_files: data.{option}={path} is not a file")
@@ -223,7 +225,7 @@ def split_tail(text: str, fraction: float) -> tuple[str, str]:
     before, after = text.rfind("\n", 0, target), text.find("\n", target)
     cuts = [c + 1 for c in (before, after) if 0 <= c < len(text) - 1]
     if not cuts:
-        raise ValueError("text_files: data.val_fraction needs a training text of several lines (it holds out the "
+        raise UserError("text_files: data.val_fraction needs a training text of several lines (it holds out the "
                          "last lines); give data.valid instead")
     cut = min(cuts, key=lambda c: abs(c - target))
     return text[:cut], text[cut:]
@@ -262,13 +264,13 @@ def token_ids(tokenizer: Any, text: str, text_sha: str, cache: bool, cache_dir: 
 )
 def build_text_files(opts: TextFilesOptions, ctx: BuildContext) -> DataBundle:
     if opts.seq_len < 1:
-        raise ValueError(f"data.seq_len must be >= 1, got {opts.seq_len}")
+        raise UserError(f"data.seq_len must be >= 1, got {opts.seq_len}")
     fraction = check_fraction(opts.val_fraction)
     if opts.valid and fraction > 0:
-        raise ValueError("text_files: give data.valid or data.val_fraction (held out from the training text), "
+        raise UserError("text_files: give data.valid or data.val_fraction (held out from the training text), "
                          "not both")
     if not opts.valid and fraction == 0:
-        raise ValueError("data=text_files needs data.valid=<path to a UTF-8 text file>, or data.val_fraction > 0 "
+        raise UserError("data=text_files needs data.valid=<path to a UTF-8 text file>, or data.val_fraction > 0 "
                          "to hold out the end of the training text as the validation split")
     cache_dir = cache_root(opts.cache_dir)
     files: dict[str, Optional[Path]] = {}
@@ -303,7 +305,7 @@ def build_text_files(opts: TextFilesOptions, ctx: BuildContext) -> DataBundle:
     ids = {split: token_ids(tokenizer, texts[split], shas[split], cache_ids, cache_dir) for split in SPLIT_FILES}
     for split, t in ids.items():
         if len(t) < 2:
-            raise ValueError(f"text_files: the {split} text gives {len(t)} token(s); a language model needs >= 2")
+            raise UserError(f"text_files: the {split} text gives {len(t)} token(s); a language model needs >= 2")
     windows = {split: make_windows(t, opts.seq_len) for split, t in ids.items()}
     device = ctx.device if opts.loader in ("auto", "resident") else torch.device("cpu")
     common: dict[str, Any] = dict(device=device, rank=ctx.rank, world_size=ctx.world_size)

@@ -24,6 +24,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from fisherbench.errors import UserError
+
 from data.download import (
     DatasetNotFoundError,
     DownloadError,
@@ -167,7 +169,7 @@ def write_from_hf(root: Path, variant: str) -> dict[str, Path]:
 
 def ensure_text(root: Path, variant: str, *, download_missing: bool) -> dict[str, Path]:
     if variant not in VARIANTS:
-        raise ValueError(f"data.variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        raise UserError(f"data.variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     files = text_files(root, variant)
     if all(p.is_file() for p in files.values()):
         return files
@@ -214,7 +216,7 @@ def make_windows(tokens: np.ndarray | torch.Tensor, seq_len: int) -> tuple[torch
     tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     n = len(tokens)
     if n < 2:
-        raise ValueError(f"need at least 2 tokens to make a language-model window, got {n}")
+        raise UserError(f"need at least 2 tokens to make a language-model window, got {n}")
     num_windows = -(-(n - 1) // seq_len)
     padded = torch.full((num_windows * seq_len + 1,), PAD_ID, dtype=torch.long)
     padded[:n] = tokens
@@ -249,7 +251,7 @@ class WikiText2Options(DataOptions):
 )
 def build_wikitext2(opts: WikiText2Options, ctx: BuildContext) -> DataBundle:
     if opts.seq_len < 1:
-        raise ValueError(f"data.seq_len must be >= 1, got {opts.seq_len}")
+        raise UserError(f"data.seq_len must be >= 1, got {opts.seq_len}")
     root = resolve_root(opts.root)
     files = ensure_text(root, opts.variant, download_missing=opts.download)
     tok_dir = ensure_tokenizer(tokenizer_dir(opts.tokenizer_dir, root), download_missing=opts.download)

@@ -19,6 +19,7 @@ from torch import nn
 
 from models.common import disable_inplace, image_shape
 from models.registry import MODELS, ModelCapabilities, ModelOptions
+from fisherbench.errors import UserError
 
 
 class DropPath(nn.Module):
@@ -183,7 +184,7 @@ def build_focalnet_official(opts: OfficialFocalNetOptions, *, num_classes: int, 
     c, h, w = image_shape(input_shape, (3, 32, 32))
     stride = opts.patch_size * 2 ** (len(opts.depths) - 1)
     if h % stride or w % stride:
-        raise ValueError(f"{opts.name}: input {h}x{w} must be divisible by patch_size * 2^(stages-1) = {stride}")
+        raise UserError(f"{opts.name}: input {h}x{w} must be divisible by patch_size * 2^(stages-1) = {stride}")
     return OfficialFocalNet(num_classes, c, opts.patch_size, opts.embed_dim, list(opts.depths), opts.mlp_ratio,
                             opts.drop_path_rate, list(opts.focal_levels), list(opts.focal_windows), depthwise=False)
 
@@ -216,7 +217,7 @@ def build_focalnet(opts: FocalNetOptions, *, num_classes: int, input_shape: Opti
     c, h, w = image_shape(input_shape, (3, 32, 32))
     stride = opts.stem_stride * 2 ** (len(opts.depths) - 1)
     if h % stride or w % stride:
-        raise ValueError(f"{opts.name}: input {h}x{w} must be divisible by stem_stride * 2^(stages-1) = {stride}")
+        raise UserError(f"{opts.name}: input {h}x{w} must be divisible by stem_stride * 2^(stages-1) = {stride}")
     model = FocalNet(in_chans=c, num_classes=num_classes, embed_dim=opts.embed_dim, depths=tuple(opts.depths),
                      focal_levels=tuple(opts.focal_levels), focal_windows=tuple(opts.focal_windows),
                      drop_path_rate=opts.drop_path_rate)

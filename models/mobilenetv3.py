@@ -21,6 +21,7 @@ from torch import nn
 from models import pretrained as pt
 from models.common import disable_inplace, image_shape, require_min_size
 from models.registry import MODELS, ModelCapabilities, ModelOptions
+from fisherbench.errors import UserError
 
 WEIGHTS = "MobileNet_V3_Large_Weights.IMAGENET1K_V2"  # what the official trainer used
 
@@ -221,7 +222,7 @@ def build_mobilenetv3(opts: MobileNetV3Options, *, num_classes: int, input_shape
     c, h, w = image_shape(input_shape, (3, 32, 32))
     require_min_size(opts.name, (c, h, w), 8, "it downsamples 8x below 128x128 (32x above)")
     if c != 3:
-        raise ValueError(f"{opts.name} (torchvision) takes 3-channel images, got {c}")
+        raise UserError(f"{opts.name} (torchvision) takes 3-channel images, got {c}")
     model = mobilenet_v3_large(weights=None, num_classes=num_classes, dropout=opts.dropout, width_mult=opts.width_mult)
     if h < 128:  # CIFAR-sized: keep the resolution through the stem and the first stride-2 block
         model.features[0][0].stride = (1, 1)

@@ -18,6 +18,7 @@ from torch import nn
 from models import pretrained as pt
 from models.common import image_shape, require_min_size
 from models.registry import MODELS, ModelCapabilities, ModelOptions
+from fisherbench.errors import UserError
 
 
 class BasicBlock(nn.Module):
@@ -135,7 +136,7 @@ def torchvision_resnet_rename(keys: str) -> Callable[[str], Optional[str]]:
 
 def load_imagenet_weights(model: CifarResNet, name: str, weights: str, keys: str) -> pt.LoadReport:
     if keys not in PRETRAINED_KEYS:
-        raise ValueError(f"{name}: pretrained_keys must be one of {PRETRAINED_KEYS}, got {keys!r}")
+        raise UserError(f"{name}: pretrained_keys must be one of {PRETRAINED_KEYS}, got {keys!r}")
     report = pt.load_by_name(model, pt.fetch_torchvision_state_dict(weights), torchvision_resnet_rename(keys))
     pt.log_report(name, weights, report)
     return report
@@ -158,11 +159,11 @@ def _register(name: str, summary: str, params: str) -> None:
         model = CifarResNet(block, blocks, num_classes, channels, opts.width)
         if opts.pretrained:
             if weights is None:
-                raise ValueError(f"{name} has no pretrained weights in the paper; pretrained=true is supported for "
+                raise UserError(f"{name} has no pretrained weights in the paper; pretrained=true is supported for "
                                  "resnet50_cifar, resnet101_cifar, densenet121_cifar, mobilenetv3_official, "
                                  "mobilenetv3 and resnet50")
             if channels != 3 or opts.width != 64:
-                raise ValueError(f"{name}: ImageNet weights need 3 input channels and width 64, got "
+                raise UserError(f"{name}: ImageNet weights need 3 input channels and width 64, got "
                                  f"{channels} and {opts.width}")
             load_imagenet_weights(model, name, weights, opts.pretrained_keys)
         return model

@@ -12,6 +12,7 @@ from torchvision.models import resnet as tv_resnet
 from models import pretrained as pt
 from models.common import disable_inplace, image_shape, require_min_size
 from models.registry import MODELS, ModelCapabilities, ModelOptions
+from fisherbench.errors import UserError
 
 WEIGHTS = "ResNet50_Weights.IMAGENET1K_V2"
 
@@ -53,7 +54,7 @@ def build_resnet50(opts: ResNet50Options, *, num_classes: int, input_shape: Opti
         model.conv1 = nn.Conv2d(c, 64, 7, 2, 3, bias=False)
     if opts.pretrained:
         if c != 3:
-            raise ValueError(f"{opts.name}: ImageNet weights need 3 input channels, got {c}")
+            raise UserError(f"{opts.name}: ImageNet weights need 3 input channels, got {c}")
         source = {k: v for k, v in pt.fetch_torchvision_state_dict(WEIGHTS).items() if not k.startswith("fc.")}
         pt.log_report(opts.name, WEIGHTS, pt.load_by_name(model, source))
     for block in model.modules():

@@ -16,6 +16,8 @@ from typing import Any, Callable, ContextManager, Iterable, Optional
 import torch
 from torch import nn
 
+from fisherbench.modules import unwrap  # noqa: F401  (re-exported: adapters and AdaFisher use it)
+from fisherbench.errors import UserError
 from fisherbench.registry import Registry
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -68,17 +70,6 @@ class StepOutput:
 
 
 OPTIMIZERS: Registry = Registry("optimizer")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def param_groups(
@@ -141,7 +132,7 @@ class OptimizerAdapter:
         if capabilities is not None:
             self.capabilities = capabilities
         if grad_clip is not None and not (grad_clip > 0 and math.isfinite(grad_clip)):
-            raise ValueError(f"grad_clip must be a positive number or null, got {grad_clip}")
+            raise UserError(f"grad_clip must be a positive number or null, got {grad_clip}")
         self.grad_clip = grad_clip
 
     # -- the one call the training loop makes per step -------------------------------------------------
@@ -209,14 +200,20 @@ def build_optimizer(
     ctx = context or BuildContext()
     caps: Capabilities = entry.capabilities or Capabilities()
     if ctx.distributed and not caps.supports_ddp:
-        raise ValueError(
+        raise UserError(
             f"optimizer '{entry.name}' does not support DistributedDataParallel; run it on one process "
             "(drop torchrun / set nproc_per_node=1) or choose another optimizer."
         )
     if opts.lr <= 0 or not math.isfinite(opts.lr):
-        raise ValueError(f"optimizer.lr must be a positive finite number, got {opts.lr}")
+        raise UserError(f"optimizer.lr must be a positive finite number, got {opts.lr}")
     if opts.weight_decay < 0:
-        raise ValueError(f"optimizer.weight_decay must be >= 0, got {opts.weight_decay}")
-    adapter = entry.builder(model, opts, ctx)
+        raise UserError(f"optimizer.weight_decay must be >= 0, got {opts.weight_decay}")
+    try:
+        adapter = entry.builder(model, opts, ctx)
+    except UserError:
+        raise
+    except ValueError as exc:
+        # torch.optim's convention: a constructor raises ValueError for an invalid hyper-parameter value
+        raise UserError(f"optimizer '{entry.name}': {exc}") from exc
     adapter.capabilities = caps
     return adapter

@@ -1,2 +1,5 @@
-"""The results store (runs/, gitignored) and the code that reads it; generated tables live in tables/."""
-from results.store import FINAL_STATUSES, STATUSES, RunDir, iter_run_dirs, run_id  # noqa: F401
+"""Reports from the results store: paper tables, ad-hoc comparisons, figures, and the store browser.
+
+The store itself (reading and writing run directories) is `fisherbench.store`; generated tables and
+figures are written under `results/tables/` and `results/figures/` (gitignored).
+"""

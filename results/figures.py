@@ -20,23 +20,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from analysis.plotting import save_figure as save  # noqa: E402
+from analysis.plotting import series_color as _color  # noqa: E402
+
 from results.report import CellResult, TableResult, run_epoch_seconds, run_peak_memory  # noqa: E402
-
-
-def save(fig, path_stem: Path) -> list[Path]:
-    path_stem.parent.mkdir(parents=True, exist_ok=True)
-    out = []
-    for ext in ("png", "pdf"):
-        p = path_stem.with_suffix(f".{ext}")
-        fig.savefig(p, dpi=130, bbox_inches="tight")
-        out.append(p)
-    plt.close(fig)
-    return out
-
-
-def _color(i: int, n: int = 10):
-    """The i-th of n colours: tab10, or tab20 when there are more than ten lines (same colour per column)."""
-    return plt.get_cmap("tab10")(i % 10) if n <= 10 else plt.get_cmap("tab20")(i % 20)
 
 
 def _series(rows: list[dict[str, Any]], x_key: str, y_key: str, transform=None) -> tuple[np.ndarray, np.ndarray]:

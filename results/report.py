@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from results.store import RunDir, _canonical, iter_run_dirs
+from fisherbench.config import strip_non_identity
+from fisherbench.scores import METRICS, Metric, as_number as _num, get_metric  # noqa: F401  (part of the report API)
+from fisherbench.store import RunDir, canonical, iter_run_dirs
 
 # Config keys that do not change the experiment, so runs that differ only in them are the same cell.
 MATCH_IGNORE = (
@@ -28,53 +30,6 @@ MATCH_IGNORE = (
     "budget.warmup_steps", "budget.recalibrate",
 )
 OK_STATUSES = ("completed", "budget_exhausted")
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-def _num(v: Any) -> Optional[float]:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
-@dataclass(frozen=True)
-class Metric:
-    name: str
-    label: str
-    higher_is_better: bool
-    score: Callable[[dict[str, Any], list[dict[str, Any]]], Optional[float]]  # (summary, metric rows) -> value
-    digits: int = 2
-
-
-def _best_over_rows(key: str, scale: float) -> Callable[[dict[str, Any], list[dict[str, Any]]], Optional[float]]:
-    def score(summary: dict[str, Any], rows: list[dict[str, Any]]) -> Optional[float]:
-        values = [v for v in (_num(r.get(key)) for r in rows) if v is not None]
-        if not values:  # no metric rows: fall back to the summary's selected row
-            v = _num((summary.get("best") or {}).get(key))
-            return None if v is None else v * scale
-        return max(values) * scale
-
-    return score
-
-
-def _test_ppl_at_best_val(summary: dict[str, Any], rows: list[dict[str, Any]]) -> Optional[float]:
-    scored = [(v, r) for r in rows if (v := _num(r.get("val/ppl"))) is not None]
-    if scored:
-        return _num(min(scored, key=lambda vr: vr[0])[1].get("test/ppl"))
-    return _num((summary.get("best") or {}).get("test/ppl"))
-
-
-METRICS: dict[str, Metric] = {
-    "best_acc1": Metric("best_acc1", "best test top-1 (%)", True, _best_over_rows("test/acc1", 100.0)),
-    "best_acc5": Metric("best_acc5", "best test top-5 (%)", True, _best_over_rows("test/acc5", 100.0)),
-    "test_ppl": Metric("test_ppl", "test perplexity at the best validation perplexity", False,
-                       _test_ppl_at_best_val),
-}
-
-
-def get_metric(name: str) -> Metric:
-    try:
-        return METRICS[name]
-    except KeyError:
-        raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}") from None
 
 
 # --------------------------------------------------------------------------------------------- matching
@@ -89,16 +44,13 @@ def _drop(d: dict[str, Any], dotted: str) -> None:
 
 def match_signature(resolved: dict[str, Any]) -> str:
     """What makes two runs the same experiment up to the seed: identity minus seed minus `MATCH_IGNORE`."""
-    from fisherbench.config import NON_IDENTITY_KEYS
-
     d = json.loads(json.dumps(resolved, default=str))
     d.pop("_choices", None)
     d.pop("seed", None)
-    for key in NON_IDENTITY_KEYS:
-        d.pop(key, None)
+    d = strip_non_identity(d)
     for key in MATCH_IGNORE:
         _drop(d, key)
-    return json.dumps(_canonical(d), sort_keys=True, separators=(",", ":"))
+    return json.dumps(canonical(d), sort_keys=True, separators=(",", ":"))
 
 
 @dataclass
@@ -284,7 +236,7 @@ def collect(spec, index: StoreIndex, arm_sets: Sequence[str] = ("main",), user_o
             progress: Optional[Callable[[int, int], None]] = None) -> list[TableResult]:
     """One table per metric of the spec (the main metric, then `extra_metrics`)."""
     from sweep.expand import composed_cells
-    from fisherbench.runner import resolved_dict
+    from engine.identity import resolved_dict
 
     composed = composed_cells(spec, arm_sets, user_overrides, wct_mode, progress)
     seeds_expected = [int(s) for s in (spec.seeds if seeds is None else seeds)]

@@ -80,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     out = Path(args.out)
     if args.spec in FIGURE_ONLY or args.spec == "all":
-        from results.trajectories import figure1
+        from analysis.trajectories import figure1
 
         if args.spec == "fig1_iris" or not args.no_figures:
             files, final = figure1(out / "figures" / "fig1_iris" / "trajectories")

@@ -310,7 +310,7 @@ CONFIGS = ["adafisher", "adafisherw", "adafisher_official", "adafisher_paper", "
 def test_family_recipes_compose_and_build(config, expected):
     from omegaconf import OmegaConf
 
-    from fisherbench.runner import compose_config
+    from engine.compose import compose_config
 
     cfg = compose_config([f"optimizer={config}"])
     opts = OmegaConf.to_container(cfg.optimizer, resolve=True)

@@ -41,7 +41,8 @@ def captured_adapters(monkeypatch):
 @pytest.mark.parametrize("model", ["cnn", "gpt"])
 @pytest.mark.parametrize("name", OPTIMIZERS.names())
 def test_every_optimizer_trains_three_steps_through_the_runner(name, model, tmp_path, captured_adapters):
-    from fisherbench.runner import compose_config, run
+    from engine.compose import compose_config
+    from engine.lifecycle import run
 
     base = TINY_CNN if model == "cnn" else TINY_GPT
     cfg = compose_config([*base, f"optimizer={name}", "budget=steps", "budget.steps=3", "logger=none",

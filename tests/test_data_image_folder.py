@@ -9,6 +9,7 @@ import torch
 
 import data.image_folder as imf
 import data.loaders as loaders
+from fisherbench.errors import UserError
 from data.download import DatasetNotFoundError
 from data.registry import BuildContext, build_data
 from tests.data_fakes import make_user_images
@@ -172,7 +173,7 @@ def test_workers_are_capped_at_the_available_cores(tmp_path, monkeypatch):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="needs data.root"):
+    with pytest.raises(UserError, match="needs data.root"):
         build_data({"name": "image_folder", "batch_size": 2})
     with pytest.raises(DatasetNotFoundError, match="is not a folder"):
         build_data(opts(tmp_path / "missing", tmp_path))
@@ -193,18 +194,18 @@ def test_clear_errors(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"class folders that train/ lacks: \['zebra'\]"):
         build_data(opts(root, tmp_path))
     (root / "val" / "zebra").rmdir()
-    with pytest.raises(ValueError, match="test_fraction carves a test split only when"):
+    with pytest.raises(UserError, match="test_fraction carves a test split only when"):
         build_data(opts(root, tmp_path, test_fraction=0.3))
     (tmp_path / "noval" / "val" / "a").mkdir(parents=True)
     with pytest.raises(DatasetNotFoundError, match="no train/ folder"):
         build_data(opts(tmp_path / "noval", tmp_path))
     both = make_user_images(tmp_path / "both", {"train": 3, "val": 1, "test": 1})
-    with pytest.raises(ValueError, match="has val/ and test/ folders"):
+    with pytest.raises(UserError, match="has val/ and test/ folders"):
         build_data(opts(both, tmp_path, val_fraction=0.2))
     for bad, match in ((dict(augment="flip"), "data.augment"), (dict(channels=2), "data.channels"),
                        (dict(mean=[0.5] * 3), "both data.mean and data.std"),
                        (dict(mean=[0.5], std=[0.2]), "need 3 values"), (dict(check_images="none"), "check_images")):
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(UserError, match=match):
             build_data(opts(both, tmp_path, **bad))
 
 

@@ -150,12 +150,12 @@ def test_malformed_cifar_content_gives_a_clear_message(tmp_path):
 
 
 def test_truncated_pickle_through_the_runner_is_a_configuration_error(run_train, tmp_path):
-    from fisherbench.runner import ConfigError
+    from fisherbench.errors import UserError
 
     make_cifar(tmp_path, "cifar10", per_file=4)
     target = tmp_path / "cifar-10-batches-py" / "test_batch"
     target.write_bytes(target.read_bytes()[:100])
-    with pytest.raises(ConfigError, match="truncated or not a valid pickle"):
+    with pytest.raises(UserError, match="truncated or not a valid pickle"):
         run_train("data=cifar10", f"data.root={tmp_path}", "data.verify=false", "data.download=false",
                   "data.batch_size=4", "budget=steps", "budget.steps=1",
                   base=["model=small_cnn", "model.width=4", "model.hidden=16", "optimizer=adam", "logger=none"])

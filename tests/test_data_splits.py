@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from fisherbench.errors import UserError
 from data.download import OFFLINE_ENV
 from data.registry import BuildContext, build_data
 from data.splits import hold_out
@@ -32,10 +33,10 @@ def test_hold_out_is_stratified_disjoint_and_seeded():
 
 def test_hold_out_rejects_fractions_that_leave_nothing():
     labels = np.arange(6) % 3  # two examples per class
-    with pytest.raises(ValueError, match=r"holds out no example.*val_fraction >= 0.25"):
+    with pytest.raises(UserError, match=r"holds out no example.*val_fraction >= 0.25"):
         hold_out(labels, 6, 0.2, seed=0)
     for bad in (-0.1, 1.0, 1.5):
-        with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        with pytest.raises(UserError, match=r"must be in \[0, 1\)"):
             hold_out(labels, 6, bad, seed=0)
 
 

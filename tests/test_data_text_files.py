@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import data.text_files as tf
+from fisherbench.errors import UserError
 from data.download import DatasetNotFoundError
 from data.registry import build_data
 from tests.data_fakes import STORY, gpt2_style_tokenizer, make_gpt1_tokenizer, make_text_files
@@ -142,11 +143,11 @@ def test_windows_count_and_per_token_accounting(files, tmp_path):
 
 
 def test_clear_errors(files, tmp_path):
-    with pytest.raises(ValueError, match="needs data.valid"):
+    with pytest.raises(UserError, match="needs data.valid"):
         build_data(opts(files, tmp_path, valid=None))
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(UserError, match="not both"):
         build_data(opts(files, tmp_path, val_fraction=0.1))
-    with pytest.raises(ValueError, match="needs data.train"):
+    with pytest.raises(UserError, match="needs data.train"):
         build_data(opts(files, tmp_path, train=None))
     with pytest.raises(DatasetNotFoundError, match="is not a file"):
         build_data(opts(files, tmp_path, test=str(tmp_path / "nope.txt")))
@@ -163,9 +164,9 @@ def test_clear_errors(files, tmp_path):
     (tmp_path / "half" / "vocab.json").write_text("{}")
     with pytest.raises(DatasetNotFoundError, match=r"lacks \['merges.txt'\]"):
         build_data(opts(files, tmp_path, tokenizer=str(tmp_path / "half")))
-    with pytest.raises(ValueError, match="vocab_size must be >= 256"):
+    with pytest.raises(UserError, match="vocab_size must be >= 256"):
         build_data(opts(files, tmp_path, tokenizer="train", vocab_size=100))
-    with pytest.raises(ValueError, match="batch_size=4096 is larger than"):
+    with pytest.raises(UserError, match="batch_size=4096 is larger than"):
         build_data(opts(files, tmp_path, batch_size=4096))
 
 

@@ -153,7 +153,7 @@ def test_every_model_config_composes():
     from hydra import initialize_config_dir
 
     from fisherbench.config import CONFIG_DIR as ALL_CONFIGS
-    from fisherbench.runner import compose_config
+    from engine.compose import compose_config
 
     with initialize_config_dir(config_dir=str(ALL_CONFIGS), version_base=None):  # one Hydra init for all
         for name in MODELS.names():

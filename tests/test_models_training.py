@@ -169,7 +169,8 @@ def test_adafisher_trains_two_steps_full_size(name):
 def _runner():
     if not (ROOT / "fisherbench" / "runner.py").exists():
         pytest.skip("fisherbench/runner.py has not landed yet")
-    from fisherbench.runner import compose_config, run
+    from engine.compose import compose_config
+    from engine.lifecycle import run
 
     return compose_config, run
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from results.store import RunDir
+from fisherbench.store import RunDir
 
 SPEC = """
 title: "Golden table"
@@ -86,7 +86,7 @@ def fabricate(root: Path, config: dict, seed: int, status: str | None, accs=(), 
     """A run dir as the runner writes it: config.yaml, meta.json, metrics.jsonl and (if finished) summary."""
     import copy
 
-    from results.store import run_id
+    from fisherbench.store import run_id
 
     cfg = copy.deepcopy(config)
     cfg["seed"] = seed
@@ -105,7 +105,7 @@ def fabricate(root: Path, config: dict, seed: int, status: str | None, accs=(), 
         rows.append(row)
     if status is not None:
         rd.write_summary({
-            "status": status, "seed": seed, "best": max(rows, key=lambda r: r["test/acc1"]) if rows else None,
+            "run_id": rd.run_id, "status": status, "seed": seed, "best": max(rows, key=lambda r: r["test/acc1"]) if rows else None,
             "epochs_done": epochs_done, "budget": {"mode": "epochs", "epochs": 2},
             "ledger": {"train_s": train_s, "wall_s": train_s + 1}, "peak_memory_bytes": memory,
             "finished_at": f"2025-01-0{seed + 1}T00:00:00",
@@ -116,7 +116,7 @@ def fabricate(root: Path, config: dict, seed: int, status: str | None, accs=(), 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
     """The spec, its composed cells, and a store with every kind of run."""
-    from fisherbench.runner import resolved_dict
+    from engine.identity import resolved_dict
     from sweep.expand import composed_cells
     from sweep.spec import load_spec
 
@@ -227,7 +227,7 @@ def test_population_std_matches_numpy():
 
 def test_stability_panels_from_tagged_rows(tmp_path):
     """Figure 5's panels read batch size and learning rate from each run's config (scaled LR rows too)."""
-    from fisherbench.runner import resolved_dict
+    from engine.identity import resolved_dict
     from results.figures import _config_value, stability
     from results.report import StoreIndex, collect
     from sweep.expand import composed_cells

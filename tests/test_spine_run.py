@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fisherbench.ledger import PARTS
-from results.store import RunDir, iter_run_dirs
+from fisherbench.store import RunDir, iter_run_dirs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -163,7 +163,8 @@ def test_fault_injection_then_resume_is_bitwise_identical(tmp_path):
 
 
 def test_on_trainer_hook_sees_every_evaluation(tmp_path):
-    from fisherbench.runner import compose_config, run
+    from engine.compose import compose_config
+    from engine.lifecycle import run
     from tests.conftest import TINY
 
     rows = []

@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from optim.analysis.diagnostics import DEFAULT_DAMPING
-from optim.analysis.factors import DEFAULT_MAX_DIM, LayerFactors, Log, collect_factors
+from analysis.diagnostics import DEFAULT_DAMPING
+from analysis.factors import DEFAULT_MAX_DIM, LayerFactors, Log, collect_factors
 
 
 def _stderr(msg: str) -> None:
@@ -204,7 +204,7 @@ class FactorCallback:
         step = int(row["step"])
         if (self.steps is not None and step not in self.steps) or step in self.factors:
             return
-        from optim.registry import unwrap
+        from fisherbench.modules import unwrap
 
         self.factors[step] = collect_factors(unwrap(self.model), self.batches(), self.loss_fn, self.layers,
                                              **self.kwargs)
