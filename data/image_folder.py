@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fisherbench.config import not_identity
 from fisherbench.errors import UserError
 
 from data.augment import IMAGENET_MEAN, IMAGENET_STD, Cutout
@@ -137,8 +138,10 @@ class ImageFolderOptions(ClassificationOptions):
     # share of the images carved out as the test split when there is no val/ or test/ folder (None = 0.2);
     # fixed across seeds (stratified, its own seed)
     test_fraction: Optional[float] = None
-    check_images: str = "decode"  # decode every image once (cached) | header (faster; bad pixels fail later)
-    cache_dir: Optional[str] = None  # scan/statistics cache; None = $FISHERBENCH_DATA/cache
+    # decode every image once (cached) | header (faster; bad pixels fail later). Marked not_identity (like
+    # cache_dir): neither changes what a run computes once the data is readable
+    check_images: str = not_identity("decode")
+    cache_dir: Optional[str] = not_identity(None)  # scan/statistics cache; None = $FISHERBENCH_DATA/cache
 
 
 @dataclass

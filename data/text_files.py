@@ -31,6 +31,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from fisherbench.config import not_identity
 from fisherbench.errors import UserError
 
 from data.download import DatasetNotFoundError
@@ -62,7 +63,7 @@ class TextFilesOptions(DataOptions):
     min_frequency: int = 2  # tokenizer=train: a pair merges only if it occurs at least this often
     val_fraction: float = 0.0  # with no data.valid: share of the training text (its end) held out as val
     cache: bool = True  # keep trained tokenizers and token ids under cache_dir
-    cache_dir: Optional[str] = None  # None = $FISHERBENCH_DATA/cache
+    cache_dir: Optional[str] = not_identity(None)  # None = $FISHERBENCH_DATA/cache
 
 
 # ------------------------------------------------------------------------------------------------ tokenisers
