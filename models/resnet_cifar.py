@@ -16,7 +16,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from models import pretrained as pt
-from models.common import image_shape
+from models.common import image_shape, require_min_size
 from models.registry import MODELS, ModelCapabilities, ModelOptions
 from fisherbench.errors import UserError
 
@@ -154,7 +154,8 @@ def _register(name: str, summary: str, params: str) -> None:
         source="official definition (kuangliu/pytorch-cifar layout)",
     )
     def build(opts: CifarResNetOptions, *, num_classes: int, input_shape: Optional[tuple], double_backward: bool):
-        channels, _, _ = image_shape(input_shape, (3, 32, 32))
+        channels, h, w = image_shape(input_shape, (3, 32, 32))
+        require_min_size(name, (channels, h, w), 8, "its three stride-2 stages downsample 8x")
         model = CifarResNet(block, blocks, num_classes, channels, opts.width)
         if opts.pretrained:
             if weights is None:
