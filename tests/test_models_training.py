@@ -15,7 +15,6 @@ from torch import nn
 from models import MODELS, create_model
 
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # name: (options, input shape, classes) at full size (the paper's inputs)
 FULL = {
@@ -123,9 +122,7 @@ def test_forward_backward_with_hooks_full_size(name):
 
 # ----------------------------------------------------------------------------------------------- AdaFisher
 def _adafisher():
-    if not (ROOT / "optim" / "adafisher.py").exists():
-        pytest.skip("optim/adafisher.py has not landed yet")
-    from optim import AdaFisher  # must import once the file exists
+    from optim import AdaFisher
 
     return AdaFisher
 
