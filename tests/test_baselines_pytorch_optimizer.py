@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optim import build_optimizer
+from optim import build_optimizer, row
 from optim.pytorch_optimizer_entries import muon_split
 
 
@@ -78,7 +78,7 @@ def test_schedulefree_evaluates_with_the_averaged_weights_and_restores_the_train
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     adapter = build_optimizer({"name": "schedulefree_adamw", "lr": 0.05}, model)
-    assert adapter.capabilities.eval_weights
+    assert row("schedulefree_adamw").overrides("eval_weights")
     gen = torch.Generator().manual_seed(1)
     z_history = []
     for _ in range(5):
