@@ -21,7 +21,7 @@ class WithImplementation:
         self.keywords = [*accepted_keywords(cls), "implementation"]
 
     def __call__(self, params: list[dict[str, Any]], *, implementation: str = "auto", **kwargs: Any) -> Any:
-        device = next(p for g in params for p in g["params"]).device
+        device = next((p.device for g in params for p in g["params"]), torch.device("cpu"))
         flags = {
             "fused": {"fused": True},
             "foreach": {"foreach": True},
