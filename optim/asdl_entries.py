@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from fisherbench.errors import UserError
+from fisherbench.modules import unwrap
 from optim.registry import (
     AutocastFactory,
     Capabilities,
@@ -52,7 +53,6 @@ from optim.registry import (
     OptimizerRow,
     register,
     tensor_bytes,
-    unwrap,
 )
 
 # The official K-FAC/Shampoo runs exclude normalisation layers from preconditioning (ignore_modules).

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from fisherbench.errors import UserError
-from optim.registry import Capabilities, OptimizerAdapter, OptimizerOptions, OptimizerRow, register, unwrap
+from fisherbench.modules import unwrap
+from optim.registry import Capabilities, OptimizerAdapter, OptimizerOptions, OptimizerRow, register
 
 
 # --------------------------------------------------------------------------------------------------------

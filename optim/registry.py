@@ -1,28 +1,10 @@
 """The optimizer factory as data: one `OptimizerRow` per optimizer, one builder, one adapter interface.
 
-The training loop never branches on an optimizer's name. It asks `build_optimizer(options, model, ctx)` for an
-`OptimizerAdapter` and then only calls `train_step()`, `eval_weights()`, `diagnostics()`,
-`state_dict()`/`load_state_dict()`, `state_bytes()` and `param_groups`.
-
-A row says everything that differs between optimizers:
-
-* `optimizer`: the class (or a tiny constructor function); a string `"package.module:Name"` is imported at
-  build time, so `import optim` does not load every optional library.
-* `schema`: the options dataclass (Hydra types the config group with it). Every option is passed to the
-  constructor under its own name (lists as tuples), except `name` and the options the adapter or the
-  parameter-group policy reads (their `reads`). The builder checks that each passed option is a named
-  parameter of the constructor, so an option no one uses fails the build instead of being swallowed by a
-  library's `**kwargs`.
-* `groups`: the parameter-group policy (default `decay_groups`: one group, or two with no decay on tensors with
-  ndim <= 1 when `no_decay_bias_norm` is set).
-* `takes_model`: the constructor takes the model first and the groups as `params=` (module hooks).
-* `adapter`: the `OptimizerAdapter` subclass; adapters differ in hooks (`backward`, `forward_backward`,
-  `eval_weights`, `diagnostics`, state), never in `train_step`.
-* `capabilities`: what the run layer must know before it builds anything.
-
-Where rows live: `optim/*_entries.py`, one module per source of optimizer classes. The optimizer
-implementations of this project (`fadam.py`, `sgd_biascorrected.py`, `adafisher*.py`) import only torch and
-know nothing about this registry (tests/test_optim_registry.py checks both).
+The training loop never branches on an optimizer's name: it asks `build_optimizer(options, model, ctx)` for
+an `OptimizerAdapter` and only calls `train_step()`, `eval_weights()`, `diagnostics()`, `state_dict()` /
+`load_state_dict()`, `state_bytes()` and `param_groups`. Everything that differs between optimizers is a
+field of its row (class, options schema, adapter, parameter-group policy, capabilities); docs/optimizers.md
+describes the fields, how options reach the constructor, the adapter hooks and where rows live.
 """
 from __future__ import annotations
 
@@ -40,12 +22,6 @@ from torch import nn
 from fisherbench.errors import UserError
 from fisherbench.modules import unwrap
 from fisherbench.registry import Registry, options_from
-
-__all__ = [
-    "OPTIMIZERS", "AutocastFactory", "BuildContext", "Capabilities", "LossFn", "OptimizerAdapter", "OptimizerOptions",
-    "OptimizerRow", "StepOutput", "build_optimizer", "decay_groups", "named_decay_groups", "param_groups",
-    "register", "row", "strip_names", "tensor_bytes", "unwrap",
-]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 AutocastFactory = Callable[[], ContextManager[Any]]
@@ -249,7 +225,13 @@ GroupPolicy = Callable[[nn.Module, Any], Any]
 
 @dataclass(frozen=True, eq=False)
 class OptimizerRow:
-    """One optimizer: everything `build_optimizer` needs, as data (see the module docstring)."""
+    """One optimizer: everything `build_optimizer` needs, as data.
+
+    Every option is passed to the constructor under its own name (lists as tuples) except `name` and the
+    options the adapter or the group policy declares in `reads`; each passed option must be a named parameter
+    of the constructor, so an option no one uses fails the build instead of vanishing into a library's
+    `**kwargs`. A string `optimizer` ("package.module:Name") is imported at build time.
+    """
 
     name: str
     optimizer: Union[Callable[..., torch.optim.Optimizer], str]
@@ -328,20 +310,12 @@ def row(name: str) -> OptimizerRow:
     return OPTIMIZERS.get(name).builder
 
 
-def _name_of(options: Any) -> str:
-    if isinstance(options, Mapping):
-        return str(options.get("name"))
-    name = getattr(options, "name", None)
-    if name is None and hasattr(options, "get"):
-        name = options.get("name")
-    return str(name)
-
-
 def build_optimizer(
     options: Any, model: nn.Module, context: Optional[BuildContext] = None
 ) -> OptimizerAdapter:
     """Build the adapter for `options` (a schema dataclass, mapping or DictConfig with a `name`)."""
-    entry = OPTIMIZERS.get(_name_of(options))
+    # a mapping or DictConfig (a MutableMapping), or a schema instance
+    entry = OPTIMIZERS.get(str(options.get("name") if isinstance(options, Mapping) else options.name))
     opts = options_from(entry.schema, options)
     ctx = context or BuildContext()
     caps: Capabilities = entry.capabilities
