@@ -177,6 +177,9 @@ def validate(cfg: Any) -> None:
     if not 0.0 <= s.warmup_fraction < 1.0 or not 0.0 <= s.min_lr_ratio <= 1.0:
         raise UserError("schedule.warmup_fraction must be in [0, 1) and schedule.min_lr_ratio in [0, 1]")
     e = cfg.eval
+    if e.max_batches is not None and e.max_batches < 1:
+        raise UserError(f"eval.max_batches must be >= 1 or null (the whole split), got {e.max_batches}: a run "
+                        "without test metrics is not a result")
     if e.every_epochs is not None and e.every_epochs < 1:
         raise UserError(f"eval.every_epochs must be >= 1 or null, got {e.every_epochs}")
     if e.every_fraction is not None and not 0.0 < e.every_fraction <= 1.0:

@@ -55,7 +55,8 @@ from optim.registry import (
     tensor_bytes,
 )
 
-# The official K-FAC/Shampoo runs exclude normalisation layers from preconditioning (ignore_modules).
+# The paper's runs exclude normalisation layers from preconditioning (the official trainer passes
+# `ignore_modules=[BatchNorm1d/2d/3d, LayerNorm]` to ASDL's PreconditioningConfig).
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
 # SymMatrix constructor keyword -> (attribute, sub-attribute): everything K-FAC can store per module.
 _SYMMATRIX_FIELDS = {
