@@ -38,6 +38,8 @@ class SGDBiasCorrectedOptions(OptimizerOptions):
     lr: float = 1.0
     weight_decay: float = 5e-4  # coupled L2, as AdaFisher's
     momentum: float = 0.9  # β of the EMA momentum (AdaFisher's `beta`)
+    # θ ← θ·(1 − lr·wd) instead of L2 in the momentum: AdaFisherW's constf at wd = λ·wd_AdaFisherW
+    decoupled_weight_decay: bool = False
 
 
 @dataclass

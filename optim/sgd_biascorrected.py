@@ -1,13 +1,17 @@
 """SGD with bias-corrected EMA momentum: the update of AdaFisher's `constf` variant (F ≡ λ) without AdaFisher.
 
-Per parameter, with momentum m (starts at 0) and step counter t:
+Per parameter, with momentum m (starts at 0), step counter t and weight decay wd:
 
-1. ``m ← β·m + (1 − β)·(g + λ_wd·θ)``            (EMA momentum, coupled L2 weight decay)
+1. ``m ← β·m + (1 − β)·(g + wd·θ)``              (EMA momentum, coupled L2 weight decay)
 2. ``θ ← θ − lr · m / (1 − β^t)``                 (Adam-style bias correction of the first moment)
 
-AdaFisher with F ≡ λ (`variant=constf`) takes exactly this step at ``lr_AdaFisher / λ``, from its first step.
-Torch's SGD (dampening 0) keeps ``b = m / (1 − β)``, so this optimizer at lr equals `torch.optim.SGD` at
-``lr·(1 − β)`` once ``β^t`` is negligible; its first step is ``1 / (1 − β)`` times larger (10× for β = 0.9).
+With ``decoupled_weight_decay=True`` the decay leaves the gradient and the step becomes
+``θ ← θ·(1 − lr·wd) − lr · m / (1 − β^t)`` (decay multiplied by lr, as AdamW and AdaFisherW).
+
+AdaFisher with F ≡ λ (`variant=constf`) takes exactly this step at ``lr = lr_AdaFisher / λ``, from its first
+step (AdaFisherW: decoupled, with ``wd = λ · wd_AdaFisherW`` so that ``lr·wd`` is the same). Torch's SGD
+(dampening 0) keeps ``b = m / (1 − β)``, so this optimizer at lr equals `torch.optim.SGD` at ``lr·(1 − β)``
+once ``β^t`` is negligible; its first step is ``1 / (1 − β)`` times larger (10× for β = 0.9).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class SGDBiasCorrected(Optimizer):
         lr: float = 1e-3,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"SGDBiasCorrected: lr must be > 0, got {lr}")
@@ -34,7 +39,8 @@ class SGDBiasCorrected(Optimizer):
             raise ValueError(f"SGDBiasCorrected: momentum must be in [0, 1) (1 − β^t divides), got {momentum}")
         if not weight_decay >= 0:
             raise ValueError(f"SGDBiasCorrected: weight_decay must be >= 0, got {weight_decay}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      decoupled_weight_decay=bool(decoupled_weight_decay)))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
@@ -66,5 +72,8 @@ class SGDBiasCorrected(Optimizer):
         bufs = [self.state[p]["momentum_buffer"] for p in params]
         torch._foreach_lerp_(bufs, grads, 1.0 - beta)
         if wd != 0.0:
-            torch._foreach_add_(bufs, params, alpha=(1.0 - beta) * wd)
+            if group["decoupled_weight_decay"]:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            else:
+                torch._foreach_add_(bufs, params, alpha=(1.0 - beta) * wd)
         torch._foreach_add_(params, bufs, alpha=-lr / (1.0 - beta**step))

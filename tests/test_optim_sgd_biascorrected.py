@@ -26,13 +26,14 @@ def batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(n)]
 
 
-def test_matches_a_brute_force_loop_with_two_param_groups():
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_matches_a_brute_force_loop_with_two_param_groups(decoupled):
     model = cnn()
     ref = copy.deepcopy(model)
     conv = list(model[0].parameters())
     rest = [p for n, p in model.named_parameters() if not n.startswith("0.")]
     opt = SGDBiasCorrected([{"params": conv, "lr": 0.3, "weight_decay": 0.01}, {"params": rest}],
-                           lr=0.5, momentum=0.8, weight_decay=1e-3)
+                           lr=0.5, momentum=0.8, weight_decay=1e-3, decoupled_weight_decay=decoupled)
     hyper = {n: (0.3, 0.01) if n.startswith("0.") else (0.5, 1e-3) for n, _ in ref.named_parameters()}
     m = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
     beta = 0.8
@@ -45,21 +46,30 @@ def test_matches_a_brute_force_loop_with_two_param_groups():
         with torch.no_grad():
             for n, p in ref.named_parameters():
                 lr, wd = hyper[n]
-                m[n] = beta * m[n] + (1 - beta) * (p.grad + wd * p)
-                p -= lr * m[n] / (1 - beta**t)
+                if decoupled:
+                    m[n] = beta * m[n] + (1 - beta) * p.grad
+                    p -= lr * (m[n] / (1 - beta**t) + wd * p)
+                else:
+                    m[n] = beta * m[n] + (1 - beta) * (p.grad + wd * p)
+                    p -= lr * m[n] / (1 - beta**t)
         for (n, a), b in zip(model.named_parameters(), ref.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15, msg=f"{n} at step {t}")
     assert all(opt.state[p]["step"] == 8 for p in model.parameters())
 
 
-@pytest.mark.parametrize("lr,damping", [(1e-3, 1e-3), (2e-3, 4e-3)])
-def test_equals_adafisher_constf_at_lr_over_damping_from_the_first_step(lr, damping):
-    """Both through the registry, float64: AdaFisher with F ≡ λ takes exactly this optimizer's steps at lr/λ."""
+@pytest.mark.parametrize("name,lr,damping,wd", [
+    ("adafisher", 1e-3, 1e-3, 5e-4), ("adafisher", 2e-3, 4e-3, 5e-4), ("adafisherw", 1e-3, 3e-3, 1e-2),
+])
+def test_equals_adafisher_constf_at_lr_over_damping_from_the_first_step(name, lr, damping, wd):
+    """Both through the registry, float64: AdaFisher with F ≡ λ takes exactly this optimizer's steps at lr/λ
+    (AdaFisherW: decoupled decay at λ·wd, so that the per-step shrinkage lr·wd is the same)."""
     constf_model, sgd_model = cnn(), cnn()
-    constf = build_optimizer({"name": "adafisher", "variant": "constf", "lr": lr, "damping": damping,
-                              "weight_decay": 5e-4, "beta": 0.9}, constf_model)
-    sgd = build_optimizer({"name": "sgd_biascorrected", "lr": lr / damping, "weight_decay": 5e-4,
-                           "momentum": 0.9}, sgd_model)
+    constf = build_optimizer({"name": name, "variant": "constf", "lr": lr, "damping": damping,
+                              "weight_decay": wd, "beta": 0.9}, constf_model)
+    decoupled = name == "adafisherw"
+    sgd = build_optimizer({"name": "sgd_biascorrected", "lr": lr / damping, "momentum": 0.9,
+                           "weight_decay": damping * wd if decoupled else wd,
+                           "decoupled_weight_decay": decoupled}, sgd_model)
     for t, (x, y) in enumerate(batches(10, seed=1), start=1):
         constf.train_step(constf_model, x, y, F.cross_entropy)
         sgd.train_step(sgd_model, x, y, F.cross_entropy)
@@ -78,6 +88,7 @@ def test_configs_keep_the_constf_equivalence():
     assert constf["variant"] == "constf"
     assert sgd["lr"] == pytest.approx(constf["lr"] / constf["damping"], rel=1e-12)
     assert (sgd["momentum"], sgd["weight_decay"]) == (constf["beta"], constf["weight_decay"])
+    assert sgd["decoupled_weight_decay"] is False  # adafisher (not adafisherw): coupled L2
     plain = OmegaConf.to_container(compose_config(["optimizer=sgd"]).optimizer)
     # the `sgd` arm is the steady-state equivalent: lr·(1 − β) with torch's undamped momentum buffer
     assert plain["lr"] == pytest.approx(sgd["lr"] * (1 - sgd["momentum"]), rel=1e-12)
