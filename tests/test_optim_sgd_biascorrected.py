@@ -143,3 +143,26 @@ def test_state_dict_round_trip_continues_bitwise():
             o.step()
     for a, b in zip(model.parameters(), clone.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_step_matches_cpu_and_never_syncs_with_the_host():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cpu_model = cnn().float()
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    data = [(x.float(), y) for x, y in batches(3, seed=4)]
+    for model, dev in ((cpu_model, "cpu"), (gpu_model, "cuda")):
+        opt = SGDBiasCorrected(model.parameters(), lr=0.5, weight_decay=1e-3)
+        for step, (x, y) in enumerate(data):
+            opt.zero_grad()
+            F.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
+            if dev == "cuda" and step == 2:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")  # any host sync inside step() raises
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(cpu_model.parameters(), gpu_model.parameters()):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-5, atol=1e-6)
