@@ -219,7 +219,8 @@ class KfacAdapter(AsdlAdapter):
             if not any(p.requires_grad for p in m.parameters(recurse=False)) or isinstance(m, NORM_LAYERS):
                 continue
             if isinstance(m, nn.Embedding):
-                reason = "nn.Embedding (ASDL 0.1a5 has no K-FAC inverse for it with ema_decay=-1, and otherwise applies its factors to a reshaped, not transposed, gradient)"
+                reason = ("nn.Embedding (ASDL 0.1a5 has no K-FAC inverse for it with ema_decay=-1, and otherwise "
+                          "applies its factors to a reshaped, not transposed, gradient)")
             elif options.max_factor_dim is not None and any(d > options.max_factor_dim for d in _kfac_factor_dims(m)):
                 reason = f"a Kronecker factor larger than max_factor_dim={options.max_factor_dim}"
             elif _excluded_by_name(name, options.exclude_modules):

@@ -16,7 +16,7 @@ Differences from `pytorch_optimizer.FAdam` (4.1.0), found by reading its source 
 `tests/test_fadam.py`:
 
 * Adaptive ε. pytorch_optimizer adds ``min(eps, eps_2·RMS(g))^(2p)`` with a separate ``eps_2 = 0.01``;
-  the paper/spec adds ``ε·min(1, RMS(g))`` (i.e. ``eps_2 = eps``) and does not raise it to 2p. With
+  the paper adds ``ε·min(1, RMS(g))`` (i.e. ``eps_2 = eps``) and does not raise it to 2p. With
   its defaults pytorch_optimizer's ε_t is 1e-8 whenever RMS(g) ≥ 1e-6, where ours is 1e-8·RMS(g).
   The two agree exactly when ``eps_2 = eps`` and ``p = 0.5``.
 * Step counter. pytorch_optimizer counts steps per parameter *group*; we count per *parameter*

@@ -144,15 +144,18 @@ class MuonOptions(OptimizerOptions):
     adamw_modules: list[str] = field(default_factory=list)
 
 
-def muon_split(model: nn.Module, adamw_modules: list[str]) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+Named = list[tuple[str, nn.Parameter]]
+
+
+def muon_split(model: nn.Module, adamw_modules: list[str]) -> tuple[Named, Named]:
     """(Muon parameters, AdamW parameters) by name: AdamW gets every tensor with < 2 dims, every nn.Embedding,
     and the modules named in `adamw_modules` (default: the last nn.Linear, i.e. the output head)."""
     inner = unwrap(model)
     prefixes = list(adamw_modules) or [name for name, m in inner.named_modules() if isinstance(m, nn.Linear)][-1:]
     prefixes += [name for name, m in inner.named_modules() if isinstance(m, nn.Embedding)]
     fallback_ids = {
-        id(p) for name, m in inner.named_modules() if name in prefixes or any(name.startswith(f + ".") for f in prefixes)
-        for p in m.parameters()
+        id(p) for name, m in inner.named_modules()
+        if name in prefixes or any(name.startswith(f + ".") for f in prefixes) for p in m.parameters()
     }
     muon, adamw, seen = [], [], set()
     for name, p in inner.named_parameters():
@@ -171,7 +174,8 @@ def muon_groups(model: nn.Module, opts: MuonOptions) -> list[dict[str, Any]]:
                       stacklevel=2)
     groups: list[dict[str, Any]] = []
     if muon:
-        groups.append({"params": [p for _, p in muon], "use_muon": True, "lr": opts.lr, "weight_decay": opts.weight_decay})
+        groups.append({"params": [p for _, p in muon], "use_muon": True, "lr": opts.lr,
+                       "weight_decay": opts.weight_decay})
     decay = [p for _, p in adamw if not (opts.no_decay_bias_norm and p.ndim <= 1)]
     no_decay = [p for _, p in adamw if opts.no_decay_bias_norm and p.ndim <= 1]
     for params, wd in ((decay, opts.adamw_wd), (no_decay, 0.0)):

@@ -77,7 +77,8 @@ def render() -> str:
         caps = r.capabilities
         target = r.optimizer if isinstance(r.optimizer, str) else describe(r.optimizer)
         cells = [
-            f"`{name}`", f"`{target.replace(':', '.')}`", f"`{r.adapter.__name__}`", r.source, r.family, _flag(r.takes_model),
+            f"`{name}`", f"`{target.replace(':', '.')}`", f"`{r.adapter.__name__}`", r.source, r.family,
+            _flag(r.takes_model),
             _flag(caps.needs_create_graph), _flag(r.overrides("forward_backward")), _flag(caps.supports_ddp),
             _flag(caps.supports_amp), _flag(r.overrides("eval_weights")),
             f"`{caps.period_option}`" if caps.period_option else "-",

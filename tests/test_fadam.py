@@ -14,7 +14,7 @@ from optim import FAdam, build_optimizer
 
 
 def reference_step(theta, g, f, m, t, *, lr, beta1, beta2, eps, clip, p, wd):
-    """One step of the spec's six equations in float64 numpy for one tensor: (θ, f, m) after step t."""
+    """One step of FAdam's six equations (docs/optimizers.md), float64 numpy, one tensor: (θ, f, m) after step t."""
     def rms(x):
         return float(np.sqrt(np.mean(x * x)))
 
@@ -31,7 +31,7 @@ def reference_step(theta, g, f, m, t, *, lr, beta1, beta2, eps, clip, p, wd):
 
 
 def reference_fadam(thetas, grads_per_step, **hp):
-    """The spec's six equations, one tensor at a time. `grads_per_step[t][i]` may be None (no gradient for
+    """FAdam's six equations, one tensor at a time. `grads_per_step[t][i]` may be None (no gradient for
     tensor i at step t: it is skipped and its own step counter does not advance)."""
     thetas = [np.array(t, dtype=np.float64) for t in thetas]
     f = [np.zeros_like(t) for t in thetas]

@@ -73,7 +73,8 @@ def test_capabilities_hold_only_fields_the_run_layer_reads():
 # ---------------------------------------------------------------------------- defaults in one place
 def _configs() -> dict[str, str]:
     """config file stem -> registry name it selects."""
-    return {p.stem: str(yaml.safe_load(p.read_text(encoding="utf-8"))["name"]) for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+    return {p.stem: str(yaml.safe_load(p.read_text(encoding="utf-8"))["name"])
+            for p in sorted(CONFIG_DIR.glob("*.yaml"))}
 
 
 def test_every_config_selects_a_registered_optimizer_and_every_optimizer_has_its_plain_config():
@@ -188,6 +189,7 @@ def test_docs_page_stands_alone():
 def test_table_splice_replaces_only_the_marked_block():
     capability_table = _capability_table_module()
     text = "intro\n<!-- capabilities:start -->\nold\n<!-- capabilities:end -->\noutro\n"
-    assert capability_table.splice(text, "NEW") == "intro\n<!-- capabilities:start -->\nNEW\n<!-- capabilities:end -->\noutro\n"
+    expected = "intro\n<!-- capabilities:start -->\nNEW\n<!-- capabilities:end -->\noutro\n"
+    assert capability_table.splice(text, "NEW") == expected
     with pytest.raises(ValueError, match="markers"):
         capability_table.splice("no markers here", "NEW")
