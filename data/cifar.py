@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fisherbench.config import not_identity
 from fisherbench.errors import UserError
 
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, BatchAugment, Cutout
@@ -207,8 +208,8 @@ def torchvision_transforms(spec: CifarSpec, *, augment: bool, cutout_length: int
 class CifarOptions(ClassificationOptions):
     name: str = "cifar10"
     batch_size: int = 256
-    download: bool = True  # fetch the files when they are missing
-    verify: bool = True  # check torchvision's MD5s of the files (false: hand-made files in the same format)
+    download: bool = not_identity(True)  # fetch the files when they are missing
+    verify: bool = not_identity(True)  # check torchvision's MD5s of the files (false: hand-made files in the same format)
     augment: bool = True  # RandomCrop(32, padding 4) + horizontal flip on training images
     cutout: bool = True  # Cutout after normalisation (the paper's shipped configs have it on)
     cutout_length: int = 16

@@ -123,7 +123,7 @@ CHECKS = ("decode", "header")
 class ImageFolderOptions(ClassificationOptions):
     name: str = "image_folder"
     batch_size: int = 64
-    num_workers: int = 4  # DataLoader workers, capped at the cores this process may use
+    num_workers: int = not_identity(4)  # DataLoader workers, capped at the cores this process may use
     # side of the (square) model input; None = the training images' median shorter side, at most 224
     image_size: Optional[int] = None
     channels: int = 3  # 3 = RGB, 1 = grayscale (images are converted on load)

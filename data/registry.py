@@ -8,6 +8,7 @@ from typing import Any, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
+from fisherbench.config import not_identity
 from fisherbench.errors import UserError
 from fisherbench.registry import Registry, options_from
 
@@ -43,8 +44,10 @@ class DataOptions:
     name: str = "???"
     batch_size: int = 256  # global batch (split across ranks under DDP)
     eval_batch_size: Optional[int] = None  # None = batch_size
-    root: Optional[str] = None  # None = $FISHERBENCH_DATA or ~/.cache/fisherbench/data
-    num_workers: int = 0
+    # where the files are and how many processes read them do not change the data (meta.json records the
+    # data's fingerprint; order and augmentation are seeded per sample): not part of the run identity
+    root: Optional[str] = not_identity(None)  # None = $FISHERBENCH_DATA or ~/.cache/fisherbench/data
+    num_workers: int = not_identity(0)
     loader: str = "auto"  # auto | torch | resident (whole set as tensors on the run's device)
 
 

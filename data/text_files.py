@@ -62,7 +62,7 @@ class TextFilesOptions(DataOptions):
     vocab_size: int = 8192  # tokenizer=train: target vocabulary (>= 256, the byte alphabet)
     min_frequency: int = 2  # tokenizer=train: a pair merges only if it occurs at least this often
     val_fraction: float = 0.0  # with no data.valid: share of the training text (its end) held out as val
-    cache: bool = True  # keep trained tokenizers and token ids under cache_dir
+    cache: bool = not_identity(True)  # keep trained tokenizers and token ids under cache_dir
     cache_dir: Optional[str] = not_identity(None)  # None = $FISHERBENCH_DATA/cache
 
 

@@ -16,6 +16,7 @@ from data.image_folder import LabelledImageFiles, check_counts, imagenet_style_t
 from data.loaders import TorchLoaderSource, resolve_loader
 from data.registry import DATASETS, BuildContext, ClassificationOptions, DataBundle, DataCapabilities, resolve_root
 from data.splits import hold_out
+from fisherbench.config import not_identity
 
 FOLDER = "tiny-imagenet-200"
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -76,8 +77,8 @@ def read_wnids(base: Path) -> list[str]:
 class TinyImageNetOptions(ClassificationOptions):
     name: str = "tiny_imagenet"
     batch_size: int = 256
-    download: bool = True
-    verify: bool = True  # check the class and image counts (200 / 100,000 / 10,000)
+    download: bool = not_identity(True)
+    verify: bool = not_identity(True)  # check the class and image counts (200 / 100,000 / 10,000)
     cutout: bool = True  # the official trainer's shipped config (`cutout: True`) applies to every dataset
     cutout_length: int = 16
 

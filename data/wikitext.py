@@ -24,6 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from fisherbench.config import not_identity
 from fisherbench.errors import UserError
 
 from data.download import (
@@ -237,9 +238,9 @@ class WikiText2Options(DataOptions):
     batch_size: int = 32
     seq_len: int = 256
     variant: str = "raw"  # raw (wiki.*.raw) | tokens (wiki.*.tokens, rare words replaced by <unk>)
-    tokenizer_dir: Optional[str] = None  # folder with GPT-1's vocab.json + merges.txt; None = <root>/openai-gpt
-    download: bool = True
-    cache: bool = True  # keep the tokenised splits as .npy next to the text
+    tokenizer_dir: Optional[str] = not_identity(None)  # folder with GPT-1's vocab.json + merges.txt; None = <root>/openai-gpt
+    download: bool = not_identity(True)
+    cache: bool = not_identity(True)  # keep the tokenised splits as .npy next to the text
 
 
 @DATASETS.register(

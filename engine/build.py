@@ -24,6 +24,10 @@ from fisherbench.errors import UserError
 from fisherbench.registry import Entry
 
 
+# the entries of a bundle's `extras` that meta.json records (plain data describing the data actually used)
+DATASET_FACTS = ("split", "splits", "normalization", "image_size", "num_workers", "tokenizer", "tokenizer_sha256")
+
+
 @dataclass
 class Components:
     bundle: Any  # data.DataBundle
@@ -101,8 +105,13 @@ def run_meta(cfg: DictConfig, device: torch.device, bundle: Any, info: DistInfo,
         "device": device_info(device),
         "world_size": info.world_size,
         "deterministic": bool(cfg.deterministic),
-        "dataset": {"fingerprint": bundle.fingerprint, "num_train": bundle.num_train,
-                    "input_shape": list(bundle.input_shape), "num_classes": bundle.num_classes},
+        "dataset": {
+            "name": cfg.data.name, "description": bundle.description, "fingerprint": bundle.fingerprint,
+            "num_train": bundle.num_train, "input_shape": list(bundle.input_shape),
+            "num_classes": bundle.num_classes, "evals": list(bundle.evals),
+            # how the splits were made, normalisation, tokenizer, ... as the dataset reports them
+            **{k: v for k, v in bundle.extras.items() if k in DATASET_FACTS},
+        },
         "param_count": param_count,
         "choices": dict(cfg.get("_choices", {}) or {}),
         "argv": list(sys.argv),
