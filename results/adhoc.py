@@ -49,7 +49,7 @@ def parse_key_values(text: str) -> tuple[str, list[str]]:
 
 def default_metric(runs: Sequence[StoredRun]) -> str:
     """The metric a table of these runs shows by default: the paper's for the runs' selection metric."""
-    selects = [str((r.summary or {}).get("select_metric")) for r in runs if r.summary]
+    selects = [s for r in runs if isinstance(s := (r.summary or {}).get("select_metric"), str)]
     select = max(set(selects), key=selects.count) if selects else "test/acc1"
     return {"test/acc1": "best_acc1", "val/ppl": "test_ppl", "val/acc1": "test_acc1_at_best_val"}.get(
         select, f"best:{select}")

@@ -152,7 +152,7 @@ class StoredRun:
             try:
                 self._rows = self.run_dir.metrics()
             except CorruptRunError as exc:
-                self.problem = self.problem or str(exc)
+                self.problem = self.problem or problem_text(self.run_dir, exc)
                 self._rows = []
         return self._rows
 
@@ -183,9 +183,12 @@ class StoreIndex:
             dirs = tqdm(dirs, desc=f"reading {self.root}", unit="run", leave=False, disable=None, file=sys.stderr)
         self.by_signature: dict[str, list[StoredRun]] = {}
         for rd in dirs:
-            run = read_run(rd)
-            if run is None:
-                self.corrupt.append(CorruptRun(rd.path, rd.problem() or "config.yaml is missing"))
+            try:
+                run = read_run(rd)
+            except CorruptRunError as exc:  # the config cannot be read: the run belongs to no cell
+                self.corrupt.append(CorruptRun(rd.path, problem_text(rd, exc)))
+                continue
+            if run is None:  # removed while we read the store
                 continue
             self.runs.append(run)
             self.by_signature.setdefault(run.signature, []).append(run)
@@ -204,13 +207,19 @@ class StoreIndex:
         return sorted([*self.corrupt, *more], key=lambda c: str(c.path))
 
 
-def read_run(rd: RunDir) -> Optional[StoredRun]:
-    """A run directory as a StoredRun (status `corrupt` with its problem when a file does not validate); None
-    when its config cannot be read at all."""
+def problem_text(rd: RunDir, exc: CorruptRunError) -> str:
+    """`summary.json: holds a JSON list, not an object` (the file relative to its run directory)."""
     try:
-        cfg = rd.config()
-    except CorruptRunError:
-        return None
+        name = str(exc.path.relative_to(rd.path))
+    except ValueError:
+        name = str(exc.path)
+    return f"{name}: {exc.problem}"
+
+
+def read_run(rd: RunDir) -> Optional[StoredRun]:
+    """A run directory as a StoredRun, with status `corrupt` and its problem when its summary or meta does not
+    validate; CorruptRunError when its config cannot be read; None when it has no config (removed meanwhile)."""
+    cfg = rd.config()
     if cfg is None:
         return None
     problem = None
@@ -219,14 +228,14 @@ def read_run(rd: RunDir) -> Optional[StoredRun]:
         summary = rd.summary()
         rd.meta()
     except CorruptRunError as exc:
-        problem = str(exc)
+        problem = problem_text(rd, exc)
     seed = cfg.get("seed", 0)
     if problem is None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        problem = f"{rd.config_path}: 'seed' is a {type(seed).__name__}, expected int"
+        problem = f"config.yaml: 'seed' is a {type(seed).__name__}, expected int"
     try:
         signature = match_signature(cfg)
     except (TypeError, ValueError) as exc:  # a mapping that is not config-shaped
-        signature, problem = f"corrupt:{rd.run_id}", problem or f"{rd.config_path}: {exc}"
+        signature, problem = f"corrupt:{rd.run_id}", problem or f"config.yaml: {exc}"
     return StoredRun(rd, cfg, summary, signature, problem)
 
 
