@@ -60,17 +60,20 @@ def _identity_items(run: StoredRun) -> dict[str, str]:
     return {k: value_text(v) for k, v in flat.items() if not k.startswith(_IGNORED_IN_LABELS)}
 
 
-def _variant_labels(runs: Sequence[StoredRun]) -> dict[str, str]:
-    """signature -> a label of the config keys in which the experiments of one cell differ ('' when one)."""
-    sigs = list(dict.fromkeys(r.signature for r in runs))
-    if len(sigs) < 2:
-        return {s: "" for s in sigs}
-    items = {r.signature: _identity_items(r) for r in runs}
-    keys = sorted({k for it in items.values() for k in it})
-    differing = [k for k in keys if len({items[s].get(k, "—") for s in sigs}) > 1]
-    shown = differing[:3]
+def _variant_labels(by_row: Sequence[Sequence[StoredRun]]) -> dict[str, str]:
+    """signature -> a label of the config keys in which experiments of one column differ within a row ('' when
+    no row of the column holds two experiments). Keys that differ only between rows (the rows' own keys and
+    what follows from them) are left out; every experiment of the column is labelled with the same keys."""
+    items = {r.signature: _identity_items(r) for runs in by_row for r in runs}
+    differing: set[str] = set()
+    for runs in by_row:
+        sigs = list(dict.fromkeys(r.signature for r in runs))
+        if len(sigs) > 1:
+            keys = {k for s in sigs for k in items[s]}
+            differing |= {k for k in keys if len({items[s].get(k, "—") for s in sigs}) > 1}
+    shown = sorted(differing)[:3]
     more = ", …" if len(differing) > 3 else ""
-    return {s: ", ".join(f"{k}={items[s].get(k, '—')}" for k in shown) + more for s in sigs}
+    return {s: (", ".join(f"{k}={items[s].get(k, '—')}" for k in shown) + more if shown else "") for s in items}
 
 
 def build(index: StoreIndex, req: AdhocRequest) -> list[TableResult]:
@@ -105,9 +108,7 @@ def build(index: StoreIndex, req: AdhocRequest) -> list[TableResult]:
     cells_in: list[tuple[str, str, list[StoredRun]]] = []
     columns: list[str] = []
     for col in col_order:
-        labels: dict[str, str] = {}
-        for row in row_order:
-            labels.update(_variant_labels(groups.get((row, col), [])))
+        labels = _variant_labels([groups.get((row, col), []) for row in row_order])
         for row in row_order:
             by_sig: dict[str, list[StoredRun]] = {}
             for r in groups.get((row, col), []):
