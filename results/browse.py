@@ -246,7 +246,10 @@ def cmd_wandb(args) -> int:
 
     files = resolve_run_files(args.file, args.store)
     for f in files:
-        print_run(f, history=args.history)
+        try:
+            print_run(f, history=args.history)
+        except ValueError as exc:  # not a W&B run file, or a damaged one: the user's file to check
+            raise UserError(str(exc)) from None
     return 0
 
 
