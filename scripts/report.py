@@ -56,6 +56,13 @@ def report_input(spec, arm_sets: Sequence[str], overrides: Sequence[str] = (), w
     from sweep.expand import compose_cell, hydra_context
     from sweep.spec import SpecError
 
+    from fisherbench.scores import get_metric
+
+    for metric in spec.metrics():  # a metric name is checked before anything is composed
+        try:
+            get_metric(metric)
+        except UserError as exc:
+            raise UserError(f"sweep spec {spec.path or spec.name}: {exc}") from None
     cells = spec.cells(arm_sets, rows, columns)
     if columns:
         known = {c for _, c in spec.columns(arm_sets)}
@@ -167,9 +174,12 @@ def write_trials(name: str, results_dir: Path, index: StoreIndex, out: Path, fig
 # -------------------------------------------------------------------------------------------- commands
 def report_spec(name: str, index: StoreIndex, out: Path, args, overrides: Sequence[str], verbose: bool,
                 target: Optional[Target]) -> list[TableResult]:
-    from sweep.spec import load_spec
+    from sweep.spec import SpecError, load_spec
 
-    spec = load_spec(name)
+    try:
+        spec = load_spec(name)
+    except SpecError as exc:  # some of the spec loader's messages do not say which file they are about
+        raise SpecError(str(exc) if name in str(exc) else f"sweep spec {name}: {exc}") from None
     arm_sets = _csv(args.arms) or ["main"]
     rows = _csv(",".join(args.rows_keys)) if args.rows_keys else None
     data = report_input(spec, arm_sets, overrides, args.wct, rows, _csv(args.columns),

@@ -246,6 +246,25 @@ def test_report_script_rows_and_columns_select_cells(golden, tmp_path, capsys):
     assert "no column 'Lion'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text,message", [
+    ("rows: {a: {}}\narms: {main: {Adam: [optimizer=adam]}}\ncolumns: [x]\n", "unknown keys ['columns']"),
+    ("rows: {a: {}}\narms: {main: {Adam: [optimizer=adam]}}\nmetric: best_acc9\n", "unknown metric 'best_acc9'"),
+    ("rows: {a: {}}\narms: {main: {Adam: [optimizer=adam]}}\npaper: {b: {Adam: 90}}\n", "names row 'b'"),
+    ("rows: {a: {}}\narms: {main: {Adam: [optimizer=adam]}}\npaper: {a: {Adam: 'about 90'}}\n",
+     "neither a number, 'mean±std', nor '—'"),
+    ("rows: [a\n", "is not valid YAML"),
+    ("title: no rows\n", "needs `rows` and `arms`"),
+])
+def test_spec_by_path_is_validated_with_clear_errors(tmp_path, capsys, text, message):
+    """A spec given by path (docs/reports.md documents the schema): mistakes are messages naming the file, exit 2."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    (tmp_path / "runs").mkdir()
+    assert report_script().main([str(path), "--store", str(tmp_path / "runs"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err and "Traceback" not in err
+
+
 def test_report_layer_does_not_compose():
     """Reports take composed cells as plain data: results/ imports neither the sweep nor the run layer."""
     import ast
