@@ -75,7 +75,10 @@ def report_input(spec, arm_sets: Sequence[str], overrides: Sequence[str] = (), w
     inputs = []
     with hydra_context():
         for i, cell in enumerate(cells):
-            cc = compose_cell(spec, cell, wct, overrides)
+            try:
+                cc = compose_cell(spec, cell, wct, overrides)
+            except ValueError as exc:  # the expander's "does not compose (overrides): why" / unscalable value
+                raise UserError(f"sweep spec {spec.path or spec.name}: {exc}") from None
             inputs.append(CellInput(cell.row, cell.column, cell.arm_set, resolved_dict(cc.config), dict(cell.tags)))
             if progress is not None:
                 progress(i + 1, len(cells))

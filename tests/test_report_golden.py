@@ -254,6 +254,7 @@ def test_report_script_rows_and_columns_select_cells(golden, tmp_path, capsys):
      "neither a number, 'mean±std', nor '—'"),
     ("rows: [a\n", "is not valid YAML"),
     ("title: no rows\n", "needs `rows` and `arms`"),
+    ("rows: {a: {}}\narms: {main: {Adam: [optimizer=adamm]}}\n", "does not compose (optimizer=adamm"),
 ])
 def test_spec_by_path_is_validated_with_clear_errors(tmp_path, capsys, text, message):
     """A spec given by path (docs/reports.md documents the schema): mistakes are messages naming the file, exit 2."""
