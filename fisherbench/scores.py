@@ -7,7 +7,8 @@ Named metrics (`METRICS`):
   on the test set; it is what the paper's tables report, so reproductions use it), and `test_ppl`, the test
   perplexity at the best validation perplexity;
 - validation-based selection: `test_acc1_at_best_val` (test top-1 at the evaluation with the best validation
-  top-1), `best_val_acc1`;
+  top-1), `best_val_acc1`, `best_val_ppl` (`VALIDATION_COUNTERPART` names the one that selects for each test
+  metric);
 - `final_test_acc1`, `final_test_ppl`: the last evaluation.
 
 Any logged key can also be scored with a generic form: `best:KEY` (best over evaluations), `final:KEY` (the
@@ -128,9 +129,15 @@ METRICS: dict[str, Metric] = {
     "test_acc1_at_best_val": Metric("test_acc1_at_best_val", "test top-1 at the best validation top-1 (%)", True,
                                     _at_best("test/acc1", "val/acc1"), key="test/acc1"),
     "best_val_acc1": Metric("best_val_acc1", "best validation top-1 (%)", True, _best("val/acc1"), key="val/acc1"),
+    "best_val_ppl": Metric("best_val_ppl", "best validation perplexity", False, _best("val/ppl"), key="val/ppl"),
     "final_test_acc1": Metric("final_test_acc1", "final test top-1 (%)", True, _final("test/acc1"), key="test/acc1"),
     "final_test_ppl": Metric("final_test_ppl", "final test perplexity", False, _final("test/ppl"), key="test/ppl"),
 }
+# The validation metric that selects for each test metric (a grid's best row, a search's objective): choosing
+# by the test metric itself would tune on the test set.
+VALIDATION_COUNTERPART = {"best_acc1": "best_val_acc1", "best_acc5": "best_val_acc1", "test_ppl": "best_val_ppl",
+                          "test_acc1_at_best_val": "best_val_acc1", "final_test_acc1": "best_val_acc1",
+                          "final_test_ppl": "best_val_ppl"}
 _KEY = r"[A-Za-z_][\w.]*(?:/[\w.]+)*"
 
 

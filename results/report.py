@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from fisherbench.errors import UserError
-from fisherbench.scores import METRICS, Metric, as_number as _num, get_metric  # noqa: F401  (part of the report API)
+from fisherbench.scores import (  # noqa: F401  (part of the report API)
+    METRICS, VALIDATION_COUNTERPART, Metric, as_number as _num, get_metric,
+)
 from results.runs import (  # noqa: F401  (re-exported: the report API)
     MATCH_IGNORE, OK_STATUSES, StoredRun, StoreIndex, flatten, match_signature, prefer, run_epoch_seconds,
     run_epochs, run_peak_memory, run_train_seconds,
@@ -81,7 +83,8 @@ class ReportSpec:
     notes: list[str] = field(default_factory=list)
     paper_seeds: int = 5  # seeds behind each paper mean ± std (the t-test's n on the paper's side)
     best: str = "row"  # mark the best cell per "row" (the paper's bold), per "column" (grids), or "none"
-    best_label: str = ""  # what the mark means, e.g. "best optimizer.lr per column"
+    best_label: str = ""  # what the mark means, e.g. "the best optimizer.lr of each column"
+    select: Optional[str] = None  # the metric that picks the best cell (default: see TableResult.selection)
 
     @property
     def metric(self) -> str:
@@ -246,6 +249,15 @@ class CellResult:
             return f"incomplete {self.n}/{self.expected}"
         return kind
 
+    def mean_score(self, metric: Metric) -> Optional[float]:
+        """The mean of another metric over this cell's seeds; None unless every expected seed has it."""
+        if metric.name == self.metric.name:
+            return self.mean if self.complete else None
+        values = [metric.score(s.run.summary or {}, s.run.rows()) if s.run.ok else None for s in self.seeds]
+        if len(values) != self.expected or any(v is None for v in values):
+            return None
+        return sum(values) / len(values)  # type: ignore[arg-type]
+
     # facts per run for Table 6 and the figures
     def mean_of(self, fn: Callable[[StoredRun], Optional[float]]) -> Optional[float]:
         vals = [v for v in (fn(s.run) for s in self.seeds) if v is not None]
@@ -283,6 +295,7 @@ class TableResult:
     cells: list[CellResult]
     rows: list[str]
     columns: list[str]
+    _selection: Optional[tuple] = field(default=None, repr=False)
 
     def cell(self, row: str, column: str) -> Optional[CellResult]:
         for c in self.cells:
@@ -294,22 +307,42 @@ class TableResult:
     def has_paper(self) -> bool:
         return any(c.paper is not None for c in self.cells)
 
+    def selection(self) -> tuple[Optional[Metric], dict[tuple[str, str], float]]:
+        """The metric that picks the best cells, and its mean per complete cell: `spec.select` if set, else the
+        validation counterpart of the table's metric (`fisherbench.scores.VALIDATION_COUNTERPART`) when every
+        complete cell has it, else the table's metric itself (for the paper's metrics: chosen on test)."""
+        if self._selection is None:
+            names = [self.spec.select] if self.spec.select else [VALIDATION_COUNTERPART.get(self.metric.name)]
+            complete = [c for c in self.cells if c.complete]
+            self._selection = (None, {})
+            for name in [*names, self.metric.name]:
+                if name is None:
+                    continue
+                metric = get_metric(name)
+                values = {(c.row, c.column): c.mean_score(metric) for c in complete}
+                if values and all(v is not None for v in values.values()):
+                    self._selection = (metric, values)  # type: ignore[assignment]
+                    break
+        return self._selection
+
     def best_cells(self) -> set[tuple[str, str]]:
-        """The (row, column) marked best: per row or per column (`spec.best`), among complete cells only (a
-        cell whose seeds did not all finish could look best by having lost its bad seeds)."""
+        """The (row, column) marked best: per row or per column (`spec.best`) by the selection metric, among
+        complete cells only (a cell whose seeds did not all finish could look best by having lost its bad seeds)."""
         if self.spec.best not in ("row", "column"):
             return set()
-        groups: dict[str, list[CellResult]] = {}
-        for c in self.cells:
-            if c.complete and c.mean is not None:
-                groups.setdefault(c.row if self.spec.best == "row" else c.column, []).append(c)
+        metric, values = self.selection()
+        if metric is None:
+            return set()
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for key in values:
+            groups.setdefault(key[0] if self.spec.best == "row" else key[1], []).append(key)
+        sign = 1 if metric.higher_is_better else -1
         marked = set()
-        for cells in groups.values():
-            if len(cells) < 2:
+        for keys in groups.values():
+            if len(keys) < 2:
                 continue
-            sign = 1 if self.metric.higher_is_better else -1
-            top = max(sign * c.mean for c in cells)  # type: ignore[operator]
-            marked |= {(c.row, c.column) for c in cells if sign * c.mean == top}  # type: ignore[operator]
+            top = max(sign * values[k] for k in keys)
+            marked |= {k for k in keys if sign * values[k] == top}
         return marked
 
 

@@ -13,7 +13,8 @@ import io
 from typing import Any, Optional, Sequence
 
 from results.report import (
-    RULE, TABLE6_NOTE, TTEST, CellResult, TableResult, run_epoch_seconds, run_epochs, run_peak_memory,
+    RULE, TABLE6_NOTE, TTEST, VALIDATION_COUNTERPART, CellResult, TableResult, run_epoch_seconds, run_epochs,
+    run_peak_memory,
 )
 
 CSV_FIELDS = ("table", "metric", "row", "column", "arm_set", "mean", "std", "seeds_found", "seeds_expected",
@@ -186,8 +187,15 @@ def rule_text(t: TableResult) -> str:
                      f"diverged) or `incomplete k/n` (k of n seeds finished). {TTEST}; the paper's side: "
                      f"{t.spec.paper_seeds} seeds.")
     if t.best_cells():
-        what = t.spec.best_label or ("best per row" if t.spec.best == "row" else "best per column")
-        parts.append(f"Bold: {what} (among cells whose seeds all finished).")
+        what = t.spec.best_label or ("the best of each row" if t.spec.best == "row" else "the best of each column")
+        metric, _ = t.selection()
+        if metric.name in VALIDATION_COUNTERPART.values():
+            how = f"chosen by {metric.name} (validation)"
+        elif metric.selects_on_test:
+            how = f"chosen by {metric.name} (on the test set: the runs have no validation split)"
+        else:
+            how = f"chosen by {metric.name}"
+        parts.append(f"Bold: {what}, {how}, among cells whose seeds all finished.")
     return " ".join(parts)
 
 

@@ -2,10 +2,12 @@
 
 `python -m sweep SPEC --optuna` keeps its study in Optuna's own storage, `<results_dir>/_optuna/<spec>.db`
 (SQLite); every trial's runs are ordinary runs in the store, and the trial records their run ids in its user
-attributes (`run_ids`, `statuses`). This module reads the study through Optuna's API (read only: nothing is
-asked, told or enqueued) and joins each trial with its runs in the store, so that a failed trial is reported
-with its runs' statuses and error lines. A trial that the sweep re-queued after its process died (`retry_of`)
-is listed as such.
+attributes (`run_ids`, `statuses`, `error`). This module reads the study through Optuna's API (read only:
+nothing is asked, told or enqueued) and joins each trial with its runs in the store, so that a failed trial is
+reported with its runs' statuses and error lines. A trial that the sweep re-queued after its process died
+(`retry_of`) is listed as such. Runs of a search also carry the study, the trial number and its parameters in
+their config `tags` (`optuna`, `optuna.study=…`, `optuna.trial=…`, `optuna.param.KEY=…`): a store copied
+without its `_optuna/` folder still lists its trials, rebuilt from the runs (`from_run_tags`).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+import yaml
 
 from fisherbench.errors import UserError
 from results.runs import StoreIndex
@@ -74,7 +78,7 @@ def load_studies(db: Path | str, index: Optional[StoreIndex] = None,
         if study_name is not None and summary.study_name != study_name:
             continue
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        reclaimed = {int(k.split("_", 1)[1]) for k in study.user_attrs if k.startswith("reclaimed_")}
+        reclaimed = {int(k.split("_", 1)[1]) for k in study.user_attrs if k.startswith(("reclaimed_", "retried_"))}
         direction = "maximize" if study.direction == optuna.study.StudyDirection.MAXIMIZE else "minimize"
         rows = []
         for t in study.get_trials(deepcopy=False):
@@ -88,6 +92,8 @@ def load_studies(db: Path | str, index: Optional[StoreIndex] = None,
                 row.note = f"retry of #{t.user_attrs['retry_of']}"
             if index is not None:
                 _join_runs(row, index)
+            if not row.errors and t.user_attrs.get("error"):
+                row.errors = [str(t.user_attrs["error"])]
             rows.append(row)
         out.append(StudyReport(summary.study_name, str(db), direction, rows))
     return out
@@ -203,7 +209,8 @@ def figure(study: StudyReport, out_dir: Path, name: Optional[str] = None) -> lis
 def from_store(root: Path | str, index: Optional[StoreIndex] = None,
                names: Optional[Sequence[str]] = None) -> tuple[list[StudyReport], list[str]]:
     """Every study of a store (or of the databases named `<name>.db`), and the problems of databases that
-    could not be read (listed, never fatal)."""
+    could not be read (listed, never fatal). Studies known only from the runs' tags (a store copied without
+    its `_optuna/` folder) are rebuilt from the runs."""
     out, problems = [], []
     for db in study_files(root):
         if names is None or db.stem in names:
@@ -211,4 +218,77 @@ def from_store(root: Path | str, index: Optional[StoreIndex] = None,
                 out += load_studies(db, index)
             except UserError as exc:
                 problems.append(str(exc))
+    if index is not None:
+        known = {s.name for s in out}
+        out += [s for s in from_run_tags(index) if s.name not in known
+                and (names is None or s.name.split(":", 1)[0] in names)]
     return out, problems
+
+
+# ------------------------------------------------------------------------------------------ from the runs
+def trial_tags(config: dict[str, Any]) -> Optional[tuple[str, int, dict[str, Any]]]:
+    """(study, trial number, params) from a run config's `tags`, as a search's runs carry them
+    (`optuna`, `optuna.study=NAME`, `optuna.trial=N`, `optuna.param.KEY=VALUE`); None for other runs."""
+    tags = config.get("tags")
+    if not isinstance(tags, list) or "optuna" not in tags:
+        return None
+    study, number, params = None, None, {}
+    for tag in tags:
+        if not isinstance(tag, str) or "=" not in tag:
+            continue
+        key, value = tag.split("=", 1)
+        if key == "optuna.study":
+            study = value
+        elif key == "optuna.trial":
+            try:
+                number = int(value)
+            except ValueError:
+                return None
+        elif key.startswith("optuna.param."):
+            try:
+                params[key[len("optuna.param."):]] = yaml.safe_load(value)  # numbers as numbers
+            except yaml.YAMLError:
+                params[key[len("optuna.param."):]] = value
+    return (study, number, params) if study is not None and number is not None else None
+
+
+def from_run_tags(index: StoreIndex, metric: Optional[str] = None) -> list[StudyReport]:
+    """Studies rebuilt from the runs of a store that carry trial tags: each trial's value is `metric`'s mean
+    over its runs (default: the validation counterpart of the runs' metric where they have it, as searches
+    optimise); state complete when every run finished, pruned when one diverged, else failed or running."""
+    from fisherbench.scores import VALIDATION_COUNTERPART, get_metric
+    from results.adhoc import default_metric
+
+    by_trial: dict[str, dict[int, tuple[dict[str, Any], list]]] = {}
+    for run in index.runs:
+        tagged = trial_tags(run.config)
+        if tagged is None:
+            continue
+        study, number, params = tagged
+        by_trial.setdefault(study, {}).setdefault(number, (params, []))[1].append(run)
+    out = []
+    for study, trials in sorted(by_trial.items()):
+        runs = [r for _, rs in trials.values() for r in rs]
+        m = get_metric(metric) if metric else None
+        if m is None:
+            base = default_metric(runs)
+            val = get_metric(VALIDATION_COUNTERPART.get(base, base))
+            has_val = all(val.score(r.summary or {}, r.rows()) is not None for r in runs if r.ok)
+            m = val if has_val and any(r.ok for r in runs) else get_metric(base)
+        rows = []
+        for number, (params, rs) in sorted(trials.items()):
+            statuses = [r.status for r in rs]
+            values = [m.score(r.summary or {}, r.rows()) if r.ok else None for r in rs]
+            if all(r.ok for r in rs) and all(v is not None for v in values):
+                state, value = "COMPLETE", sum(values) / len(values)  # type: ignore[arg-type]
+            else:
+                value = None
+                state = ("RUNNING" if any(s == "unfinished" for s in statuses)
+                         else "PRUNED" if "diverged" in statuses and not any(s in ("failed", "oom", "corrupt")
+                                                                                for s in statuses) else "FAIL")
+            row = TrialRow(number, state, value, params, set(), [r.run_id for r in rs], statuses)
+            _join_runs(row, index)
+            rows.append(row)
+        out.append(StudyReport(study, f"the runs' tags in {index.root} ({m.name})",
+                               "maximize" if m.higher_is_better else "minimize", rows))
+    return out

@@ -90,11 +90,16 @@ def report_input(spec, arm_sets: Sequence[str], overrides: Sequence[str] = (), w
                 paper[(metric, c.row, c.column)] = PaperValue(pv.mean, pv.std, pv.text)
     paper_epochs = {col: n for col in dict.fromkeys(c.column for c in inputs)
                     if (n := spec.paper_epochs(col)) is not None}
+    # a grid (rows = values of one setting) marks each column's best row; other tables each row's best column.
+    # Specs may say so (`grid: true`, and `select:` the metric that picks); else the rows' configs tell.
     key = grid_key(inputs)
+    grid = bool(getattr(spec, "grid", False)) or key is not None
+    label = (f"the best {key} of each column" if key else "the best row of each column") if grid \
+        else "the best of each row"
     return ReportSpec(name=spec.name, title=spec.title, seeds=list(spec.seeds), metrics=spec.metrics(),
                       cells=inputs, paper=paper, paper_epochs=paper_epochs, wct=bool(spec.wct),
-                      notes=list(spec.notes), best="column" if key else "row",
-                      best_label=f"the best {key} of each column" if key else "the best of each row")
+                      notes=list(spec.notes), best="column" if grid else "row", best_label=label,
+                      select=getattr(spec, "select", None))
 
 
 # ----------------------------------------------------------------------------------------------- output

@@ -167,8 +167,36 @@ def test_grid_marks_the_best_row_of_each_column(tmp_path):
     assert wide[3] == "| lr 0.01 | **90.00 ± 0.00** | 65.00 ± 0.00 |"
     assert wide[2] == "| lr 0.1 | 50.00 ± 0.00 | 95.00 (n=1; 1/2 seeds) |"
     assert wide[4] == "| lr 0.001 | 70.00 ± 0.00 | **70.00 ± 0.00** |"
-    assert "Bold: the best lr per column (among cells whose seeds all finished)." in render.markdown([t])
+    assert ("Bold: the best lr per column, chosen by best_acc1 (on the test set: the runs have no validation "
+            "split), among cells whose seeds all finished.") in render.markdown([t])
     best_flags = [line.split(",")[18] for line in render.csv_text([t]).splitlines()[1:]]
     assert best_flags == ["0", "1", "0", "0", "0", "1"]
     # a table whose rows differ in more than one key is not a grid
     assert grid_key([*cells, CellInput("other", "Adam", "main", config(model__width=8, optimizer__lr=0.5))]) is None
+
+
+def test_best_cell_is_chosen_on_validation_when_the_runs_have_it(tmp_path):
+    """A grid reported by best test accuracy (the paper's metric) marks the row that validation picks, not the
+    row with the best test value: choosing by the test metric would tune on the test set."""
+    from fisherbench.store import RunDir, run_id
+    from results import tables as render
+    from results.report import CellInput, ReportSpec, StoreIndex, collect
+
+    cells = []
+    for lr, val, test in ((0.1, 0.90, 0.80), (0.01, 0.80, 0.85)):
+        cfg = config(optimizer__lr=lr)
+        cells.append(CellInput(f"lr {lr}", "Adam", "main", cfg))
+        cfg = {**cfg, "seed": 0}
+        rd = RunDir(tmp_path / run_id(cfg))
+        rd.create(cfg, {})
+        rd.append_metrics({"eval": 0, "train_s": 1.0, "val/acc1": val, "test/acc1": test})
+        rd.write_summary({"run_id": rd.run_id, "status": "completed"})
+    spec = ReportSpec("g", "Grid", [0], ["best_acc1"], cells, best="column", best_label="the best lr per column")
+    (t,) = collect(spec, StoreIndex(tmp_path))
+    assert t.cell("lr 0.01", "Adam").mean == pytest.approx(85.0)  # the best test value ...
+    assert t.best_cells() == {("lr 0.1", "Adam")}  # ... but validation chose lr 0.1
+    assert "Bold: the best lr per column, chosen by best_val_acc1 (validation)" in render.markdown([t])
+    # an explicit selection metric wins
+    spec.select = "best_acc1"
+    (t,) = collect(spec, StoreIndex(tmp_path))
+    assert t.best_cells() == {("lr 0.01", "Adam")}

@@ -96,3 +96,38 @@ def test_unreadable_study_file_is_listed_not_fatal(tmp_path):
     assert studies == [] and len(problems) == 1 and "is not a readable Optuna storage" in problems[0]
     with pytest.raises(UserError, match="no Optuna storage at"):
         trials.load_studies(root / "_optuna" / "missing.db")
+
+
+def test_trials_rebuilt_from_run_tags_without_the_storage(tmp_path):
+    """A store copied without `_optuna/`: the trials come from the runs' config tags (study, trial, params)."""
+    import copy
+
+    from fisherbench.store import RunDir, run_id
+    from results import trials
+    from results.runs import StoreIndex
+    from tests.test_results_profiles import CFG
+
+    root = tmp_path / "runs"
+    plan = [(0, 1e-3, "completed", 0.9), (1, 3e-2, "diverged", 0.3), (2, 1e-2, "completed", 0.8), (3, 0.1, None, 0.5)]
+    for number, lr, status, val in plan:
+        cfg = copy.deepcopy(CFG)
+        cfg["optimizer"]["lr"], cfg["seed"] = lr, 0
+        cfg["tags"] = ["optuna", "optuna.study=quick:small CNN:AdaFisher", f"optuna.trial={number}",
+                       f"optuna.param.optimizer.lr={lr!r}"]
+        rd = RunDir(root / run_id({k: v for k, v in cfg.items() if k != "tags"}))
+        rd.create(cfg, {})
+        rd.append_metrics({"eval": 0, "train_s": 1.0, "val/acc1": val, "test/acc1": val - 0.05})
+        if status is not None:
+            rd.write_summary({"run_id": rd.run_id, "status": status, "select_metric": "test/acc1"})
+    make_run(root, "small", "adam", 0, 2)  # a run of no search
+    (study,), problems = trials.from_store(root, StoreIndex(root))
+    assert problems == [] and study.name == "quick:small CNN:AdaFisher" and study.direction == "maximize"
+    assert study.storage.endswith("(best_val_acc1)")  # searches optimise the validation metric
+    got = [(t.number, t.state, t.value, t.params) for t in study.trials]
+    assert got == [(0, "COMPLETE", pytest.approx(90.0), {"optimizer.lr": 1e-3}),
+                   (1, "PRUNED", None, {"optimizer.lr": 3e-2}),
+                   (2, "COMPLETE", pytest.approx(80.0), {"optimizer.lr": 1e-2}),
+                   (3, "RUNNING", None, {"optimizer.lr": 0.1})]
+    assert study.best.number == 0
+    header, body = trials.trials_rows(study)
+    assert header[-1] == "error" and body[0][0] == "0 ★" and body[1][-1] == "diverged"
