@@ -97,13 +97,14 @@ def build(index: StoreIndex, req: AdhocRequest) -> list[TableResult]:
     def row_label(run: StoredRun) -> str:
         if not req.rows:
             return _common_label(runs)
-        return " · ".join(value_text(run.get(k)) for k in req.rows)
+        return " · ".join(_value_label(k, run.get(k)) for k in req.rows)
 
     # cells: (row, column value) -> runs, then split by experiment
     groups: dict[tuple[str, str], list[StoredRun]] = {}
     for r in runs:
         groups.setdefault((row_label(r), value_text(r.get(req.group_by))), []).append(r)
-    row_order = _ordered([k[0] for k in groups], [" · ".join(v) for v in _product_order(req)] or None)
+    wanted_rows = [" · ".join(_value_label(k, v) for k, v in zip(req.rows, vs)) for vs in _product_order(req)]
+    row_order = _ordered([k[0] for k in groups], wanted_rows or None)
     col_order = _ordered([k[1] for k in groups], req.columns)
     cells_in: list[tuple[str, str, list[StoredRun]]] = []
     columns: list[str] = []
@@ -118,6 +119,8 @@ def build(index: StoreIndex, req: AdhocRequest) -> list[TableResult]:
                 cells_in.append((row, label, members))
                 if label not in columns:
                     columns.append(label)
+    order = {(r, c): i for i, (r, c) in enumerate((r, c) for r in row_order for c in columns)}
+    cells_in.sort(key=lambda rcm: order[(rcm[0], rcm[1])])  # row by row, as spec tables
     metrics = req.metrics or [default_metric(runs)]
     spec = ReportSpec(
         name=req.name, title=req.title or f"{index.root}: by {req.group_by}", seeds=seeds, metrics=metrics,
@@ -132,6 +135,12 @@ def build(index: StoreIndex, req: AdhocRequest) -> list[TableResult]:
         cols = [c for c in columns if any(x.column == c for x in cells)]
         tables.append(TableResult(spec, metric, cells, rows, cols))
     return tables
+
+
+def _value_label(key: str, value) -> str:
+    """A row label: the value of a name (`small_cnn`), `key=value` for anything else (`model.width=16`)."""
+    text = value_text(value)
+    return text if key.endswith(".name") else f"{key}={text}"
 
 
 def _common_label(runs: Sequence[StoredRun]) -> str:

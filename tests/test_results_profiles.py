@@ -135,6 +135,10 @@ def test_adhoc_groups_filters_and_splits_experiments(store):
     # filters: by row value, by config key
     (t,) = _tables(store, row_values={"model.name": ["b"]}, where=[parse_where("optimizer.name!=lion")])
     assert t.rows == ["b"] and t.columns == ["adam", "sgd"]
+    # rows by a key that is not a name are labelled key=value; cells are listed row by row
+    (t,) = _tables(store, rows=["model.width", "model.name"])
+    assert t.rows == ["model.width=4 · a", "model.width=4 · b"]
+    assert [(c.row[-1], c.column) for c in t.cells][:3] == [("a", "adam"), ("a", "lion"), ("a", "sgd")]
     # the best column of each row is bold (complete cells only)
     (t,) = _tables(store, columns=["adam", "lion"])
     assert t.best_cells() == {("a", "adam"), ("b", "lion")}  # a: 85.00 vs 59.00; b: 72.00 ± 13.00 vs 85.00
