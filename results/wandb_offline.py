@@ -96,8 +96,8 @@ def resolve_run_files(ref: str, store: Optional[str] = None) -> list[Path]:
         files = find_run_files(d)
         if files:
             return files
-    raise UserError(f"no W&B run file for {ref!r} (looked for {' and '.join(str(c / 'wandb/offline-run-*/run-*.wandb') for c in candidates)}; "
-                    "runs write one with logger=wandb)")
+    looked = " and ".join(str(c / "wandb/offline-run-*/run-*.wandb") for c in candidates)
+    raise UserError(f"no W&B run file for {ref!r} (looked for {looked}; runs write one with logger=wandb)")
 
 
 def _short(v: Any) -> str:

@@ -118,7 +118,8 @@ def fabricate(root: Path, config: dict, seed: int, status: str | None, accs=(), 
         rows.append(row)
     if status is not None:
         rd.write_summary({
-            "run_id": rd.run_id, "status": status, "seed": seed, "best": max(rows, key=lambda r: r["test/acc1"]) if rows else None,
+            "run_id": rd.run_id, "status": status, "seed": seed,
+            "best": max(rows, key=lambda r: r["test/acc1"]) if rows else None,
             "epochs_done": epochs_done, "budget": {"mode": "epochs", "epochs": 2},
             "ledger": {"train_s": train_s, "wall_s": train_s + 1}, "peak_memory_bytes": memory,
             "finished_at": f"2025-01-0{seed + 1}T00:00:00",
@@ -130,7 +131,8 @@ def report_script():
     """scripts/report.py as a module (it composes a spec's cells: the report layer takes them as plain data)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("report_script", Path(__file__).parent.parent / "scripts" / "report.py")
+    path = Path(__file__).parent.parent / "scripts" / "report.py"
+    spec = importlib.util.spec_from_file_location("report_script", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

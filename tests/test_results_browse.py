@@ -71,7 +71,8 @@ def test_show_and_best(store, capsys):
     assert rc == 0
     assert out.splitlines()[0] == f"run {runs['sgd1'].run_id}  ({runs['sgd1'].path})"
     assert "status: diverged" in out and "  optimizer: name=sgd lr=0.001" in out
-    assert "metrics: 10 evaluations; the last 2:" in out and out.rstrip().splitlines()[-1].split() == ["1.0000", "9", "10", "0.8500", "0.1000", "10.0000"]
+    assert "metrics: 10 evaluations; the last 2:" in out
+    assert out.rstrip().splitlines()[-1].split() == ["1.0000", "9", "10", "0.8500", "0.1000", "10.0000"]
     rc, out, _ = run_cli(capsys, "best", "--store", str(root))
     assert rc == 0 and "best run per optimizer.name by best test top-1 (%)" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[3:]}
@@ -140,7 +141,8 @@ def _records(run_id: str, n_history: int, big: int = 0) -> list[bytes]:
         pb.ConfigItem(key="blob", value_json='"' + "x" * big + '"')])))]
     for i in range(n_history):
         recs.append(pb.Record(history=pb.HistoryRecord(item=[
-            pb.HistoryItem(key="_step", value_json=str(i)), pb.HistoryItem(key="train/loss", value_json=str(1 / (i + 1)))])))
+            pb.HistoryItem(key="_step", value_json=str(i)),
+            pb.HistoryItem(key="train/loss", value_json=str(1 / (i + 1)))])))
     recs.append(pb.Record(summary=pb.SummaryRecord(update=[pb.SummaryItem(key="best/test/acc1", value_json="0.9")])))
     return [r.SerializeToString() for r in recs]
 

@@ -49,7 +49,8 @@ def test_index_lists_every_corrupt_run_with_its_problem(store):
     assert problems[bad["yaml_list"].run_id] == "config.yaml: holds a YAML list, not a mapping"
     assert problems[bad["meta"].run_id].startswith("meta.json: not valid JSON")
     assert bad["metrics"].run_id not in problems  # not read yet
-    assert {r.run_id for r in index.runs if r.status == "completed"} == {g.run_id for g in good} | {bad["metrics"].run_id}
+    completed = {r.run_id for r in index.runs if r.status == "completed"}
+    assert completed == {g.run_id for g in good} | {bad["metrics"].run_id}
     # the unreadable metrics file marks its run corrupt when read, without raising
     run = index.find(bad["metrics"].run_id)
     assert run.rows() == [] and run.status == "corrupt" and run.problem.startswith("metrics.jsonl: unreadable")

@@ -138,7 +138,8 @@ def test_adhoc_groups_filters_and_splits_experiments(store):
     # rows by a key that is not a name are labelled key=value; cells are listed row by row
     (t,) = _tables(store, rows=["model.width", "model.name"])
     assert t.rows == ["model.width=4 · a", "model.width=4 · b"]
-    assert [(c.row[-1], c.column) for c in t.cells][:3] == [("a", "adam"), ("a", "lion"), ("a", "sgd (optimizer.lr=0.001)")]
+    assert [(c.row[-1], c.column) for c in t.cells][:3] == [("a", "adam"), ("a", "lion"),
+                                                             ("a", "sgd (optimizer.lr=0.001)")]
     # the best column of each row is bold (complete cells only)
     (t,) = _tables(store, columns=["adam", "lion"])
     assert t.best_cells() == {("a", "adam"), ("b", "lion")}  # a: 85.00 vs 59.00; b: 72.00 ± 13.00 vs 85.00
