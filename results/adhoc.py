@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from fisherbench.errors import UserError
 from results.report import CellInput, ReportSpec, TableResult, cell_result, get_metric
 from results.runs import (
-    MATCH_IGNORE, StoredRun, StoreIndex, Where, filter_runs, flatten, lookup, value_text,
+    MATCH_IGNORE, StoredRun, StoreIndex, Where, filter_runs, flatten, lookup, progress_printer, value_text,
 )
 
 _IGNORED_IN_LABELS = ("seed", "results_dir", "overwrite", "logger", "tags", "_choices", *MATCH_IGNORE)
@@ -128,9 +128,13 @@ def build(index: StoreIndex, req: AdhocRequest) -> list[TableResult]:
         best="row", best_label=f"best {req.group_by} per row",
     )
     tables = []
+    progress = progress_printer("scoring cells")
     for name in metrics:
         metric = get_metric(name)
-        cells = [cell_result(row, col, "store", metric, seeds, members) for row, col, members in cells_in]
+        cells = []
+        for i, (row, col, members) in enumerate(cells_in):
+            cells.append(cell_result(row, col, "store", metric, seeds, members))
+            progress(i + 1, len(cells_in))
         rows = [r for r in row_order if any(c.row == r for c in cells)]
         cols = [c for c in columns if any(x.column == c for x in cells)]
         tables.append(TableResult(spec, metric, cells, rows, cols))
