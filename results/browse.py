@@ -67,10 +67,28 @@ def _train_s(run: StoredRun) -> str:
 LS_COLUMNS = ("id", "model", "data", "optimizer", "seed", "status", "best", "train s", "epochs")
 
 
+def differing_keys(runs: Sequence[StoredRun], limit: int = 3) -> list[str]:
+    """Config keys (of the run identity) whose values differ between runs of the same model, data and
+    optimizer (the seed aside): what tells apart two rows that would otherwise look the same."""
+    from results.adhoc import _identity_items
+
+    groups: dict[tuple, list[dict[str, str]]] = {}
+    for r in runs:
+        if not r.signature.startswith("corrupt:"):
+            names = tuple(value_text(r.get(k)) for k in ("model.name", "data.name", "optimizer.name"))
+            groups.setdefault(names, []).append(_identity_items(r))
+    keys: set[str] = set()
+    for items in groups.values():
+        every = {k for it in items for k in it}
+        keys |= {k for k in every if len({it.get(k) for it in items}) > 1}
+    return sorted(keys)[:limit]
+
+
 def ls_rows(index: StoreIndex, runs: Sequence[StoredRun], metric: Optional[str] = None,
-            sort: Optional[str] = None) -> tuple[list[str], list[list[str]]]:
+            sort: Optional[str] = None, keys: Sequence[str] = ()) -> tuple[list[str], list[list[str]]]:
     m = get_metric(metric) if metric else None
     header = list(LS_COLUMNS) if m is None else [*LS_COLUMNS[:6], m.name, *LS_COLUMNS[7:]]
+    header[4:4] = list(keys)
     progress = progress_printer("scoring runs")
     body = []
     for i, r in enumerate(runs):
@@ -82,10 +100,12 @@ def ls_rows(index: StoreIndex, runs: Sequence[StoredRun], metric: Optional[str] 
             best = best_text(r)
         epochs = run_epochs(r)
         body.append([r.run_id, value_text(r.get("model.name")), value_text(r.get("data.name")),
-                     value_text(r.get("optimizer.name")), str(r.seed) if r.seed >= 0 else "?", r.status, best,
-                     _train_s(r), "" if epochs is None else f"{epochs:.2f}"])
-    if not sort:  # model, data, optimizer, seed
-        body.sort(key=lambda row: (row[1], row[2], row[3], _sort_key(row[4]), row[0]))
+                     value_text(r.get("optimizer.name")), *[value_text(r.get(k)) for k in keys],
+                     str(r.seed) if r.seed >= 0 else "?", r.status, best, _train_s(r),
+                     "" if epochs is None else f"{epochs:.2f}"])
+    if not sort:  # model, data, optimizer, the extra keys, seed
+        n = 4 + len(keys)
+        body.sort(key=lambda row: (*row[1:n], _sort_key(row[n]), row[0]))
     else:
         col = header.index(sort) if sort in header else None
         key = (lambda row: _sort_key(row[col])) if col is not None else None
@@ -109,9 +129,10 @@ def cmd_ls(args) -> int:
     if args.status:
         where.append(parse_where(f"status={args.status}"))
     runs = filter_runs(index.runs, where)
-    header, body = ls_rows(index, runs, args.metric, args.sort)
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else differing_keys(runs)
+    header, body = ls_rows(index, runs, args.metric, args.sort, keys)
     unreadable = [c for c in index.corrupt] if not where else []
-    body += [[c.path.name, "?", "?", "?", "?", "corrupt", "", "", ""] for c in unreadable]
+    body += [[c.path.name, "?", "?", "?", *["?"] * len(keys), "?", "corrupt", "", "", ""] for c in unreadable]
     if args.limit:
         body = body[: args.limit]
     print(format_columns(header, body))
@@ -270,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--status", default=None, help="keep runs with this status (completed, diverged, corrupt, ...)")
     q.add_argument("--metric", default=None, help="score each run with this metric (e.g. final_test_acc1)")
     q.add_argument("--sort", default=None, help="a column (status, best, train s, ...) or a config key")
+    q.add_argument("--keys", default=None, metavar="KEY,KEY",
+                   help="config keys to show as columns (default: up to 3 keys in which the runs differ)")
     q.add_argument("--limit", type=int, default=None)
     q.set_defaults(func=cmd_ls)
 

@@ -177,3 +177,15 @@ def test_wandb_command_prints_a_run(store, tmp_path, capsys):
     bad.write_bytes(b"not a wandb file")
     rc, _, err = run_cli(capsys, "wandb", str(bad))
     assert rc == 2 and "is not a W&B run file (bad header)" in err
+
+
+def test_ls_shows_the_keys_that_tell_runs_apart(store, capsys):
+    root, runs = store
+    other = make_run(root, "a", "adam", 0, 3, lr=0.01)  # the same names and seed as adam0, another lr
+    rc, out, _ = run_cli(capsys, "ls", "--store", str(root))
+    header = out.splitlines()[0].split()
+    assert rc == 0 and header[:6] == ["id", "model", "data", "optimizer", "optimizer.lr", "seed"]
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:9]}
+    assert rows[other.run_id][4] == "0.01" and rows[runs["adam0"].run_id][4] == "0.001"
+    rc, out, _ = run_cli(capsys, "ls", "--store", str(root), "--keys", "model.width,budget.steps")
+    assert out.splitlines()[0].split()[4:7] == ["model.width", "budget.steps", "seed"]
