@@ -292,9 +292,11 @@ def profile(p: Any, out_dir: Path, name: str = "profile") -> list[Path]:
     hi = max([p.tau_max, *finite]) * 1.05
     taus = np.unique(np.concatenate([[1.0, hi], np.asarray(finite, dtype=float)]))
     fig, ax = plt.subplots(figsize=(6, 4))
+    n = len(p.solvers)
     for k, s in enumerate(p.solvers):
-        ax.step(taus, p.curve(s, taus), where="post", color=_color(k, len(p.solvers)), lw=1.6,
-                label=f"{s} (score {p.score(s):.2f})")
+        # profiles often coincide: earlier lines wider and each its own dash pattern, so none hides another
+        ax.step(taus, p.curve(s, taus), where="post", color=_color(k, n), lw=1.2 + 2.4 * (n - 1 - k) / max(1, n - 1),
+                ls=("-", "--", "-.", ":")[k % 4], label=f"{s} (score {p.score(s):.2f})")
     ax.axvline(p.tau_max, color="grey", ls=":", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set(xlim=(1, hi), ylim=(-0.03, 1.08), xlabel="τ (time-to-target ratio to the fastest)",
