@@ -41,6 +41,7 @@ class StudyReport:
     storage: str
     direction: str  # maximize / minimize
     trials: list[TrialRow]
+    metric: Optional[str] = None  # the objective's metric, when the study records it (user attribute `metric`)
 
     @property
     def best(self) -> Optional[TrialRow]:
@@ -95,7 +96,8 @@ def load_studies(db: Path | str, index: Optional[StoreIndex] = None,
             if not row.errors and t.user_attrs.get("error"):
                 row.errors = [str(t.user_attrs["error"])]
             rows.append(row)
-        out.append(StudyReport(summary.study_name, str(db), direction, rows))
+        metric = study.user_attrs.get("metric")
+        out.append(StudyReport(summary.study_name, str(db), direction, rows, str(metric) if metric else None))
     return out
 
 
@@ -145,8 +147,8 @@ def markdown(study: StudyReport) -> str:
     header, body = trials_rows(study)
     best = study.best
     lines = [f"## Optuna study `{study.name}`", "",
-             f"Storage: `{study.storage}`; {study.direction} the value (each trial: the metric's mean over its "
-             f"seeds). ★ best trial" + (f": #{best.number}, value {best.value:.4f}, "
+             f"Storage: `{study.storage}`; {study.direction} the value (each trial: "
+             f"{study.metric or 'the metric'}'s mean over its seeds). ★ best trial" + (f": #{best.number}, value {best.value:.4f}, "
                                         + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()) if best
                                         else ": none finished") + ".", "",
              "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
@@ -158,7 +160,8 @@ def console(study: StudyReport) -> str:
     from results.tables import format_columns
 
     header, body = trials_rows(study)
-    return f"Optuna study {study.name} ({study.direction}; ★ best)\n" + format_columns(header, body)
+    objective = f"{study.direction} {study.metric}" if study.metric else study.direction
+    return f"Optuna study {study.name} ({objective}; ★ best)\n" + format_columns(header, body)
 
 
 def figure(study: StudyReport, out_dir: Path, name: Optional[str] = None) -> list[Path]:
@@ -289,6 +292,6 @@ def from_run_tags(index: StoreIndex, metric: Optional[str] = None) -> list[Study
             row = TrialRow(number, state, value, params, set(), [r.run_id for r in rs], statuses)
             _join_runs(row, index)
             rows.append(row)
-        out.append(StudyReport(study, f"the runs' tags in {index.root} ({m.name})",
-                               "maximize" if m.higher_is_better else "minimize", rows))
+        out.append(StudyReport(study, f"the runs' tags in {index.root}",
+                               "maximize" if m.higher_is_better else "minimize", rows, m.name))
     return out

@@ -18,6 +18,7 @@ def searched(tmp_path):
     (root / "_optuna").mkdir(parents=True)
     study = optuna.create_study(study_name="demo:small:Adam", storage=f"sqlite:///{root / '_optuna' / 'demo.db'}",
                                 direction="maximize")
+    study.set_user_attr("metric", "best_acc1")  # as the sweep records the objective
     space = {"optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
              "optimizer.name": optuna.distributions.CategoricalDistribution(["adam", "sgd"])}
     plan = [(1e-3, "adam", 2, "completed"), (3e-2, "sgd", 6, "completed"), (1e-1, "sgd", None, "failed"),
@@ -82,7 +83,7 @@ def test_trials_figure_and_report_sections(searched, tmp_path, capsys):
 
     assert main(["trials", "--store", str(root)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("Optuna study demo:small:Adam (maximize; ★ best)") and "RuntimeError: boom" in out
+    assert out.startswith("Optuna study demo:small:Adam (maximize best_acc1; ★ best)") and "RuntimeError: boom" in out
 
 
 def test_unreadable_study_file_is_listed_not_fatal(tmp_path):
@@ -122,7 +123,7 @@ def test_trials_rebuilt_from_run_tags_without_the_storage(tmp_path):
     make_run(root, "small", "adam", 0, 2)  # a run of no search
     (study,), problems = trials.from_store(root, StoreIndex(root))
     assert problems == [] and study.name == "quick:small CNN:AdaFisher" and study.direction == "maximize"
-    assert study.storage.endswith("(best_val_acc1)")  # searches optimise the validation metric
+    assert study.metric == "best_val_acc1"  # searches optimise the validation metric
     got = [(t.number, t.state, t.value, t.params) for t in study.trials]
     assert got == [(0, "COMPLETE", pytest.approx(90.0), {"optimizer.lr": 1e-3}),
                    (1, "PRUNED", None, {"optimizer.lr": 3e-2}),
