@@ -147,7 +147,7 @@ def test_train_command_and_report_hint_survive_a_shell(tmp_path):
                                  "optimizer.lr=0.1"]
 
 
-def test_a_sweep_runs_into_a_hostile_results_dir(tmp_path):
+def test_a_sweep_runs_into_a_hostile_results_dir(tmp_path, capsys):
     """The whole path: `python -m sweep --results-dir <hostile>` and `results_dir=<hostile, Hydra-quoted>`;
     train.py receives the directory exactly (the run lands there and completes)."""
     spec = _spec(tmp_path, "budget=steps", "budget.steps=2", columns="{Adam: [optimizer=adam]}", seeds="[0]")
@@ -160,13 +160,13 @@ def test_a_sweep_runs_into_a_hostile_results_dir(tmp_path):
     assert RunDir(d).status() == "completed"
     (hint,) = [line for line in res.stdout.splitlines() if line.startswith("[sweep] report: ")]
     assert shlex.split(hint.split(": ", 1)[1])[-2:] == ["--results-dir", str(root)]
-    # the same directory given as a Hydra override (quoted as Hydra wants): finds the run done
+    # the same directory given as a Hydra override (quoted as Hydra wants) names the same store
+    from sweep.cli import main
     from sweep.overrides import override
 
-    again = subprocess.run([sys.executable, "-m", "sweep", str(spec), override("results_dir", str(root)),
-                            "--threads", "1", "--gpus", "none"], cwd=REPO, env=_env(), capture_output=True,
-                           text=True, timeout=300)
-    assert again.returncode == 0 and "1 runs: completed 1 (0 trained now)" in again.stdout, again.stdout
+    assert main([str(spec), override("results_dir", str(root)), "--dry-run", "--gpus", "none"]) == 0
+    out = capsys.readouterr().out
+    assert f"-> {root}\n" in out and f"{d.name}  completed" in out, out
 
 
 # -------------------------------------------------------------------------------------------- signals
