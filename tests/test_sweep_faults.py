@@ -158,6 +158,7 @@ def test_a_sweep_runs_into_a_hostile_results_dir(tmp_path, capsys):
     assert "1 runs: completed 1 (1 trained now)" in res.stdout
     (d,) = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")]
     assert RunDir(d).status() == "completed"
+    assert RunDir(d).config()["logger"]["group"] == "faults"  # a sweep's runs share a W&B group: its name
     (hint,) = [line for line in res.stdout.splitlines() if line.startswith("[sweep] report: ")]
     assert shlex.split(hint.split(": ", 1)[1])[-2:] == ["--results-dir", str(root)]
     # the same directory given as a Hydra override (quoted as Hydra wants) names the same store
