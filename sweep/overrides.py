@@ -10,12 +10,18 @@ a shell are quoted with `shlex`.
 from __future__ import annotations
 
 import math
+import re
 import shlex
 from typing import Any, Sequence
 
 from hydra.core.override_parser.types import Quote, QuotedString
 
 from fisherbench.errors import UserError
+
+
+# a string Hydra reads back unchanged without quotes (and not as a number, bool or null): paths and names
+_PLAIN = re.compile(r"[A-Za-z_/][A-Za-z0-9_./+-]*")
+_NOT_STRINGS = {"true", "false", "null", "nan", "inf", "none"}
 
 
 def hydra_value(value: Any) -> str:
@@ -31,7 +37,11 @@ def hydra_value(value: Any) -> str:
             return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
         return repr(value)
     if isinstance(value, str):
-        return QuotedString(text=value.replace("${", "\\${"), quote=Quote.single).with_quotes()
+        if _PLAIN.fullmatch(value) and value.lower() not in _NOT_STRINGS:
+            return value
+        # double quotes unless the value has some: the line stays readable inside a shell's single quotes
+        quote = Quote.single if '"' in value else Quote.double
+        return QuotedString(text=value.replace("${", "\\${"), quote=quote).with_quotes()
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
     raise TypeError(f"no Hydra override form for {type(value).__name__} {value!r}")

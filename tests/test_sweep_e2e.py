@@ -220,7 +220,7 @@ def test_torchrun_command_for_multi_gpu_runs(tmp_path):
     run = PlannedRun(cell=None, seed=0, overrides=["experiment=quick", "seed=0"], run_id="x", config=None)
     cmd = train_command(run, tmp_path, nproc=4)
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
-    assert cmd[5].endswith("train.py") and cmd[-2:] == [f"results_dir='{tmp_path}'", "logger.progress=never"]
+    assert cmd[5].endswith("train.py") and cmd[-2:] == [f"results_dir={tmp_path}", "logger.progress=never"]
     workers = make_workers("0,1,2,3,4,5,6,7", gpus_per_run=4)
     assert [w.gpus for w in workers] == [("0", "1", "2", "3"), ("4", "5", "6", "7")]
     assert workers[1].env()["CUDA_VISIBLE_DEVICES"] == "4,5,6,7" and workers[1].nproc == 4

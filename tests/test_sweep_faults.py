@@ -127,6 +127,16 @@ def test_override_values_round_trip_through_hydra(text):
     assert cfg.results_dir == f"/tmp/{text}"
 
 
+@pytest.mark.parametrize("text", ["runs", "/abs/runs.v2", "1e-3", "10", "true", "Null", "nan", "-x", "a b", "",
+                                  "x=y", "'", '"', "\\"])
+def test_plain_and_lookalike_strings_stay_strings(text):
+    from sweep.overrides import override, parse_override_value
+
+    ov = override("logger.group", text)
+    assert parse_override_value(ov) == text
+    assert (ov == f"logger.group={text}") == (text in ("runs", "/abs/runs.v2"))  # only plain names go unquoted
+
+
 def test_train_command_and_report_hint_survive_a_shell(tmp_path):
     from sweep.cli import build_parser, report_command
     from sweep.expand import PlannedRun
