@@ -82,6 +82,25 @@ def test_a_corrupt_run_is_listed_and_every_other_run_is_served(tmp_path, capsys)
     assert events[-1]["event"] == "sweep_end" and events[-1]["exit_code"] == 1
 
 
+def test_a_dry_run_lists_corrupt_runs(tmp_path, capsys):
+    from sweep.cli import main
+    from sweep.expand import expand
+    from sweep.spec import load_spec
+
+    spec = _spec(tmp_path)
+    root = tmp_path / "runs"
+    runs = expand(load_spec(spec), ("main",))
+    for r in runs[:3]:
+        _plant_finished(root, r.run_id, r.seed)
+    (root / runs[0].run_id / "summary.json").write_text("[1, 2]")
+    (root / runs[1].run_id / "meta.json").write_text('"not an object"')
+    (root / runs[2].run_id / "metrics.jsonl").write_text("{torn")
+    assert main([str(spec), "--results-dir", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{runs[0].run_id}  corrupt" in out and f"{runs[1].run_id}  corrupt" in out
+    assert f"{runs[2].run_id}  completed" in out  # a torn metrics line is skipped by the reader, not corrupt
+
+
 def test_an_exception_while_serving_a_run_does_not_stop_the_worker(tmp_path, monkeypatch):
     import sweep.local as local
     from sweep.expand import expand
