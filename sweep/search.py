@@ -37,7 +37,6 @@ failed and retried the same way.
 """
 from __future__ import annotations
 
-import math
 import os
 import socket
 import sys

@@ -104,7 +104,9 @@ def grid_choice_lines(spec: Any, outcomes: Sequence[Any], results_dir: Path) -> 
         return [f"[sweep] grid choice by {selection.label}: no row has every seed finished yet"]
     lines = [f"[sweep] grid choice by {selection.label}, mean over seeds:"]
     for column, (value, row, test, n) in best.items():
-        test_text = f"; {report.name} {test:.{report.digits}f}" if test is not None and report is not selection.metric else ""
+        test_text = ""
+        if test is not None and report is not selection.metric:
+            test_text = f"; {report.name} {test:.{report.digits}f}"
         lines.append(f"  {column}: {row} ({selection.metric.name} {value:.{selection.metric.digits}f}{test_text}; "
                      f"{n} seed{'s' if n != 1 else ''})")
     return lines

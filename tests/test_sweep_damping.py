@@ -3,14 +3,9 @@ no-curvature arms once, 3 seeds; offline by default, CIFAR-10 / ResNet-18 with a
 Optuna example spec composes with a validation split."""
 from __future__ import annotations
 
-import pytest
-
-from fisherbench.config import CONFIG_DIR
 from sweep.spec import load_spec
 
-HAS_SGD_BC = (CONFIG_DIR / "optimizer" / "sgd_biascorrected.yaml").exists()
-ALL = ["default", "paper", "F = λ", "SGD (bias-corrected)"]
-COLUMNS = ALL if HAS_SGD_BC else ALL[:3]  # the SGD arm's optimizer config comes with the optimizer (issue 15)
+COLUMNS = ["default", "paper", "F = λ", "SGD (bias-corrected)"]
 
 
 def _expand(*overrides: str):
@@ -25,6 +20,7 @@ def test_damping_study_cells_hold_lr_over_damping_fixed():
     lam = ["λ 1e-3", "λ 1e-4", "λ 1e-5", "λ 1e-6"]
     assert cells == {(row, col) for row in lam for col in ("default", "paper")} | {
         ("no curvature", col) for col in COLUMNS[2:]}
+    assert len(runs) == 30
     assert len(runs) == 3 * len(cells) and {r.seed for r in runs} == {0, 1, 2}
     for r in runs:
         opt = r.config.optimizer
@@ -33,6 +29,8 @@ def test_damping_study_cells_hold_lr_over_damping_fixed():
             assert opt.variant == {"default": "default", "paper": "paper", "F = λ": "constf"}[r.cell.column]
         if r.cell.row != "no curvature":
             assert opt.damping == float(r.cell.row.split()[1])
+        if r.cell.column == "SGD (bias-corrected)":  # the same steps as F = λ at lr/λ = 1e-3/1e-3
+            assert (opt.name, opt.lr, opt.momentum, opt.weight_decay) == ("sgd_biascorrected", 1.0, 0.9, 5e-4)
         assert (r.config.model.name, r.config.data.name, r.config.budget.mode) == ("small_cnn", "mnist5k", "epochs")
     assert len({r.run_id for r in runs}) == len(runs)
 
@@ -46,14 +44,6 @@ def test_damping_study_runs_on_cifar10_resnet18_with_an_override():
             assert r.config.optimizer.lr == r.config.optimizer.damping
 
 
-@pytest.mark.skipif(HAS_SGD_BC, reason="the optimizer exists: the whole spec composes")
-def test_without_the_sgd_biascorrected_optimizer_the_spec_says_which_is_missing():
-    from sweep.expand import expand
-
-    with pytest.raises(ValueError, match="Could not find 'optimizer/sgd_biascorrected'"):
-        expand(load_spec("damping_study"), ("main",), columns=["SGD (bias-corrected)"])
-
-
 def test_the_offline_optuna_example_selects_on_a_validation_split():
     from sweep.search import trial_runs
     from sweep.selection import has_validation_split, selection_for
@@ -64,3 +54,4 @@ def test_the_offline_optuna_example_selects_on_a_validation_split():
     assert run.config.data.name == "mnist5k" and run.config.data.val_fraction == 0.1
     assert has_validation_split(run.config)
     assert selection_for(spec.metric, run.config).metric.name == "best_val_acc1"
+    assert run.config.selection.metric == "val/acc1"  # each run's own `best` row is chosen on validation too
