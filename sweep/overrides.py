@@ -59,13 +59,13 @@ def parse_override_value(text: str) -> Any:
     Raises UserError for an override that does not parse or resolve on its own, with the reason.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         parsed = OverridesParser.create().parse_override(text)
-    except OverrideParseException as exc:
+    except HydraException as exc:  # OverrideParseException and the grammar's token errors
         raise UserError(f"cannot parse the override {text!r}: {str(exc).splitlines()[0]}. Quote values with "
                         "spaces or special characters, e.g. results_dir='/data/my runs'") from None
     try:

@@ -156,6 +156,19 @@ def test_plain_and_lookalike_strings_stay_strings(text):
     assert (ov == f"logger.group={text}") == (text in ("runs", "/abs/runs.v2"))  # only plain names go unquoted
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--results-dir", ""], "the results directory is empty"),
+    (["results_dir='unclosed"], "cannot parse the override"),
+    (["results_dir=a)b"], "cannot parse the override"),
+    (["results_dir=${no_such_key}"], "does not resolve on its own"),
+])
+def test_a_bad_results_dir_is_a_user_error(tmp_path, capsys, args, message):
+    from sweep.cli import main
+
+    assert main([str(_spec(tmp_path)), *args, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_train_command_and_report_hint_survive_a_shell(tmp_path):
     from sweep.cli import build_parser, report_command
     from sweep.expand import PlannedRun
