@@ -141,23 +141,6 @@ VALIDATION_COUNTERPART = {"best_acc1": "best_val_acc1", "best_acc5": "best_val_a
 _KEY = r"[A-Za-z_][\w.]*(?:/[\w.]+)*"
 
 
-# ---- validation metrics (selection: sweeps and searches pick values on these, never on a test metric) --------
-# Classification sets have a `val` split when `data.val_fraction > 0`; language-model sets always have one.
-def _min_over_rows(key: str) -> Callable[[dict[str, Any], list[dict[str, Any]]], Optional[float]]:
-    def score(summary: dict[str, Any], rows: list[dict[str, Any]]) -> Optional[float]:
-        values = [v for v in (as_number(r.get(key)) for r in rows) if v is not None]
-        return min(values) if values else as_number((summary.get("best") or {}).get(key))
-
-    return score
-
-
-METRICS["best_val_acc1"] = Metric("best_val_acc1", "best validation top-1 (%)", True,
-                                  _best_over_rows("val/acc1", 100.0))
-METRICS["best_val_ppl"] = Metric("best_val_ppl", "best validation perplexity", False, _min_over_rows("val/ppl"))
-# the validation metric that selects for each test metric
-VALIDATION_COUNTERPART = {"best_acc1": "best_val_acc1", "best_acc5": "best_val_acc1", "test_ppl": "best_val_ppl"}
-
-
 def get_metric(name: str) -> Metric:
     """A named metric, or a generic form `best:KEY`, `final:KEY`, `KEY@best:SEL` (see the module docstring)."""
     name = str(name).strip()

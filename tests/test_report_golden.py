@@ -250,7 +250,7 @@ def test_report_script_rows_and_columns_select_cells(golden, tmp_path, capsys):
 
 @pytest.mark.parametrize("text,message", [
     ("rows: {a: {}}\narms: {main: {Adam: [optimizer=adam]}}\ncolumns: [x]\n", "unknown keys ['columns']"),
-    ("rows: {a: {}}\narms: {main: {Adam: [optimizer=adam]}}\nmetric: best_acc9\n", "unknown metric 'best_acc9'"),
+    ("rows: {a: {}}\narms: {main: {Adam: [optimizer=adam]}}\nmetric: best_acc9\n", "metric 'best_acc9' is not a metric; known: best_acc1"),
     ("rows: {a: {}}\narms: {main: {Adam: [optimizer=adam]}}\npaper: {b: {Adam: 90}}\n", "names row 'b'"),
     ("rows: {a: {}}\narms: {main: {Adam: [optimizer=adam]}}\npaper: {a: {Adam: 'about 90'}}\n",
      "neither a number, 'mean±std', nor '—'"),
