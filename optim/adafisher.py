@@ -45,10 +45,17 @@ STATE_FORMAT = "fisherbench.adafisher/2"
 # format 1 (before the paper variant kept raw running averages) has the same layout for the other variants
 _COMPATIBLE_FORMATS = {"fisherbench.adafisher/1": ("default", "official", "constf")}
 _MAX_NAMES = 12  # names listed in one warning
-# F workspace of the foreach implementation, in fp32 elements (16 MiB): large enough that a chunk of tensors
-# amortises the per-call overhead of the grouped kernels, small next to any model's state; never smaller
-# than the largest tracked tensor
+# F workspace of the foreach implementation, in fp32 elements, never smaller than the largest tracked tensor.
+# On accelerators (16 MiB) a chunk holds many tensors, so the per-call overhead of the grouped kernels is
+# amortised, and it stays small next to any model's state. On CPU (1 MiB) a chunk's F stays in cache between
+# the fill, the addcmul and the addcdiv that read it back (measured on ResNet-18, one thread: the ordinary
+# step takes ~20% less time than with 16 MiB chunks)
 _CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS_CPU = 1 << 18
+
+
+def _chunk_elements(device: torch.device) -> int:
+    return _CHUNK_ELEMENTS_CPU if device.type == "cpu" else _CHUNK_ELEMENTS
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -325,51 +332,66 @@ def _multi_tensor_adafisher(
     state_steps: list[int], *, workspace: Optional[Tensor], lr: float, beta: float, weight_decay: float,
     damping: float, decoupled_weight_decay: bool,
 ) -> None:
-    """Grouped kernels: momentum and decay for every tensor at once; then, chunk by chunk of the workspace,
-    F for all tracked tensors of the chunk (one fill, one `_foreach_addcmul_`) and their updates (one
-    `_foreach_addcdiv_` with per-tensor step sizes); constant-F tensors in one `_foreach_add_` per step size."""
+    """Grouped kernels. Tracked tensors go chunk by chunk of the workspace: for all tensors of a chunk, the
+    momentum and decay (`_foreach_lerp_`, `_foreach_add_`/`_foreach_mul_`), F (one fill, one
+    `_foreach_addcmul_`) and the update (one `_foreach_addcdiv_` with per-tensor step sizes), so that a chunk's
+    tensors are still in cache from one kernel to the next. Constant-F tensors: momentum and decay at once,
+    then one `_foreach_add_` per step size."""
     if not params:
         return
     kron = [i for i, f in enumerate(fishers) if isinstance(f, Kron)]
+    chunk_elements = 0
     if kron:
         sizes = [_fisher_numel(fishers[i]) for i in kron]
-        workspace = _workspace_for(workspace, fishers, max(max(sizes), min(sum(sizes), _CHUNK_ELEMENTS)))
+        chunk_elements = _chunk_elements(fishers[kron[0]].s.device)
+        workspace = _workspace_for(workspace, fishers, max(max(sizes), min(sum(sizes), chunk_elements)))
+    hyper = (lr, beta, weight_decay, decoupled_weight_decay)
     for indices in _group_by_device_and_dtype(params):
-        ps = [params[i] for i in indices]
-        ms = [momenta[i] for i in indices]
-        torch._foreach_lerp_(ms, [grads[i] for i in indices], 1.0 - beta)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
-            else:
-                torch._foreach_add_(ms, ps, alpha=(1.0 - beta) * weight_decay)
+        constant = [i for i in indices if not isinstance(fishers[i], Kron)]
+        if constant:
+            _momentum_and_decay(constant, params, grads, momenta, *hyper)
+            by_alpha: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+            for i in constant:
+                c = lr / (1.0 - beta ** state_steps[i])
+                ps_c, ms_c = by_alpha.setdefault(-c / fishers[i], ([], []))
+                ps_c.append(params[i])
+                ms_c.append(momenta[i])
+            for alpha, (ps_c, ms_c) in by_alpha.items():
+                torch._foreach_add_(ps_c, ms_c, alpha=alpha)
 
-        constant: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
         chunk: list[tuple[int, int]] = []  # (index, offset in the workspace)
         used = 0
         for i in indices:
             f = fishers[i]
             if not isinstance(f, Kron):
-                c = lr / (1.0 - beta ** state_steps[i])
-                ps_c, ms_c = constant.setdefault(-c / f, ([], []))
-                ps_c.append(params[i])
-                ms_c.append(momenta[i])
                 continue
             size = _fisher_numel(f)
-            if chunk and used + size > workspace.numel():
-                _kron_chunk(chunk, used, workspace, params, momenta, fishers, state_steps, lr, beta, damping)
+            if chunk and used + size > min(workspace.numel(), max(chunk_elements, size)):
+                _kron_chunk(chunk, used, workspace, params, grads, momenta, fishers, state_steps, hyper, damping)
                 chunk, used = [], 0
             chunk.append((i, used))
             used += size
         if chunk:
-            _kron_chunk(chunk, used, workspace, params, momenta, fishers, state_steps, lr, beta, damping)
-        for alpha, (ps_c, ms_c) in constant.items():
-            torch._foreach_add_(ps_c, ms_c, alpha=alpha)
+            _kron_chunk(chunk, used, workspace, params, grads, momenta, fishers, state_steps, hyper, damping)
+
+
+def _momentum_and_decay(indices: list[int], params: list[Tensor], grads: list[Tensor], momenta: list[Tensor],
+                        lr: float, beta: float, weight_decay: float, decoupled_weight_decay: bool) -> None:
+    ps = [params[i] for i in indices]
+    ms = [momenta[i] for i in indices]
+    torch._foreach_lerp_(ms, [grads[i] for i in indices], 1.0 - beta)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            torch._foreach_mul_(ps, 1.0 - lr * weight_decay)
+        else:
+            torch._foreach_add_(ms, ps, alpha=(1.0 - beta) * weight_decay)
 
 
 def _kron_chunk(chunk: list[tuple[int, int]], used: int, workspace: Tensor, params: list[Tensor],
-                momenta: list[Tensor], fishers: list[Fisher], state_steps: list[int], lr: float, beta: float,
-                damping: float) -> None:
+                grads: list[Tensor], momenta: list[Tensor], fishers: list[Fisher], state_steps: list[int],
+                hyper: tuple[float, float, float, bool], damping: float) -> None:
+    lr, beta = hyper[0], hyper[1]
+    _momentum_and_decay([i for i, _ in chunk], params, grads, momenta, *hyper)
     workspace[:used].fill_(damping)
     views = [workspace[o:o + _fisher_numel(fishers[i])].view(fishers[i].s.numel(), -1) for i, o in chunk]
     torch._foreach_addcmul_(views, [fishers[i].s[:, None] for i, _ in chunk],
@@ -468,7 +490,7 @@ class AdaFisher(torch.optim.Optimizer):
             default: every trainable parameter of the model.
         minmax_eps: relative epsilon of the scale-free min-max normalisation.
         implementation: "foreach" (default: grouped `torch._foreach_*` kernels; F formed chunk by chunk in a
-            reused 16 MiB workspace, nothing kept between steps), "single" (one tensor at a time, the reference
+            reused workspace of 16 MiB, 1 MiB on CPU, or the largest tracked tensor; nothing kept between steps), "single" (one tensor at a time, the reference
             loop) or "compiled" (one fused torch.compile kernel per tracked tensor, F never materialised; tens of
             seconds of compilation on first use).
         sync_statistics: all-reduce the statistics over the process group on statistics steps (one call).
@@ -640,7 +662,7 @@ class AdaFisher(torch.optim.Optimizer):
             return 0  # compiled: only a rare fallback tensor needs one, allocated when it happens
         if self.implementation == "single":
             return max(sizes)
-        return max(max(sizes), min(sum(sizes), _CHUNK_ELEMENTS))
+        return max(max(sizes), min(sum(sizes), _chunk_elements(self._factors.state.device)))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:

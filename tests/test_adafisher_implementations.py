@@ -82,6 +82,7 @@ def test_foreach_equals_single_tensor_bitwise(model_cls, cls, variant, monkeypat
         assert torch.equal(grouped[name], p), name
     # F formed in chunks of at most 8 elements (most tensors alone in a chunk, or together with small ones)
     monkeypatch.setattr(adafisher_module, "_CHUNK_ELEMENTS", 8)
+    monkeypatch.setattr(adafisher_module, "_CHUNK_ELEMENTS_CPU", 8)
     chunked, _ = run(model_cls, cls, variant, "foreach")
     for name, p in reference.items():
         assert torch.equal(chunked[name], p), name
@@ -98,7 +99,7 @@ def test_workspace_is_reused_and_bounded():
     _, opt = run(Net, AdaFisher, "default", "foreach", steps=3)
     largest = max(p.numel() for n, p in Net().named_parameters() if n != "scale")
     total = sum(p.numel() for n, p in Net().named_parameters() if n != "scale")
-    assert opt._workspace.numel() == max(largest, min(total, adafisher_module._CHUNK_ELEMENTS))
+    assert opt._workspace.numel() == max(largest, min(total, adafisher_module._chunk_elements(torch.device("cpu"))))
     _, single = run(Net, AdaFisher, "default", "single", steps=1)
     assert single._workspace.numel() == largest
 
