@@ -489,10 +489,10 @@ class AdaFisher(torch.optim.Optimizer):
         params: optional parameter groups (dicts with "params" and per-group "lr"/"weight_decay"/"beta");
             default: every trainable parameter of the model.
         minmax_eps: relative epsilon of the scale-free min-max normalisation.
-        implementation: "foreach" (default: grouped `torch._foreach_*` kernels; F formed chunk by chunk in a
-            reused workspace of 16 MiB, 1 MiB on CPU, or the largest tracked tensor; nothing kept between steps), "single" (one tensor at a time, the reference
-            loop) or "compiled" (one fused torch.compile kernel per tracked tensor, F never materialised; tens of
-            seconds of compilation on first use).
+        implementation: "foreach" (default: grouped `torch._foreach_*` kernels, chunk by chunk of a reused F
+            workspace of 16 MiB, 1 MiB on CPU, or the largest tracked tensor; nothing kept between steps),
+            "single" (one tensor at a time, the reference loop) or "compiled" (one fused torch.compile kernel per
+            tracked tensor, F never materialised; tens of seconds of compilation on first use).
         sync_statistics: all-reduce the statistics over the process group on statistics steps (one call).
             None (default): when the model passed is a DistributedDataParallel wrapper and the group has more
             than one rank, so that independent per-rank models (e.g. timing copies) never wait on each other.

@@ -360,10 +360,11 @@ def test_compiled_update_matches_foreach():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("implementation", ["foreach", "compiled"])
-def test_step_never_syncs_with_the_host_on_cuda(implementation):
+@pytest.mark.parametrize("variant", ["default", "paper"])
+@pytest.mark.parametrize("implementation", ["foreach", "single", "compiled"])
+def test_step_never_syncs_with_the_host_on_cuda(implementation, variant):
     model = Net().cuda()
-    opt = AdaFisher(model, update_interval=2, weight_decay=5e-4, implementation=implementation)
+    opt = AdaFisher(model, update_interval=2, weight_decay=5e-4, implementation=implementation, variant=variant)
     for x, y in batches(5):
         opt.zero_grad()
         F.cross_entropy(model(x.cuda()), y.cuda()).backward()
