@@ -14,9 +14,22 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from fisherbench.errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 BUDGET_MODES = ("epochs", "steps", "seconds", "reference")
+
+
+def not_identity(default: Any = MISSING, *, default_factory: Any = MISSING) -> Any:
+    """A config field that does not change what a run computes (where it is stored, how it is logged, ...).
+
+    Such fields are left out of the run's identity hash (`non_identity_paths`), so changing them resumes or
+    skips the same run instead of starting another. This metadata is the one place that decides it.
+    """
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata={"identity": False})
+    return field(default=default, metadata={"identity": False})
 
 
 @dataclass
@@ -33,7 +46,7 @@ class BudgetConfig:
     reference_epochs: Optional[float] = None
     calibration_steps: int = 20  # interleaved timed steps per optimizer
     calibration_warmup: int = 3  # untimed steps on throw-away copies before timing
-    recalibrate: bool = False  # ignore a cached calibration for the same (machine, model, data, optimizers)
+    recalibrate: bool = not_identity(False)  # ignore a cached calibration for the same (machine, model, data, optimizers)
     # untimed warm-up steps (cudnn autotune, allocator, compile) on a throw-away copy of the model/optimizer
     warmup_steps: int = 0
 
@@ -58,6 +71,20 @@ class EvalConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Which evaluation row is a run's "best" (summary.json `best`, the progress line, sweeps' objective).
+
+    `metric: null` keeps the paper's protocol for the task: the maximum over evaluations of test top-1 for
+    classification (model selection on the test set, as the paper's tables did), the minimum validation
+    perplexity for language models. `val/acc1` selects on a held-out validation split (`data.val_fraction>0`
+    for image sets): report "test at best validation" from it.
+    """
+
+    metric: Optional[str] = None  # "<split>/<metric>", e.g. val/acc1, val/loss, test/acc1; null = the task's
+    mode: Optional[str] = None  # max | min; null = max for accuracies, min for losses and perplexities
+
+
+@dataclass
 class LoggerConfig:
     name: str = "none"  # none | wandb
     mode: str = "auto"  # auto (online if an API key is configured, else offline) | online | offline | disabled
@@ -78,50 +105,68 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    """The resolved configuration of one run (the run's identity is a hash of it, see results.store)."""
+    """The resolved configuration of one run (the run's identity is a hash of the fields not marked `not_identity`)."""
 
     model: Any = MISSING
     data: Any = MISSING
     optimizer: Any = MISSING
     budget: BudgetConfig = field(default_factory=BudgetConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    logger: LoggerConfig = not_identity(default_factory=LoggerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # which row is "best" changes no computation: runs that differ only in it are the same run
+    selection: SelectionConfig = not_identity(default_factory=SelectionConfig)
+    checkpoint: CheckpointConfig = not_identity(default_factory=CheckpointConfig)
     seed: int = 0
-    results_dir: str = "results/runs"
+    results_dir: str = not_identity("runs")  # relative to the working directory
     deterministic: bool = False
-    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    device: str = not_identity("auto")  # auto (CUDA when present) | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast; statistics of AdaFisher stay fp32)
-    experiment: Optional[str] = None  # name of the preset this run belongs to
-    overwrite: bool = False  # re-run even if the store holds a finished run with this identity
-    tags: list[str] = field(default_factory=list)
+    experiment: Optional[str] = not_identity(None)  # name of the preset this run belongs to
+    overwrite: bool = not_identity(False)  # re-run even if the store holds a finished run with this identity
+    tags: list[str] = not_identity(default_factory=list)
 
 
-# Keys that do not change what a run computes: excluded from the run's identity hash.
-NON_IDENTITY_KEYS = ("results_dir", "logger", "overwrite", "tags", "device", "checkpoint", "experiment")
+_SECTIONS = {"budget": BudgetConfig, "schedule": ScheduleConfig, "eval": EvalConfig}
 
 
-_registered = False
+def _identity_paths(schema: type) -> list[str]:
+    paths: list[str] = []
+    for f in dataclasses.fields(schema):
+        if f.metadata.get("identity", True) is False:
+            paths.append(f.name)
+            continue
+        sub = _SECTIONS.get(f.name) if schema is TrainConfig else None
+        if sub is not None:
+            paths.extend(f"{f.name}.{p}" for p in _identity_paths(sub))
+    return paths
 
 
-def register_configs() -> None:
-    """Register the top-level schema and every registry entry's schema with Hydra's ConfigStore (once)."""
-    global _registered
-    if _registered:
-        return
-    from hydra.core.config_store import ConfigStore
+def not_identity_fields(schema: type) -> list[str]:
+    """Names of the fields of one schema dataclass (e.g. a dataset's options) marked `not_identity`."""
+    return [f.name for f in dataclasses.fields(schema) if f.metadata.get("identity", True) is False]
 
-    import data
-    import models
-    import optim
 
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    for registry in (models.MODELS, data.DATASETS, optim.OPTIMIZERS):
-        for entry in registry.entries():
-            cs.store(group=f"schema/{registry.config_group}", name=entry.name, node=entry.schema)
-    _registered = True
+def non_identity_paths() -> tuple[str, ...]:
+    """Dotted paths of every field marked `not_identity` in `TrainConfig` and its sections."""
+    return tuple(_identity_paths(TrainConfig))
+
+
+def strip_non_identity(resolved: dict[str, Any]) -> dict[str, Any]:
+    """`resolved` without the non-identity fields (a new dict; nested dicts are copied where changed)."""
+    out = dict(resolved)
+    for path in non_identity_paths():
+        node = out
+        *parents, leaf = path.split(".")
+        for key in parents:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                break
+            node[key] = child = dict(child)
+            node = child
+        else:
+            node.pop(leaf, None)
+    return out
 
 
 def schema_fields(obj_type: Any) -> list[str]:
@@ -131,42 +176,50 @@ def schema_fields(obj_type: Any) -> list[str]:
 
 
 def validate(cfg: Any) -> None:
-    """Checks Hydra cannot express as types (value ranges, mode-dependent fields). Raises ValueError."""
+    """Checks Hydra cannot express as types (value ranges, mode-dependent fields). Raises UserError."""
     b = cfg.budget
     if b.mode not in BUDGET_MODES:
-        raise ValueError(f"budget.mode must be one of {', '.join(BUDGET_MODES)}; got {b.mode!r}")
+        raise UserError(f"budget.mode must be one of {', '.join(BUDGET_MODES)}; got {b.mode!r}")
     need = {"epochs": "epochs", "steps": "steps", "seconds": "seconds", "reference": "reference_epochs"}[b.mode]
     value = b[need]
     if value is None:
-        raise ValueError(f"budget.mode={b.mode} needs budget.{need} (e.g. `budget.{need}=10`)")
+        raise UserError(f"budget.mode={b.mode} needs budget.{need} (e.g. `budget.{need}=10`)")
     if value <= 0:
-        raise ValueError(f"budget.{need} must be positive, got {value}")
+        raise UserError(f"budget.{need} must be positive, got {value}")
     if b.mode == "reference" and not b.reference_optimizer:
-        raise ValueError("budget.mode=reference needs budget.reference_optimizer (an optimizer config, e.g. adafisher)")
+        raise UserError("budget.mode=reference needs budget.reference_optimizer (an optimizer config, e.g. adafisher)")
     if b.calibration_steps < 2 or b.calibration_warmup < 0 or b.warmup_steps < 0:
-        raise ValueError("budget.calibration_steps must be >= 2 and the warm-up counts >= 0")
+        raise UserError("budget.calibration_steps must be >= 2 and the warm-up counts >= 0")
     s = cfg.schedule
     if s.name not in ("cosine", "constant", "linear"):
-        raise ValueError(f"schedule.name must be cosine|constant|linear, got {s.name!r}")
+        raise UserError(f"schedule.name must be cosine|constant|linear, got {s.name!r}")
     if s.interval not in ("epoch", "step"):
-        raise ValueError(f"schedule.interval must be epoch|step, got {s.interval!r}")
+        raise UserError(f"schedule.interval must be epoch|step, got {s.interval!r}")
     if not 0.0 <= s.warmup_fraction < 1.0 or not 0.0 <= s.min_lr_ratio <= 1.0:
-        raise ValueError("schedule.warmup_fraction must be in [0, 1) and schedule.min_lr_ratio in [0, 1]")
+        raise UserError("schedule.warmup_fraction must be in [0, 1) and schedule.min_lr_ratio in [0, 1]")
     e = cfg.eval
+    if e.max_batches is not None and e.max_batches < 1:
+        raise UserError(f"eval.max_batches must be >= 1 or null (the whole split), got {e.max_batches}: a run "
+                        "without test metrics is not a result")
     if e.every_epochs is not None and e.every_epochs < 1:
-        raise ValueError(f"eval.every_epochs must be >= 1 or null, got {e.every_epochs}")
+        raise UserError(f"eval.every_epochs must be >= 1 or null, got {e.every_epochs}")
     if e.every_fraction is not None and not 0.0 < e.every_fraction <= 1.0:
-        raise ValueError(f"eval.every_fraction must be in (0, 1] or null, got {e.every_fraction}")
+        raise UserError(f"eval.every_fraction must be in (0, 1] or null, got {e.every_fraction}")
+    sel = cfg.selection
+    if sel.metric is not None and (sel.metric.count("/") != 1 or not all(sel.metric.split("/"))):
+        raise UserError(f"selection.metric must look like <split>/<metric> (e.g. val/acc1), got {sel.metric!r}")
+    if sel.mode not in (None, "max", "min"):
+        raise UserError(f"selection.mode must be max, min or null, got {sel.mode!r}")
     if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32|bf16, got {cfg.precision!r}")
+        raise UserError(f"precision must be fp32|bf16, got {cfg.precision!r}")
     if cfg.logger.name not in ("none", "wandb"):
-        raise ValueError(f"logger.name must be none|wandb, got {cfg.logger.name!r}")
+        raise UserError(f"logger.name must be none|wandb, got {cfg.logger.name!r}")
     if cfg.logger.mode not in ("auto", "online", "offline", "disabled"):
-        raise ValueError(f"logger.mode must be auto|online|offline|disabled, got {cfg.logger.mode!r}")
+        raise UserError(f"logger.mode must be auto|online|offline|disabled, got {cfg.logger.mode!r}")
     if cfg.logger.progress not in ("auto", "always", "never"):
-        raise ValueError(f"logger.progress must be auto|always|never, got {cfg.logger.progress!r}")
+        raise UserError(f"logger.progress must be auto|always|never, got {cfg.logger.progress!r}")
     c = cfg.checkpoint
     if c.every_epochs is not None and c.every_epochs < 1:
-        raise ValueError("checkpoint.every_epochs must be >= 1 or null")
+        raise UserError("checkpoint.every_epochs must be >= 1 or null")
     if c.every_seconds is not None and c.every_seconds <= 0:
-        raise ValueError("checkpoint.every_seconds must be > 0 or null")
+        raise UserError("checkpoint.every_seconds must be > 0 or null")

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fisherbench.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VERSIONED_PACKAGES = (
     "torch", "torchvision", "numpy", "hydra-core", "omegaconf", "timm", "asdfghjkl", "pytorch-optimizer",
@@ -22,11 +24,20 @@ VERSIONED_PACKAGES = (
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for the `device` setting; UserError for a name torch does not know or cannot use."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} requested but CUDA is not available here; use device=cpu or device=auto")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device={name!r}: fisherbench runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device={name} requested but CUDA is not available here; use device=cpu or device=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -1,20 +1,32 @@
-"""Turn Hydra/OmegaConf composition errors into messages that say what the valid keys and choices are."""
+"""Errors a user can cause, and composition errors turned into messages that list the valid keys.
+
+The rule the whole suite follows: anything a user can fix (a bad value, an unknown name, a missing dataset
+file, an unwritable results directory) raises `UserError` with a message that says what to do, and the
+command exits with code 2 before anything is trained. Every other exception is a bug: a run records it as
+`failed` with the traceback in `error.txt`, and it is never presented as a configuration error.
+"""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+from hydra.errors import HydraException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class UserError(ValueError):
+    """Something the user can fix; the message says what to do (exit code 2).
+
+    A ValueError, as invalid arguments are in Python; but a plain ValueError is not a UserError: only what a
+    component raises as UserError is presented to the user as their mistake.
+    """
+
 
 def is_compose_error(exc: BaseException) -> bool:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     return isinstance(exc, (HydraException, OmegaConfBaseException))
 
 
 def _omegaconf_cause(exc: BaseException) -> Any:
-    from omegaconf.errors import OmegaConfBaseException
-
     seen = exc
     while seen is not None:
         if isinstance(seen, OmegaConfBaseException):
@@ -25,8 +37,6 @@ def _omegaconf_cause(exc: BaseException) -> Any:
 
 def explain_compose_error(exc: BaseException) -> str:
     """The Hydra message, plus the valid keys of the node when a key was unknown or mistyped."""
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
-
     message = str(exc).strip()
     cause = _omegaconf_cause(exc)
     if cause is not None and cause is not exc:

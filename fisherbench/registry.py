@@ -12,10 +12,12 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+from fisherbench.errors import UserError
+
 B = TypeVar("B", bound=Callable[..., Any])
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """Raised for a name that is not registered; the message lists the valid names."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable
@@ -105,7 +107,5 @@ def options_from(schema: type, values: Any) -> Any:
     data = dict(values)
     unknown = sorted(set(data) - valid)
     if unknown:
-        raise ValueError(
-            f"{schema.__name__}: unknown option(s) {unknown}; valid options: {sorted(valid)}"
-        )
+        raise UserError(f"{schema.__name__}: unknown option(s) {unknown}; valid options: {sorted(valid)}")
     return schema(**data)

@@ -26,6 +26,7 @@ from torch import nn
 from models.common import attention, image_shape
 from models.focalnet import DropPath
 from models.registry import MODELS, ModelCapabilities, ModelOptions
+from fisherbench.errors import UserError
 
 
 class Attention(nn.Module):
@@ -162,7 +163,7 @@ class OriginalCCTOptions(CCTOptions):
 
 def _build(opts: CCTOptions, num_classes: int, input_shape: Optional[tuple], double_backward: bool) -> CCT:
     if opts.dim % opts.heads:
-        raise ValueError(f"{opts.name}: dim={opts.dim} must be divisible by heads={opts.heads}")
+        raise UserError(f"{opts.name}: dim={opts.dim} must be divisible by heads={opts.heads}")
     return CCT(num_classes, image_shape(input_shape, (3, 32, 32)), opts.dim, opts.n_conv_layers, opts.conv_in_planes,
                opts.kernel_size, opts.stride, opts.padding, opts.layers, opts.heads, opts.mlp_ratio, opts.dropout,
                opts.attention_dropout, opts.stochastic_depth, explicit=double_backward)

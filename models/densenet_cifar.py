@@ -20,6 +20,7 @@ from torch import nn
 from models import pretrained as pt
 from models.common import image_shape, require_size
 from models.registry import MODELS, ModelCapabilities, ModelOptions
+from fisherbench.errors import UserError
 
 WEIGHTS = "DenseNet121_Weights.IMAGENET1K_V1"  # what the official trainer used
 
@@ -154,13 +155,13 @@ def build_densenet121_cifar(opts: CifarDenseNetOptions, *, num_classes: int, inp
                             double_backward: bool) -> nn.Module:
     shape = image_shape(input_shape, (3, 32, 32))
     if len(opts.blocks) != 4:
-        raise ValueError(f"{opts.name}: blocks needs 4 entries (layers per dense block), got {list(opts.blocks)}")
+        raise UserError(f"{opts.name}: blocks needs 4 entries (layers per dense block), got {list(opts.blocks)}")
     require_size(opts.name, shape, (32,))  # AvgPool(4) after three halvings: the head expects 32x32
     model = CifarDenseNet(list(opts.blocks), growth_rate=opts.growth_rate, num_classes=num_classes,
                           in_channels=shape[0])
     if opts.pretrained:
         if opts.pretrained_keys not in ("official", "remap"):
-            raise ValueError(f"{opts.name}: pretrained_keys must be official or remap, got {opts.pretrained_keys!r}")
+            raise UserError(f"{opts.name}: pretrained_keys must be official or remap, got {opts.pretrained_keys!r}")
         source = pt.fetch_torchvision_state_dict(WEIGHTS)
         if opts.pretrained_keys == "remap":
             source = torchvision_densenet_remap(model, source)

@@ -3,7 +3,8 @@
 `focalnet_official`: the official repo's definition (Microsoft FocalNet layout, `img_size=32, patch_size=2`,
 width 96, depths (2,2,6,2), focal levels 2 with kernels 3 and 5, MLP x4, drop-path 0.1, LayerNorm after
 every patch embedding). Its focal convolutions are **dense** (no `groups`), which makes it a 100.83 M-
-parameter network (spec §2 item 7); that is the network behind the paper's FocalNet numbers. Tokens are
+parameter network (the official `Image_Classification/src/models/focalnet.py` never sets `groups`; the
+standard FocalNet's focal convolutions are depthwise); that is the network behind the paper's FocalNet numbers. Tokens are
 kept as (B, L, C) with `nn.Linear` projections and `nn.LayerNorm`, as in the official file.
 
 `focalnet`: the standard FocalNet-T (SRF) from timm (depthwise focal convs, 27.66 M parameters) with a
@@ -19,6 +20,7 @@ from torch import nn
 
 from models.common import disable_inplace, image_shape
 from models.registry import MODELS, ModelCapabilities, ModelOptions
+from fisherbench.errors import UserError
 
 
 class DropPath(nn.Module):
@@ -183,7 +185,7 @@ def build_focalnet_official(opts: OfficialFocalNetOptions, *, num_classes: int, 
     c, h, w = image_shape(input_shape, (3, 32, 32))
     stride = opts.patch_size * 2 ** (len(opts.depths) - 1)
     if h % stride or w % stride:
-        raise ValueError(f"{opts.name}: input {h}x{w} must be divisible by patch_size * 2^(stages-1) = {stride}")
+        raise UserError(f"{opts.name}: input {h}x{w} must be divisible by patch_size * 2^(stages-1) = {stride}")
     return OfficialFocalNet(num_classes, c, opts.patch_size, opts.embed_dim, list(opts.depths), opts.mlp_ratio,
                             opts.drop_path_rate, list(opts.focal_levels), list(opts.focal_windows), depthwise=False)
 
@@ -216,7 +218,7 @@ def build_focalnet(opts: FocalNetOptions, *, num_classes: int, input_shape: Opti
     c, h, w = image_shape(input_shape, (3, 32, 32))
     stride = opts.stem_stride * 2 ** (len(opts.depths) - 1)
     if h % stride or w % stride:
-        raise ValueError(f"{opts.name}: input {h}x{w} must be divisible by stem_stride * 2^(stages-1) = {stride}")
+        raise UserError(f"{opts.name}: input {h}x{w} must be divisible by stem_stride * 2^(stages-1) = {stride}")
     model = FocalNet(in_chans=c, num_classes=num_classes, embed_dim=opts.embed_dim, depths=tuple(opts.depths),
                      focal_levels=tuple(opts.focal_levels), focal_windows=tuple(opts.focal_windows),
                      drop_path_rate=opts.drop_path_rate)

@@ -1,6 +1,6 @@
 """The paper's small GPT-1 (WikiText-2) and a tiny model from the same code for tests.
 
-Official `MiniGPT1` (spec §4.5): post-LN blocks `x = LN(x + Attn(x)); x = LN(x + MLP(x))`, separate Q/K/V/Y
+Official `MiniGPT1` (`Language_Model/GPT1.py` of the official repository): post-LN blocks `x = LN(x + Attn(x)); x = LN(x + MLP(x))`, separate Q/K/V/Y
 Linear layers with bias, causal attention, MLP 4d with GELU, no dropout, no final LayerNorm, learned
 position table with one row per position of the (fixed) sequence length, and an output Linear without
 bias whose weight *is* the token-embedding matrix. The embeddings come from pretrained GPT-1 and are frozen
@@ -28,6 +28,7 @@ from torch import nn
 
 from models.common import attention
 from models.registry import MODELS, ModelCapabilities, ModelOptions
+from fisherbench.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class MultiHeadedAttention(nn.Module):
         self.heads = heads
         self.explicit = explicit
         # Registration order Q, V, K, Y as in the official file: it fixes the parameter order that the
-        # official AdaFisher's shape-based parameter matching walks (spec §1.7).
+        # official AdaFisher's shape-based parameter matching walks (docs/adafisher.md, "official" variant).
         self.weights_Q = nn.Linear(dim, dim)
         self.weights_V = nn.Linear(dim, dim)
         self.weights_K = nn.Linear(dim, dim)
@@ -81,7 +82,7 @@ class GPT1Embedding(nn.Module):
     def forward(self, tokens):
         t = tokens.shape[1]
         if t > self.position.num_embeddings:
-            raise ValueError(f"sequence of {t} tokens is longer than the model's position table "
+            raise UserError(f"sequence of {t} tokens is longer than the model's position table "
                              f"({self.position.num_embeddings}); set model.seq_len")
         positions = torch.arange(t, device=tokens.device)
         return self.tokens(tokens) + self.position(positions)
@@ -92,7 +93,7 @@ class MiniGPT(nn.Module):
                  freeze_embeddings: bool, explicit_attention: bool) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"d_model={dim} must be divisible by heads={heads}")
+            raise UserError(f"d_model={dim} must be divisible by heads={heads}")
         self.embedding = GPT1Embedding(vocab, dim, seq_len)
         self.layers = nn.ModuleList([Block(dim, heads, mlp_hidden, explicit_attention) for _ in range(layers)])
         self.classifier = nn.Linear(dim, vocab, bias=False)
@@ -106,7 +107,7 @@ class MiniGPT(nn.Module):
         return self.classifier(x)
 
 
-class EmbeddingsUnavailable(RuntimeError):
+class EmbeddingsUnavailable(UserError):
     """The pretrained GPT-1 embeddings could not be downloaded or read."""
 
 
@@ -154,12 +155,12 @@ def load_embeddings(model: MiniGPT, tokens: torch.Tensor, positions: torch.Tenso
     vocab, dim = emb.tokens.weight.shape
     seq_len = emb.position.num_embeddings
     if tokens.shape[1] != dim or positions.shape[1] != dim:
-        raise ValueError(f"{source}: embeddings have width {tokens.shape[1]}, the model has d_model={dim}")
+        raise UserError(f"{source}: embeddings have width {tokens.shape[1]}, the model has d_model={dim}")
     if tokens.shape[0] > vocab:
-        raise ValueError(f"{source}: {tokens.shape[0]} token embeddings but the dataset's vocabulary has {vocab} "
+        raise UserError(f"{source}: {tokens.shape[0]} token embeddings but the dataset's vocabulary has {vocab} "
                          f"tokens; tokenise with the same vocabulary as the embeddings")
     if positions.shape[0] < seq_len:
-        raise ValueError(f"{source}: {positions.shape[0]} position embeddings, the model needs {seq_len}")
+        raise UserError(f"{source}: {positions.shape[0]} position embeddings, the model needs {seq_len}")
     with torch.no_grad():
         emb.tokens.weight[: tokens.shape[0]].copy_(tokens)
         emb.position.weight.copy_(positions[:seq_len])
@@ -192,7 +193,7 @@ class TinyGPTOptions(GPTOptions):
 def _build_gpt(opts: GPTOptions, num_classes: int, input_shape: Optional[tuple], double_backward: bool,
                default_seq_len: int) -> MiniGPT:
     if input_shape is not None and len(input_shape) != 1:
-        raise ValueError(f"{opts.name} takes token windows: input_shape (T,), got {tuple(input_shape)}")
+        raise UserError(f"{opts.name} takes token windows: input_shape (T,), got {tuple(input_shape)}")
     seq_len = opts.seq_len or (int(input_shape[0]) if input_shape else default_seq_len)
     model = MiniGPT(num_classes, opts.d_model, seq_len, opts.heads, opts.layers, opts.mlp_hidden,
                     opts.freeze_embeddings, explicit_attention=double_backward)

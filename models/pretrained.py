@@ -14,11 +14,12 @@ from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
+from fisherbench.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
+class PretrainedWeightsUnavailable(UserError):
     """The weights could not be downloaded (offline) or read."""
 
 
@@ -74,7 +75,7 @@ def load_by_name(
             report.unused.append(key)
             continue
         if tuple(target[new_key].shape) != tuple(tensor.shape):
-            raise RuntimeError(
+            raise UserError(
                 f"pretrained tensor {key} has shape {tuple(tensor.shape)} but the model's {new_key} has "
                 f"{tuple(target[new_key].shape)}"
             )

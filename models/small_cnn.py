@@ -7,6 +7,7 @@ from typing import Optional
 from torch import nn
 
 from models.registry import MODELS, ModelCapabilities, ModelOptions
+from fisherbench.errors import UserError
 
 
 @dataclass
@@ -52,5 +53,5 @@ class SmallCNN(nn.Module):
 def build_small_cnn(opts: SmallCNNOptions, *, num_classes: int, input_shape: Optional[tuple], double_backward: bool):
     shape = tuple(input_shape) if input_shape else (3, 32, 32)
     if len(shape) != 3 or shape[1] < 4 or shape[2] < 4:
-        raise ValueError(f"small_cnn needs (C, H, W) inputs of at least 4x4, got {shape}")
+        raise UserError(f"small_cnn needs (C, H, W) inputs of at least 4x4, got {shape}")
     return SmallCNN(shape, num_classes, opts.width, opts.hidden, opts.batch_norm)

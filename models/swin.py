@@ -1,7 +1,7 @@
 """Swin Transformers: the official "Tiny Swin" and "Big Swin" (berniwal/swin-transformer-pytorch layout) and a
 standard Swin-T from timm for 32x32 inputs.
 
-Official layout (spec §4.4): every stage starts with a patch merge (`nn.Unfold` + Linear; the first one is
+Official layout (`Image_Classification/src/models/swin.py` of the official repository): every stage starts with a patch merge (`nn.Unfold` + Linear; the first one is
 the patch embedding), then pairs of (regular, shifted) window-attention blocks, pre-norm, MLP x4 with GELU,
 a learned (2w-1)x(2w-1) relative-position table per block, masks for the shifted windows stored as
 `Parameter(requires_grad=False)`, mean-pool -> LayerNorm -> Linear. No norm after the patch merges, no
@@ -16,7 +16,7 @@ stochastic depth, no dropout.
   shrinks the last stage's window to its 2x2 grid and drops the shift there).
 
 Module names and parameter order follow the official file: the official AdaFisher's parameter matching
-(spec §1.7) walks them, and the frozen mask parameters are part of why it leaves 61% of Tiny Swin untrained.
+(docs/adafisher.md, the `official` variant) walks them, and the frozen mask parameters are part of why it leaves 61% of Tiny Swin untrained.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from torch import nn
 
 from models.common import attention, disable_inplace, image_shape, set_fused_attention
 from models.registry import MODELS, ModelCapabilities, ModelOptions
+from fisherbench.errors import UserError
 
 
 def shifted_window_masks(window: int, displacement: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +175,7 @@ class StageModule(nn.Module):
                  relative_pos_embedding: bool, explicit_attention: bool) -> None:
         super().__init__()
         if depth % 2:
-            raise ValueError(f"Swin stage depths must be even (regular + shifted block pairs), got {depth}")
+            raise UserError(f"Swin stage depths must be even (regular + shifted block pairs), got {depth}")
         self.patch_partition = PatchMerging(cin, dim, factor)
         self.layers = nn.ModuleList([
             nn.ModuleList([SwinBlock(dim, heads, head_dim, shifted, window_size, relative_pos_embedding,
@@ -232,11 +233,11 @@ def _build_official(opts: OfficialSwinOptions, num_classes: int, input_shape: Op
                     default_size: int, double_backward: bool) -> OfficialSwin:
     c, h, w = image_shape(input_shape, (3, default_size, default_size))
     if not (len(opts.layers) == len(opts.heads) == len(opts.downscaling_factors) == 4):
-        raise ValueError(f"{opts.name}: layers, heads and downscaling_factors need 4 entries (one per stage)")
+        raise UserError(f"{opts.name}: layers, heads and downscaling_factors need 4 entries (one per stage)")
     side_h, side_w = h, w
     for i, f in enumerate(opts.downscaling_factors):
         if side_h % f or side_w % f or (side_h // f) % opts.window_size or (side_w // f) % opts.window_size:
-            raise ValueError(
+            raise UserError(
                 f"{opts.name}: a {h}x{w} input gives a {side_h // f}x{side_w // f} token grid in stage {i + 1}, "
                 f"not divisible by window_size={opts.window_size} (downscaling {list(opts.downscaling_factors)}). "
                 f"Use a {default_size}x{default_size} dataset or change model.window_size / "
@@ -297,7 +298,7 @@ def build_swin_tiny(opts: TimmSwinOptions, *, num_classes: int, input_shape: Opt
 
     c, h, w = image_shape(input_shape, (3, 32, 32))
     if h != w or h % (opts.patch_size * 2 ** (len(opts.depths) - 1)):
-        raise ValueError(f"{opts.name}: a square input divisible by patch_size * 2^(stages-1) is needed, got {h}x{w}")
+        raise UserError(f"{opts.name}: a square input divisible by patch_size * 2^(stages-1) is needed, got {h}x{w}")
     model = SwinTransformer(img_size=h, patch_size=opts.patch_size, in_chans=c, num_classes=num_classes,
                             embed_dim=opts.embed_dim, depths=tuple(opts.depths), num_heads=tuple(opts.num_heads),
                             window_size=opts.window_size, drop_path_rate=opts.drop_path_rate)

@@ -8,6 +8,7 @@ from torch import nn
 
 from models.common import disable_inplace, image_shape, set_fused_attention
 from models.registry import MODELS, ModelCapabilities, ModelOptions
+from fisherbench.errors import UserError
 
 
 @dataclass
@@ -33,7 +34,7 @@ def build_tiny_vit(opts: TinyViTOptions, *, num_classes: int, input_shape: Optio
 
     c, h, w = image_shape(input_shape, (3, 32, 32))
     if h % opts.patch_size or w % opts.patch_size:
-        raise ValueError(f"{opts.name}: image {h}x{w} is not divisible by patch_size={opts.patch_size}")
+        raise UserError(f"{opts.name}: image {h}x{w} is not divisible by patch_size={opts.patch_size}")
     model = VisionTransformer(img_size=(h, w), patch_size=opts.patch_size, in_chans=c, num_classes=num_classes,
                               embed_dim=opts.dim, depth=opts.depth, num_heads=opts.heads, mlp_ratio=opts.mlp_ratio)
     return set_fused_attention(disable_inplace(model), enabled=not double_backward)

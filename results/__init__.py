@@ -1,2 +1,14 @@
-"""The results store (runs/, gitignored) and the code that reads it; generated tables live in tables/."""
-from results.store import FINAL_STATUSES, STATUSES, RunDir, iter_run_dirs, run_id  # noqa: F401
+"""Reports from the results store: paper tables, ad-hoc comparisons, time to target, searches, figures, and
+the store browser (`python -m results ls|show|best|trials|wandb`).
+
+- `runs`: the store as reports see it (validated reading, corrupt runs listed, config-key filters);
+- `report`: tables from plain input (`ReportSpec`: composed cells, seeds, metrics, the paper's values),
+  honest verdicts; `adhoc`: tables from a store without a spec; `tables`: Markdown/CSV/LaTeX;
+- `profiles`: time to target and performance profiles; `trials`: Optuna studies; `figures`: the figures;
+- `browse`: the command line; `wandb_offline`: reading offline W&B run files.
+
+This package never imports the sweep or the run layer (an import-linter contract): entry points such as
+`scripts/report.py` compose a sweep spec's cells and pass them in. The store itself (reading and writing run
+directories) is `fisherbench.store`. Generated tables and figures go under `--out` (default `results/`:
+`results/tables/` and `results/figures/`, gitignored).
+"""

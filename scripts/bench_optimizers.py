@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 import optim  # noqa: E402
-from fisherbench.runner import load_group_option  # noqa: E402
+from engine.compose import load_group_option
 from fisherbench.tasks import get_task  # noqa: E402
 
 TIMING_PERIOD = 2  # periodic arms are timed with every other step a curvature step

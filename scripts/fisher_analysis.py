@@ -2,7 +2,7 @@
 """Fisher analysis: what the Kronecker factors H = E[ã ãᵀ] and S = E[g gᵀ] of chosen layers contain.
 
     # a finished run (needs checkpoints: train with checkpoint.keep_final=true [checkpoint.every_epochs=N])
-    python scripts/fisher_analysis.py --run-dir results/runs/<run_id>
+    python scripts/fisher_analysis.py --run-dir runs/<run_id>
     # or train briefly and analyse the model after chosen optimizer steps
     python scripts/fisher_analysis.py --model small_cnn --data mnist5k --optimizer adafisher --steps 0,100,300
     python scripts/fisher_analysis.py --model resnet18_cifar --data cifar10 --steps 200 --layers '#37,#41'
@@ -14,7 +14,7 @@ spectra with/without off-diagonal noise, curvature vs damping, diagonal-approxim
 writes to --out (default: <run-dir>/fisher_analysis/): fisher_table.{csv,md,json} and, for the figure
 layers, the paper's figures (gershgorin_*, spectrum_*, fft_*, heatmap_* as PNG and PDF). Extra arguments
 are Hydra overrides of the training config (e.g. model.width=8 data.batch_size=128 seed=1).
-See README.md, "Fisher analysis".
+See docs/fisher-analysis.md.
 """
 from __future__ import annotations
 
@@ -88,20 +88,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _compose(args: argparse.Namespace) -> dict:
-    from fisherbench.runner import ConfigError, compose_config, resolved_dict
+    from engine.compose import compose_config
+    from engine.identity import resolved_dict
+    from fisherbench.errors import UserError
 
     overrides = [f"model={args.model}", f"data={args.data}", f"optimizer={args.optimizer}", "logger=none",
                  *args.overrides]
     try:
         return resolved_dict(compose_config(overrides))
-    except ConfigError:
+    except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - Hydra raises several types for unknown options/keys
         raise SystemExit(f"could not compose the config {overrides}: {exc}") from None
 
 
 def _figure_layers(args: argparse.Namespace, model, layers: list[str]) -> list[str]:
-    from optim.analysis.factors import default_layers, select_layers
+    from analysis.factors import default_layers, select_layers
 
     if args.figure_layers:
         chosen = select_layers(model, args.figure_layers)
@@ -116,10 +118,10 @@ def _figure_layers(args: argparse.Namespace, model, layers: list[str]) -> list[s
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    from optim.analysis import sources
-    from optim.analysis.diagnostics import analyse_layer
-    from optim.analysis.factors import collect_factors, describe_layers, select_layers
-    from optim.analysis.report import layer_row, log_wandb, markdown_table, write_tables
+    from analysis import sources
+    from analysis.diagnostics import analyse_layer
+    from analysis.factors import collect_factors, describe_layers, select_layers
+    from analysis.report import layer_row, log_wandb, markdown_table, write_tables
 
     steps = _steps(args.steps)
     try:
@@ -192,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     written = write_tables(rows, out, notes)
     for name in figure_layers:
         _log(f"figures for {name}")
-        from optim.analysis.figures import write_layer_figures
+        from analysis.figures import write_layer_figures
 
         written += write_layer_figures(name, for_figures[name], out)
     if args.wandb:

@@ -17,7 +17,8 @@ from sweep.expand import PlannedRun
 def calibrate_cells(runs: Sequence[PlannedRun], results_dir: Path) -> list[dict]:
     from omegaconf import OmegaConf
 
-    from fisherbench.runner import ConfigError, calibrate
+    from engine.lifecycle import calibrate
+    from fisherbench.errors import UserError
 
     seen, out = set(), []
     cells = [r for r in runs if r.config.budget.mode == "reference"]
@@ -29,7 +30,7 @@ def calibrate_cells(runs: Sequence[PlannedRun], results_dir: Path) -> list[dict]
         OmegaConf.update(cfg, "results_dir", str(results_dir), merge=False)
         try:
             derived = calibrate(cfg)
-        except ConfigError as exc:
+        except UserError as exc:
             print(f"[sweep] calibrate {r.cell.row} × {r.cell.column}: {exc}", file=sys.stderr)
             continue
         print(f"[sweep] calibrated {r.cell.row} × {r.cell.column}: {derived['derived_epochs']} epochs "

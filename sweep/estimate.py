@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from results.store import RunDir, read_json
+from fisherbench.store import RunDir, read_json
 from sweep.expand import PlannedRun
 from sweep.spec import SweepSpec
 
@@ -49,9 +49,9 @@ class _Calibrations:
     def lookup(self, cfg) -> Optional[dict[str, Any]]:
         if not self.dir.is_dir():
             return None
-        from fisherbench.calibrate import calibration_key
+        from engine.calibrate import calibration_key
         from fisherbench.env import resolve_device
-        from fisherbench.runner import load_group_option
+        from engine.compose import load_group_option
 
         ref = cfg.budget.reference_optimizer
         if ref not in self._refs:

@@ -47,7 +47,8 @@ def hydra_context() -> Iterator[None]:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from fisherbench.config import CONFIG_DIR, register_configs
+    from engine.compose import register_configs
+    from fisherbench.config import CONFIG_DIR
 
     if GlobalHydra.instance().is_initialized():
         yield
@@ -77,7 +78,7 @@ def compose(overrides: Sequence[str]) -> DictConfig:
     every call (a third of the time of a composition)."""
     from hydra import compose as hydra_compose
 
-    from fisherbench.runner import attach_choices
+    from engine.compose import attach_choices
 
     with hydra_context():
         cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
@@ -114,7 +115,7 @@ def expand(
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> list[PlannedRun]:
     """The runs of a sweep, cell by cell (spec order), seeds innermost."""
-    from fisherbench.runner import run_id_of
+    from engine.identity import run_id_of
 
     cells = spec.cells(arm_sets, rows, columns)
     seeds = list(spec.seeds if seeds is None else seeds)

@@ -25,12 +25,14 @@ def hydra_task(cfg: DictConfig) -> dict[str, Any]:
     """What each launched job runs: the `train.py` task (compose -> run -> store); returns the outcome."""
     from hydra.core.hydra_config import HydraConfig
 
-    from fisherbench.runner import ConfigError, attach_choices, run
+    from engine.compose import attach_choices
+    from engine.lifecycle import run
+    from fisherbench.errors import UserError
 
     cfg = attach_choices(cfg, dict(HydraConfig.get().runtime.choices))
     try:
         result = run(cfg)
-    except ConfigError as exc:
+    except UserError as exc:
         return {"status": "config_error", "error": str(exc)}
     return {"run_id": result.summary.get("run_id"), "status": result.status, "skipped": result.skipped,
             "run_dir": str(result.run_dir)}

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from results.store import FINAL_STATUSES, RunDir
+from fisherbench.status import FINAL
+from fisherbench.store import RunDir, lock_is_held
 from sweep.expand import PlannedRun
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -139,22 +140,6 @@ class EventLog:
                 os.write(fd, line.encode())
             finally:
                 os.close(fd)
-
-
-def lock_is_held(results_dir: Path, run_id: str) -> bool:
-    """True when another process holds the run's lock (probe: acquire without waiting, release at once)."""
-    from filelock import FileLock, Timeout
-
-    path = results_dir / f".{run_id}.lock"
-    if not path.exists():
-        return False
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return True
-    lock.release()
-    return False
 
 
 def store_state(results_dir: Path, run_id: str) -> str:
@@ -310,7 +295,7 @@ def summarize(outcomes: Sequence[Outcome]) -> str:
     counts = _count(o.status for o in outcomes)
     ran = sum(o.ran for o in outcomes)
     parts = [f"{k} {v}" for k, v in sorted(counts.items())]
-    unfinished = [o for o in outcomes if o.status not in (*FINAL_STATUSES, "running_elsewhere")]
+    unfinished = [o for o in outcomes if o.status not in (*FINAL, "running_elsewhere")]
     line = f"[sweep] {len(outcomes)} runs: " + ", ".join(parts) + f" ({ran} trained now)"
     if counts.get("running_elsewhere"):
         line += "; running_elsewhere = another process holds the run (its lock); it finishes them"

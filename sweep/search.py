@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from results.store import RunDir
+from fisherbench.scores import get_metric
+from fisherbench.store import RunDir
 from sweep.expand import PlannedRun, compose_cell, hydra_context
 from sweep.spec import SpecError, SweepSpec, merge_overrides
 
@@ -90,7 +91,7 @@ def _format(value: Any) -> str:
 
 def trial_runs(spec: SweepSpec, cell, params: dict[str, Any], seeds: Sequence[int], user_overrides: Sequence[str],
                wct_mode: str) -> list[PlannedRun]:
-    from fisherbench.runner import run_id_of
+    from engine.identity import run_id_of
 
     param_ovs = [f"{k}={_format(v)}" for k, v in params.items()]
     with hydra_context():
@@ -108,7 +109,6 @@ def run_search(spec: SweepSpec, results_dir: Path, user_overrides: Sequence[str]
                wct_mode: str = "measured", reclaim: bool = False, threads: Optional[int] = None, out=None) -> int:
     import optuna
 
-    from results.report import get_metric
     from sweep.local import LocalRunner, make_workers
 
     out = out or sys.stdout

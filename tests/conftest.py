@@ -71,7 +71,8 @@ def run_train(tmp_path):
 
     Starts from a tiny CNN on tiny synthetic images writing to a per-test results dir; later overrides win.
     """
-    from fisherbench.runner import compose_config, run
+    from engine.compose import compose_config
+    from engine.lifecycle import run
 
     def _run(*overrides: str, base=TINY):
         cfg = compose_config([*base, f"results_dir={tmp_path / 'runs'}", *overrides])

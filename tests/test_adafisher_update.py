@@ -287,9 +287,9 @@ def test_preconditioner_stats_and_state_bytes():
 
 # ---------------------------------------------------------------------------------------- registry, runner
 def test_registry_entries_and_adapter_diagnostics():
-    entry = optim.OPTIMIZERS.get("adafisher")
+    entry = optim.row("adafisher")
     caps = entry.capabilities
-    assert caps.needs_model and caps.family == "diagonal-fisher" and caps.period_option == "update_interval"
+    assert entry.takes_model and entry.family == "diagonal-fisher" and caps.period_option == "update_interval"
     assert caps.supports_ddp and caps.supports_amp
     model = Net()
     adapter = optim.build_optimizer({"name": "adafisherw", "variant": "paper", "weight_decay": 0.01}, model)
@@ -313,7 +313,7 @@ CONFIGS = ["adafisher", "adafisherw", "adafisher_official", "adafisher_paper", "
 def test_family_recipes_compose_and_build(config, expected):
     from omegaconf import OmegaConf
 
-    from fisherbench.runner import compose_config
+    from engine.compose import compose_config
 
     cfg = compose_config([f"optimizer={config}"])
     opts = OmegaConf.to_container(cfg.optimizer, resolve=True)

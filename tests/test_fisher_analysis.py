@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optim.analysis import diagnostics as dg
-from optim.analysis.factors import (
+from analysis import diagnostics as dg
+from analysis.factors import (
     FactorCollector,
     collect_factors,
     default_layers,
     hook_free_copy,
     select_layers,
 )
-from optim.analysis.sources import FactorCallback, adafisher_state_of
+from analysis.sources import FactorCallback, adafisher_state_of
 
 
 def _spd(n: int, p: int, seed: int = 0) -> torch.Tensor:

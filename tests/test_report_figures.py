@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 
 def test_adam_trajectory_matches_a_plain_torch_loop():
-    from results.trajectories import BATCH, iris_2d, mlp, train_trajectory
+    from analysis.trajectories import BATCH, iris_2d, mlp, train_trajectory
 
     x, y = iris_2d()
     assert x.shape == (150, 2) and sorted(set(y.tolist())) == [0, 1, 2]
@@ -36,7 +36,7 @@ def test_adam_trajectory_matches_a_plain_torch_loop():
 
 
 def test_figure1_all_optimizers_from_the_same_start(tmp_path):
-    from results.trajectories import figure1
+    from analysis.trajectories import figure1
 
     files, final = figure1(tmp_path / "fig1", epochs=1, grid=40)
     assert [f.suffix for f in files] == [".png", ".pdf"] and all(f.stat().st_size > 5000 for f in files)

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import fisherbench.trainer as trainer_mod
+import engine.trainer as trainer_mod
 from fisherbench import checkpoint as ckpt
-from fisherbench.runner import ConfigError, compose_config, run
-from results.store import RunDir, iter_run_dirs
+from engine.compose import compose_config
+from engine.lifecycle import run
+from fisherbench.errors import UserError
+from fisherbench.store import RunDir, iter_run_dirs
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["model=small_cnn", "model.width=4", "model.hidden=16", "data=synthetic_image", "data.shape=[3,8,8]",
@@ -172,7 +174,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, monkeypat
     d.checkpoint_path.write_bytes(data[: len(data) // 2])  # torn write
     resumed = _run(tmp_path, "runs", "optimizer=adamw")
     err = capsys.readouterr().err
-    assert "corrupted or truncated" in err and "previous checkpoint" in err
+    assert "ignoring checkpoint" in err and "previous checkpoint" in err
     assert resumed.summary["final_params_sha256"] == clean.summary["final_params_sha256"]
 
 
@@ -182,7 +184,8 @@ def test_all_checkpoints_corrupted_restarts_from_scratch(tmp_path, monkeypatch, 
     for p in (d.checkpoint_path, ckpt.prev_path(d.checkpoint_path)):
         p.write_bytes(b"not a checkpoint")
     resumed = _run(tmp_path, "runs", "optimizer=adamw")
-    assert "corrupted or truncated" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ignoring checkpoint" in err and "starting the run from the beginning" in err
     assert resumed.summary["final_params_sha256"] == clean.summary["final_params_sha256"]
     assert _rows(resumed.run_dir) == _rows(clean.run_dir)  # the stale rows of the first attempt are gone
 
@@ -191,7 +194,7 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, monkeypatch):
     other = _crash_after(tmp_path, monkeypatch, "other", 6, "optimizer=adamw", "seed=5")
     target = _crash_after(tmp_path, monkeypatch, "runs", 6, "optimizer=adamw")
     shutil.copy(other.checkpoint_path, target.checkpoint_path)
-    with pytest.raises(ConfigError, match="belongs to run"):
+    with pytest.raises(UserError, match="belongs to run"):
         _run(tmp_path, "runs", "optimizer=adamw")
 
 

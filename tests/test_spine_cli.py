@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from results.store import iter_run_dirs
+from fisherbench.store import iter_run_dirs
 from results.wandb_offline import find_run_files, read_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,9 +26,9 @@ def test_default_run_end_to_end_on_a_tiny_budget(tmp_path):
     assert p.returncode == 0, p.stderr
     line = p.stdout.strip().splitlines()[-1]
     assert line.startswith("[fisherbench] completed")
-    for part in ("best test/acc1", "epochs", "train", "eval", "wall", "results/runs/"):
+    for part in ("best test/acc1", "epochs", "train", "eval", "wall", " runs/"):
         assert part in line
-    (run,) = list(iter_run_dirs(tmp_path / "results" / "runs"))
+    (run,) = list(iter_run_dirs(tmp_path / "runs"))
     s = run.summary()
     assert s["data"] == "mnist5k" and s["model"] == "small_cnn" and s["steps"] == 12
     assert run.meta()["dataset"]["num_train"] == 4000
@@ -82,3 +82,21 @@ def test_wandb_offline_mirrors_the_store(tmp_path):
     summary = run.summary()
     assert record["summary"]["status"] == "completed"
     assert record["summary"]["ledger.train_s"] == pytest.approx(summary["ledger"]["train_s"])
+
+
+def test_help_lists_only_the_groups_train_accepts(tmp_path):
+    p = train("--help", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    for group in ("model:", "data:", "optimizer:", "budget:", "logger:", "experiment:"):
+        assert group in p.stdout
+    for internal in ("schema/", "sweep:", " _cifar", "_fixed", "_networks"):
+        assert internal not in p.stdout
+    assert "debug" in p.stdout and "name: small_cnn" in p.stdout
+
+
+@pytest.mark.parametrize("combo", [["model=tiny_vit", "data=synthetic_image", "optimizer=kfac"],
+                                   ["model=tiny_gpt", "data=synthetic_tokens", "optimizer=adafisherw"]])
+def test_debug_preset_smoke_tests_any_combination(tmp_path, combo):
+    p = train("experiment=debug", *combo, f"results_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "(4 steps)" in p.stdout

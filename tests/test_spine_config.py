@@ -6,8 +6,10 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationErr
 
 from fisherbench.config import CONFIG_DIR
 from fisherbench.errors import explain_compose_error
-from fisherbench.runner import ConfigError, compose_config, run
-from results.store import iter_run_dirs
+from engine.compose import compose_config
+from engine.lifecycle import run
+from fisherbench.errors import UserError
+from fisherbench.store import RunDir, iter_run_dirs
 
 GROUPS = ("model", "data", "optimizer", "budget", "logger", "experiment")
 
@@ -43,7 +45,7 @@ def test_top_level_keys():
     cfg = compose_config([])
     for key in ("seed", "results_dir", "deterministic", "device"):
         assert key in cfg
-    assert cfg.device == "auto" and cfg.results_dir.startswith("results")
+    assert cfg.device == "auto" and cfg.results_dir == "runs"
 
 
 def test_typo_in_a_group_key_fails_at_compose_time_with_valid_keys():
@@ -89,7 +91,7 @@ def test_bad_values_raise_config_error_before_any_run_dir(tmp_path, overrides, m
     from tests.conftest import TINY
 
     cfg = compose_config([*TINY, f"results_dir={tmp_path / 'runs'}", *overrides])
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UserError) as info:
         run(cfg)
     assert message in str(info.value)
     assert not list(iter_run_dirs(tmp_path / "runs"))
@@ -97,6 +99,23 @@ def test_bad_values_raise_config_error_before_any_run_dir(tmp_path, overrides, m
 
 def test_model_and_data_kinds_must_match(tmp_path):
     cfg = compose_config(["model=small_cnn", "data=synthetic_tokens", f"results_dir={tmp_path / 'runs'}"])
-    with pytest.raises(ConfigError, match="takes image inputs but data 'synthetic_tokens' provides tokens"):
+    with pytest.raises(UserError, match="takes image inputs but data 'synthetic_tokens' provides tokens"):
         run(cfg)
     assert not list(iter_run_dirs(tmp_path / "runs"))
+
+
+def test_a_bug_in_a_builder_is_recorded_as_failed_not_as_a_configuration_error(tmp_path, monkeypatch):
+    """Only UserError is the user's mistake: any other builder exception is a bug, recorded with its traceback."""
+    import models
+    from tests.conftest import TINY
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in a model builder")
+
+    monkeypatch.setattr(models, "create_model", broken)
+    result = run(compose_config([*TINY, f"results_dir={tmp_path / 'runs'}"]))
+    assert result.status == "failed" and "a bug in a model builder" in result.summary["error"]
+    rd = RunDir(result.run_dir)
+    assert "Traceback" in rd.error_path.read_text() and rd.summary()["status"] == "failed"
+    monkeypatch.undo()
+    assert run(compose_config([*TINY, f"results_dir={tmp_path / 'runs'}"])).status == "completed"  # retried

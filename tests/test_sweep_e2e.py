@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from results.store import RunDir
+from fisherbench.store import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -155,8 +155,8 @@ search:
                 trained.append((r.run_id, lr))
                 rd = RunDir(self.results_dir / r.run_id)
                 rd.create({"seed": r.seed}, {})
-                rd.append_metrics({"test/acc1": 1.0 - abs(np.log10(lr) + 2) / 10})  # best at lr 1e-2
-                rd.write_summary({"status": "completed", "best": {}})
+                rd.append_metrics({"eval": 0, "test/acc1": 1.0 - abs(np.log10(lr) + 2) / 10})  # best at lr 1e-2
+                rd.write_summary({"run_id": rd.run_id, "status": "completed", "best": {}})
             return [Outcome(r, "completed", 0, ran=True) for r in planned]
 
     monkeypatch.setattr("sweep.local.LocalRunner", FakeRunner)

@@ -41,7 +41,8 @@ def test_first_cell_of_every_spec_composes_and_names_its_preset():
 def test_run_ids_are_the_ones_train_py_computes():
     """The subprocess composes `run.overrides`; its run id must be the one the sweep planned (incl. a row
     that scales the recipe's LR and a fixed arm with a variant)."""
-    from fisherbench.runner import compose_config, run_id_of
+    from engine.compose import compose_config
+    from engine.identity import run_id_of
     from sweep.expand import expand
 
     fig5 = load_spec("fig5_stability")
@@ -78,9 +79,9 @@ def test_dry_run_estimates_from_a_calibration_cache_and_from_stored_runs(tmp_pat
     """A cached calibration on this machine gives epochs and hours; a started run's plan beats it."""
     import torch
 
-    from fisherbench.calibrate import calibration_key
-    from fisherbench.runner import load_group_option
-    from results.store import RunDir
+    from engine.calibrate import calibration_key
+    from engine.compose import load_group_option
+    from fisherbench.store import RunDir
     from sweep.estimate import estimate, format_plan
     from sweep.expand import expand
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import os
 import signal
@@ -25,9 +24,10 @@ from fisherbench.budget import BudgetPlan
 from fisherbench.distributed import DistInfo, all_reduce_max_, all_reduce_sum_
 from fisherbench.ledger import Clock, Ledger
 from fisherbench.schedule import lr_multiplier, set_lr
-from fisherbench.tasks import MetricSums, Task
-from optim.registry import OptimizerAdapter, unwrap
-from results.store import RunDir
+from fisherbench.modules import unwrap
+from fisherbench.store import RunDir
+from fisherbench.tasks import MetricSums, Task, selection_of
+from optim.registry import OptimizerAdapter
 
 # Fault injection for tests: hard-exit (no cleanup, like kill -9) after training step N, or send this process
 # a signal (e.g. "12:SIGTERM") after step N so that the real signal handling path runs.
@@ -56,20 +56,15 @@ class TrainState:
     train_correct: float = 0.0
 
 
-def params_sha256(model: nn.Module) -> str:
-    """SHA-256 over the model's parameters in name order (dtype and shape included)."""
-    h = hashlib.sha256()
-    for name, p in sorted(unwrap(model).named_parameters(), key=lambda kv: kv[0]):
-        t = p.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 class _StopSignals:
-    """SIGTERM / SIGUSR1 set a flag that the loop checks every step (checkpoint, then stop as preempted)."""
+    """SIGTERM / SIGINT (Ctrl-C) / SIGUSR1 set a flag that the loop checks (checkpoint, then stop as preempted).
 
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+    Ctrl-C is a stop request like the others: the run checkpoints and records `preempted` (exit 4) instead of
+    dying with a traceback; a second Ctrl-C while it does so is not needed and is ignored until it is done.
+    """
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGINT", None),
+                                getattr(signal, "SIGUSR1", None)) if s)
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
@@ -130,6 +125,8 @@ class Trainer:
     state: TrainState = field(default_factory=TrainState)
     run_id: str = ""
     on_eval: Optional[Callable[[dict[str, Any]], None]] = None  # extra per-evaluation hook (e.g. analysis)
+    # called before every write to the store (metrics, checkpoints): raises if this process lost the run's lock
+    guard: Callable[[], None] = lambda: None
 
     def __post_init__(self) -> None:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else None
@@ -342,21 +339,28 @@ class Trainer:
             if self._is_better(row):
                 st.best = row
             if self.run_dir is not None:
+                self.guard()
                 self.run_dir.append_metrics(row)
                 self.logger.log(row, step=st.step)
             if self.on_eval is not None:
                 self.on_eval(row)
         return row
 
+    @property
+    def selection(self) -> tuple[str, bool]:
+        """(row key, higher is better) of the metric that picks the best evaluation (`selection.*`)."""
+        sel = self.cfg.get("selection") or {}
+        return selection_of(self.task, sel.get("metric"), sel.get("mode"))
+
     def _is_better(self, row: dict[str, Any]) -> bool:
-        key = f"{self.task.select_split}/{self.task.select_metric}"
+        key, higher_is_better = self.selection
         value = row.get(key)
         if value is None or not math.isfinite(value):
             return False
         if self.state.best is None or not math.isfinite(self.state.best.get(key, math.nan)):
             return True
         best = self.state.best[key]
-        return value > best if self.task.higher_is_better else value < best
+        return value > best if higher_is_better else value < best
 
     # ---------------------------------------------------------------------------------- checkpoints
     def checkpoint_payload(self) -> dict[str, Any]:
@@ -375,6 +379,7 @@ class Trainer:
             return
         with self.clock.section("ckpt_s"):
             self._flush_correct()
+            self.guard()
             ckpt.save(self.run_dir.checkpoint_path, self.checkpoint_payload())
             self.state.last_ckpt_train_s = self.ledger.train_s
 

@@ -21,10 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from data.registry import DataBundle
+from engine.build import autocast_factory
+from engine.compose import load_group_option
 from fisherbench import checkpoint as ckpt
 from fisherbench.env import machine_key
+from fisherbench.errors import UserError
+from fisherbench.store import atomic_write_json, read_json
+from fisherbench.tasks import get_task
 from optim.registry import OPTIMIZERS, BuildContext, build_optimizer
-from results.store import atomic_write_json, read_json
 
 CALIBRATION_SUBDIR = "_calibration"
 
@@ -186,3 +190,21 @@ def derive_reference_budget(
         "calibration_key": key,
         "from_cache": from_cache,
     }
+
+
+def reference_budget(cfg: DictConfig, bundle: DataBundle, build_model: Callable[[], nn.Module],
+                     device: torch.device, log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """Derive (or read from the calibration cache) the epoch count of a `budget=reference` run."""
+    try:
+        reference_opts = load_group_option("optimizer", cfg.budget.reference_optimizer)
+    except Exception as exc:  # noqa: BLE001 - Hydra raises several types for a missing option
+        raise UserError(f"budget.reference_optimizer={cfg.budget.reference_optimizer!r}: {exc}") from None
+    loss = get_task(bundle.task).loss
+    derived = derive_reference_budget(cfg, reference_opts, build_model, bundle, loss, device,
+                                      autocast_factory(cfg, device))
+    how = ("read from the calibration cache" if derived.get("from_cache") else
+           derived.get("note") or f"measured with {cfg.budget.calibration_steps} interleaved steps each")
+    log(f"reference budget: {cfg.budget.reference_optimizer} x {derived['reference_epochs']:g} epochs "
+        f"-> {derived['derived_epochs']} epochs of {cfg.optimizer.name} (step-time ratio "
+        f"{derived['ratio']:.3f}, {how})")
+    return derived

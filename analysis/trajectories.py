@@ -42,7 +42,7 @@ def mlp(seed: int = 0) -> nn.Module:
 def train_trajectory(option: str, x: torch.Tensor, y: torch.Tensor, init: dict, epochs: int = EPOCHS,
                      lr: float = LR, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """First-layer weights (flattened) and full-batch training loss after each step, starting at `init`."""
-    from fisherbench.runner import load_group_option
+    from engine.compose import load_group_option
     from optim import BuildContext, build_optimizer
 
     model = mlp()
@@ -79,7 +79,8 @@ def figure1(out_stem: Path, optimizers: Sequence[tuple[str, str]] = OPTIMIZERS, 
     from scipy.interpolate import griddata
     from sklearn.decomposition import PCA
 
-    from results.figures import _color, save
+    from analysis.plotting import save_figure as save
+    from analysis.plotting import series_color as _color
 
     x, y = iris_2d()
     init = {k: v.clone() for k, v in mlp().state_dict().items()}

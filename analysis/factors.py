@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from optim.analysis.diagnostics import Block
+from analysis.diagnostics import Block
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 GRAD_SCALES = ("batch", "mean")

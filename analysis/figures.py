@@ -24,7 +24,8 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Circle  # noqa: E402
 from matplotlib.ticker import LogFormatter, NullFormatter  # noqa: E402
 
-from optim.analysis.diagnostics import FactorAnalysis, LayerAnalysis, fft_magnitude_db  # noqa: E402
+from analysis.plotting import save_figure  # noqa: E402
+from analysis.diagnostics import FactorAnalysis, LayerAnalysis, fft_magnitude_db  # noqa: E402
 
 # plain-text labels and tick formatters: mathtext and tight layouts cost most of the drawing time
 FACTORS = (("H", "H"), ("S", "S"))
@@ -176,21 +177,10 @@ def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "layer"
 
 
-def save(fig, out_dir: Path, stem: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in ("png", "pdf"):
-        path = out_dir / f"{stem}.{ext}"
-        fig.savefig(path, dpi=100 if ext == "png" else None)
-        paths.append(path)
-    plt.close(fig)
-    return paths
-
-
 def write_layer_figures(layer: str, analyses: Sequence[LayerAnalysis], out_dir: Path) -> list[Path]:
     """All four figures of one layer (analyses of the same layer, one per step, sorted by step)."""
     ordered = sorted(analyses, key=lambda a: a.step)
     written: list[Path] = []
     for kind, make in FIGURES.items():
-        written += save(make(layer, ordered), out_dir, f"{kind}_{_slug(layer)}")
+        written += save_figure(make(layer, ordered), out_dir / f"{kind}_{_slug(layer)}", dpi=100)
     return written

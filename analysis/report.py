@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from optim.analysis.diagnostics import LayerAnalysis
+from analysis.diagnostics import LayerAnalysis
 
 FACTOR_COLUMNS = (
     "dim", "analysed_dim", "diag_energy_ratio", "snr_db", "snr_db_noise_free", "snr_db_notebook",
@@ -92,7 +92,7 @@ def log_wandb(out_dir: Path, figures: Sequence[Path], rows: Sequence[dict[str, A
     With `run_id` (a fisherbench run) the figures go to that run (resumed). Returns the W&B run directory,
     or None when disabled or failed (a failure is reported and never raises: the files are the result).
     """
-    from fisherbench.loggers import resolve_wandb_mode
+    from engine.loggers import resolve_wandb_mode
 
     resolved = resolve_wandb_mode(mode)
     if resolved == "disabled":

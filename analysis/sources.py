@@ -15,8 +15,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from optim.analysis.diagnostics import DEFAULT_DAMPING
-from optim.analysis.factors import DEFAULT_MAX_DIM, LayerFactors, Log, collect_factors
+from fisherbench import checkpoint
+
+from analysis.diagnostics import DEFAULT_DAMPING
+from analysis.factors import DEFAULT_MAX_DIM, LayerFactors, Log, collect_factors
 
 
 def _stderr(msg: str) -> None:
@@ -131,10 +133,10 @@ def checkpoint_snapshots(setup: Setup, paths: Sequence[Path], steps: Optional[Se
     """Snapshots of the checkpoints, ordered by step (duplicates and steps not in `steps` skipped)."""
     loaded = []
     for path in paths:
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - a torn file is skipped with a message
-            log(f"skipping unreadable checkpoint {path} ({type(exc).__name__})")
+        # weights only: checkpoints come from a store other people can write to (never run code from them)
+        payload, why = checkpoint.read_checkpoint(Path(path), map_location="cpu")
+        if payload is None:
+            log(f"skipping checkpoint {path}: {why}")
             continue
         loaded.append((int(payload["state"]["step"]), path, payload))
     seen: set[int] = set()
@@ -204,7 +206,7 @@ class FactorCallback:
         step = int(row["step"])
         if (self.steps is not None and step not in self.steps) or step in self.factors:
             return
-        from optim.registry import unwrap
+        from fisherbench.modules import unwrap
 
         self.factors[step] = collect_factors(unwrap(self.model), self.batches(), self.loss_fn, self.layers,
                                              **self.kwargs)

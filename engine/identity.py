@@ -1,0 +1,50 @@
+"""A run's identity: the hash of the resolved config without the fields marked `not_identity`.
+
+Two commands that compute the same thing get the same run id, so the second resumes or skips the first;
+the fields that only say where or how to record a run (results_dir, logger, device, ...) are excluded by
+their schema metadata (`fisherbench.config.not_identity`), the one place that decides it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import data
+import models
+import optim
+from fisherbench.config import not_identity_fields, strip_non_identity
+from fisherbench.store import run_id
+
+_COMPONENTS = {"model": models.MODELS, "data": data.DATASETS, "optimizer": optim.OPTIMIZERS}
+
+
+def resolved_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain data, without the `_choices` bookkeeping."""
+    d = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert isinstance(d, dict)
+    d.pop("_choices", None)
+    return d
+
+
+def identity_of(cfg: DictConfig) -> dict[str, Any]:
+    """The part of the resolved config that determines what a run computes (hashed into the run id).
+
+    The top-level fields are decided by `TrainConfig`'s metadata, a component's fields (model/data/optimizer
+    options) by the metadata of the schema of the entry the config names.
+    """
+    identity = strip_non_identity(resolved_dict(cfg))
+    for group, registry in _COMPONENTS.items():
+        node = identity.get(group)
+        if isinstance(node, dict) and node.get("name") in registry:
+            drop = set(not_identity_fields(registry.get(node["name"]).schema))
+            identity[group] = {k: v for k, v in node.items() if k not in drop}
+    return identity
+
+
+def run_id_of(cfg: DictConfig, world_size: int = 1) -> str:
+    """The run's identity hash. Data-parallel runs (world_size > 1) are other runs than single-process ones."""
+    identity = identity_of(cfg)
+    if world_size > 1:
+        identity["world_size"] = world_size
+    return run_id(identity)
