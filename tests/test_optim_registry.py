@@ -128,13 +128,7 @@ def test_implementation_modules_are_the_expected_ones():
     assert {"fadam.py", "sgd_biascorrected.py", "adafisher.py"} <= set(IMPLEMENTATIONS)
 
 
-@pytest.mark.parametrize("module", [
-    pytest.param(m, marks=pytest.mark.xfail(
-        strict=True, reason="main's adafisher.py imports optim.registry.unwrap; the adafisher branch replaces it "
-                            "with a local unwrap. Remove this mark when that branch is merged."))
-    if m == "adafisher.py" else m
-    for m in IMPLEMENTATIONS
-])
+@pytest.mark.parametrize("module", IMPLEMENTATIONS)
 def test_optimizer_implementations_import_only_torch(module):
     """fadam.py, sgd_biascorrected.py and adafisher*.py: torch, the standard library and each other."""
     allowed = {"torch", "__future__"} | set(sys.stdlib_module_names) | {f"optim.{m[:-3]}" for m in IMPLEMENTATIONS}
