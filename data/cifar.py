@@ -1,4 +1,4 @@
-"""CIFAR-10 / CIFAR-100 with the paper's pipeline (spec §4.1).
+"""CIFAR-10 / CIFAR-100 with the paper's pipeline (the official `Image_Classification/src/utils/data.py`).
 
 Files: torchvision's layout and checksums (`<root>/cifar-10-batches-py/`, `<root>/cifar-100-python/`), fetched
 with torchvision's URL and archive MD5. The pickles are read here (the same format torchvision reads), so the

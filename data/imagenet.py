@@ -1,6 +1,6 @@
 """ImageNet-1k (ILSVRC-2012) from a folder the user provides (it cannot be downloaded automatically):
 `<root>/{train,val}/<wnid>/*.JPEG`, or the same under `<root>/imagenet/`. Training: RandomResizedCrop(224) +
-flip + ImageNet normalisation; evaluation: Resize(256) + CenterCrop(224) (spec §4.1, §4.6)."""
+flip + ImageNet normalisation; evaluation: Resize(256) + CenterCrop(224) (the official trainer's ImageNet transforms)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,5 @@
 """Tiny ImageNet (200 classes, 64x64; 100k train / 10k val) from the CS231n zip, as the paper used it
-(spec §4.1, §4.6): RandomResizedCrop(64) + flip + ImageNet normalisation (+ optional Cutout) for training;
+(the official `Image_Classification/src/utils/data.py`): RandomResizedCrop(64) + flip + ImageNet normalisation (+ optional Cutout) for training;
 Resize(64) + CenterCrop(64) for evaluation on the labelled `val/` split (the official `test/` has no labels).
 
 On disk: `<root>/tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/...}`. The zip ships `val/` as

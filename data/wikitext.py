@@ -1,4 +1,5 @@
-"""WikiText-2 with GPT-1's BPE, as the paper's language-model pipeline (spec §4.5).
+"""WikiText-2 with GPT-1's BPE, as the paper's language-model pipeline (the official
+`Language_Model/utils/wikitext2.py`).
 
 * Text: `<root>/wikitext-2-raw/wiki.{train,valid,test}.raw` (variant `raw`, default) or
   `<root>/wikitext-2/wiki.{train,valid,test}.tokens` (variant `tokens`, the `<unk>`-replaced version), as the

@@ -49,7 +49,7 @@ def disable_inplace(model: nn.Module) -> nn.Module:
     """Turn off `inplace` on every activation/dropout of a library model (torchvision, timm).
 
     AdaFisher's full backward hooks wrap module outputs; an in-place op on such an output
-    (`ReLU(inplace=True)` after a hooked BatchNorm) makes autograd raise. See official spec §1.1.
+    (`ReLU(inplace=True)` after a hooked BatchNorm) makes autograd raise (the reason the official AdaFisher README forbids in-place operations).
     """
     for module in model.modules():
         if getattr(module, "inplace", False) is True:
