@@ -276,6 +276,21 @@ def run_peak_memory(run: StoredRun) -> Optional[float]:
     return as_number((run.summary or {}).get("peak_memory_bytes"))
 
 
+# AdaFisher-family runs log the range of F/λ over their preconditioned entries at every evaluation
+F_OVER_LAMBDA = ("opt/F_over_lambda_min", "opt/F_over_lambda_max")
+
+
+def run_curvature_range(run: StoredRun) -> Optional[tuple[float, float, float, float]]:
+    """F/λ over training: (lowest min, highest max over the evaluations, final min, final max), or None for runs
+    that do not log it. F/λ = 1 everywhere means the curvature term never changed a step."""
+    lo_key, hi_key = F_OVER_LAMBDA
+    pairs = [(as_number(r.get(lo_key)), as_number(r.get(hi_key))) for r in run.rows()]
+    pairs = [(lo, hi) for lo, hi in pairs if lo is not None and hi is not None]
+    if not pairs:
+        return None
+    return min(lo for lo, _ in pairs), max(hi for _, hi in pairs), pairs[-1][0], pairs[-1][1]
+
+
 def progress_printer(label: str, stream=None) -> Callable[[int, int], None]:
     """`progress(i, n)` for long work: a rewritten line on a terminal, nothing otherwise."""
     stream = stream or sys.stderr

@@ -16,6 +16,7 @@ from results.report import (
     RULE, TABLE6_NOTE, TTEST, VALIDATION_COUNTERPART, CellResult, TableResult, run_epoch_seconds, run_epochs,
     run_peak_memory,
 )
+from results.runs import run_curvature_range
 
 CSV_FIELDS = ("table", "metric", "row", "column", "arm_set", "mean", "std", "seeds_found", "seeds_expected",
               "diverged", "incomplete", "duplicates", "paper_mean", "paper_std", "delta", "sigma", "p_value",
@@ -175,6 +176,32 @@ def cost_markdown(t: TableResult) -> str:
     return _md_table(["s/epoch · peak memory", *t.columns], body)
 
 
+def curvature_markdown(t: TableResult) -> Optional[str]:
+    """F/λ over training per cell (AdaFisher-family runs): how far the preconditioner got from plain momentum.
+
+    Per cell, over its seeds: the lowest and highest F/λ logged at any evaluation, and the mean over seeds of
+    the last evaluation's range. None when no run of the table logs F/λ.
+    """
+    body, any_value = [], False
+    for r in t.rows:
+        row = [r]
+        for col in t.columns:
+            c = t.cell(r, col)
+            ranges = [x for x in (run_curvature_range(s.run) for s in c.seeds)] if c else []
+            ranges = [x for x in ranges if x is not None]
+            if not ranges:
+                row.append("")
+                continue
+            any_value = True
+            lo, hi = min(x[0] for x in ranges), max(x[1] for x in ranges)
+            flo, fhi = (sum(x[i] for x in ranges) / len(ranges) for i in (2, 3))
+            row.append(f"[{lo:.4g}, {hi:.4g}] · final [{flo:.4g}, {fhi:.4g}]")
+        body.append(row)
+    if not any_value:
+        return None
+    return _md_table(["F/λ over training · at the end", *t.columns], body)
+
+
 def rule_text(t: TableResult) -> str:
     seeds = t.cells[0].seeds_expected if t.cells else []
     parts = [f"Ours: mean ± population std (ddof=0) over seeds {seeds}; one finished seed is shown as `(n=1)`; "
@@ -210,6 +237,11 @@ def markdown(tables: Sequence[TableResult]) -> str:
         out += [TABLE6_NOTE, ""]
     out += ["## Cost per epoch", "", "Budget-clock seconds: evaluation, logging and checkpoints excluded.", "",
             cost_markdown(t0), ""]
+    curvature = curvature_markdown(t0)
+    if curvature is not None:
+        out += ["## F/λ over training", "", "The range of F/λ over the preconditioned entries, logged at every "
+                "evaluation (AdaFisher family): 1 means a plain momentum step at lr/λ, larger values damp the step "
+                "by that factor.", "", curvature, ""]
     notes = list(t0.spec.notes or [])
     if notes:
         out += ["## Notes", "", *[f"- {n}" for n in notes], ""]

@@ -78,6 +78,17 @@ Budget-clock seconds: evaluation, logging and checkpoints excluded.
 | net B |  | 1.00 s · 100 MB |
 | net C | 2.00 s · 100 MB | 1.00 s · 100 MB |
 
+## F/λ over training
+
+The range of F/λ over the preconditioned entries, logged at every evaluation (AdaFisher family): 1 means a \
+plain momentum step at lr/λ, larger values damp the step by that factor.
+
+| F/λ over training · at the end | Adam | SGD |
+|---|---|---|
+| net A | [1, 1.5] · final [1, 1.4] |  |
+| net B |  |  |
+| net C | [1, 1.5] · final [1, 1.5] |  |
+
 ## Notes
 
 - A fabricated store.
