@@ -36,6 +36,15 @@ class Capabilities:
     eval_weights: bool = False  # evaluation must use weights other than the training iterate (schedule-free)
     family: str = "first-order"  # first-order | diagonal-fisher | kronecker | hessian | ...
     period_option: Optional[str] = None  # option holding the curvature-update interval (calibration covers it)
+    # works with a torch.compile'd model (compile=true); None = derived: not for optimizers that hook modules
+    # (needs_model), run their own forward/backward or need create_graph, none of which torch.compile traces
+    supports_compile: Optional[bool] = None
+
+    @property
+    def compiles(self) -> bool:
+        if self.supports_compile is not None:
+            return self.supports_compile
+        return not (self.needs_model or self.owns_forward_backward or self.needs_create_graph)
 
 
 @dataclass
