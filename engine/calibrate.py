@@ -14,8 +14,10 @@ is the overlapped wait the trainer really sees, inside each arm's steps, never a
 * Blocks: `calibration_blocks` (>= 3) blocks; block b runs the arms in the order o_b + reversed(o_b) (ABBA
   for two arms), o_b rotated by b, so a linear drift of the machine's speed cancels within every block. Each
   arm thus gets 2m timed steps per block and at least 6P in all (>= 2 full periods + 1).
-* Estimate: per block, t_arm = the arm's time / its steps; the ratio C/R is the geometric mean of the
-  per-block ratios, with a 95% interval from Student's t on the per-block log ratios (B - 1 degrees of
+* Estimate: per block, t_arm = the arm's amortised step time in that block: the 10%-trimmed mean of its
+  ordinary steps and the mean of its curvature steps, weighted (P - 1) : 1 (step times come from marks at
+  every step boundary: CUDA events or the host clock; trimming keeps a burst of other work on a shared
+  machine from deciding a block). The ratio C/R is the geometric mean of the per-block ratios, with a 95% interval from Student's t on the per-block log ratios (B - 1 degrees of
   freedom). With 3-8 blocks a percentile bootstrap over blocks cannot reach its nominal coverage (its
   interval is bounded by the most extreme observed blocks), the t interval can.
 * Budget: the candidate gets `floor(E * S * t_R / t_C)` *steps* (S steps per epoch), i.e. fractional epochs,
@@ -101,7 +103,7 @@ class TimedArm:
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
     period: Optional[int] = None  # curvature period (None: every step alike)
     steps: int = 0  # optimizer steps taken so far
-    step_times: list[tuple[int, float]] = field(default_factory=list)  # (optimizer step index, seconds), timed
+    step_times: list[tuple[int, int, float]] = field(default_factory=list)  # (block, step index, seconds), timed
 
     def step(self, loss_fn: Callable, autocast: Callable, loss_buffer: torch.Tensor) -> None:
         x, y = next(self.batches)
@@ -134,8 +136,9 @@ def measure(
     """Interleaved ABBA-block step times of `arms` (see the module docstring). Restores every RNG afterwards.
 
     Returns {"arms": {name: {period, steps_per_period, warmup_steps, block_step_s, amortised_s,
-    ordinary_s, curvature_s}}, "blocks", "order", "load_avg"}; `block_step_s[b]` is the arm's mean step time
-    in block b (its two periods' time / their steps).
+    ordinary_s, curvature_s, block_wall_step_s}}, "blocks", "order", "load_avg"}; `block_step_s[b]` is the
+    arm's amortised step time in block b (`_block_estimate`), `block_wall_step_s[b]` its two periods' wall
+    time / their steps (kept for comparison).
     """
     if blocks < 2:
         raise ValueError("calibration needs at least 2 blocks (3 for budgets)")
@@ -177,17 +180,20 @@ def measure(
                 ends = [start.elapsed_time(e) / 1e3 for e in marks] if cuda else [t - t0 for t in marks]
                 previous = 0.0
                 for j, end in enumerate(ends):
-                    arm.step_times.append((first + j, end - previous))
+                    arm.step_times.append((b, first + j, end - previous))
                     previous = end
         result: dict[str, Any] = {"method": METHOD, "blocks": blocks, "order": order_log, "arms": {}}
         for arm in arms:
             steps = 2 * m[arm.name]
-            block_step_s = [t / steps for t in per_block[arm.name]]
+            phase = _curvature_phase(arm.step_times, arm.period)
+            block_step_s = [_block_estimate([(k, t) for bb, k, t in arm.step_times if bb == b], arm.period, phase)
+                            for b in range(blocks)]
             result["arms"][arm.name] = {
                 "period": arm.period, "steps_per_period": m[arm.name],
                 "warmup_steps": max(warmup, (arm.period or 1) + 1), "timed_steps": steps * blocks,
                 "block_step_s": block_step_s, "amortised_s": statistics.fmean(block_step_s),
-                **_split(arm.step_times, arm.period),
+                "block_wall_step_s": [t / steps for t in per_block[arm.name]],
+                **_split(arm.step_times, arm.period, phase),
             }
         result["load_avg"] = [load_before, load_average()]
         return result
@@ -195,21 +201,47 @@ def measure(
         ckpt.set_rng_state(rng)
 
 
-def _split(step_times: list[tuple[int, float]], period: Optional[int]) -> dict[str, Optional[float]]:
-    """Ordinary and curvature step times from the per-step marks (diagnostic; budgets use block totals).
+TRIM = 0.1  # each tail of a block's step times left out of its estimate
 
-    The curvature step of each period is found empirically: the phase (step index mod P) with the largest mean
-    time, so no optimizer's counting convention is assumed.
-    """
-    times = [t for _, t in step_times]
-    if not period or period <= 1 or not times:
-        return {"ordinary_s": statistics.median(times) if times else None, "curvature_s": None}
+
+def trimmed_mean(values: Sequence[float], trim: float = TRIM) -> float:
+    """Mean without the `trim` fraction of smallest and of largest values (at least one value kept)."""
+    v = sorted(values)
+    cut = int(trim * len(v))
+    return statistics.fmean(v[cut: len(v) - cut] or v)
+
+
+def _curvature_phase(step_times: list[tuple[int, int, float]], period: Optional[int]) -> Optional[int]:
+    """The phase (optimizer step index mod P) of the curvature steps, found empirically as the phase with the
+    largest median time, so no optimizer's counting convention is assumed."""
+    if not period or period <= 1:
+        return None
     by_phase: dict[int, list[float]] = {}
-    for k, t in step_times:
+    for _, k, t in step_times:
         by_phase.setdefault(k % period, []).append(t)
-    phase = max(by_phase, key=lambda p: statistics.fmean(by_phase[p]))
+    return max(by_phase, key=lambda p: statistics.median(by_phase[p]))
+
+
+def _block_estimate(step_times: list[tuple[int, float]], period: Optional[int], phase: Optional[int]) -> float:
+    """An arm's amortised step time in one block: the trimmed mean of its ordinary steps, and its curvature
+    steps (exactly one per P steps, since periods are whole curvature periods) at their plain mean, weighted
+    (P - 1) : 1. Trimming keeps a burst of other work on a shared machine (a few steps many times too long)
+    from deciding a block; it leaves out no regular part of a step, which every step has."""
+    if phase is None:
+        return trimmed_mean([t for _, t in step_times])
     ordinary = [t for k, t in step_times if k % period != phase]
-    return {"ordinary_s": statistics.median(ordinary), "curvature_s": statistics.fmean(by_phase[phase])}
+    curvature = [t for k, t in step_times if k % period == phase]
+    return (trimmed_mean(ordinary) * (period - 1) + statistics.fmean(curvature)) / period
+
+
+def _split(step_times: list[tuple[int, int, float]], period: Optional[int], phase: Optional[int]) -> dict[str, Optional[float]]:
+    """Ordinary and curvature step times over all blocks (reported; budgets use the block estimates)."""
+    times = [t for _, _, t in step_times]
+    if phase is None:
+        return {"ordinary_s": statistics.median(times) if times else None, "curvature_s": None}
+    ordinary = [t for _, k, t in step_times if k % period != phase]
+    curvature = [t for _, k, t in step_times if k % period == phase]
+    return {"ordinary_s": statistics.median(ordinary), "curvature_s": statistics.fmean(curvature)}
 
 
 def batch_stream(bundle: DataBundle, device: torch.device, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
