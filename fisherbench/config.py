@@ -182,6 +182,9 @@ def validate(cfg: Any) -> None:
     b = cfg.budget
     if b.mode not in BUDGET_MODES:
         raise UserError(f"budget.mode must be one of {', '.join(BUDGET_MODES)}; got {b.mode!r}")
+    if b.mode == "match" and not b.match_run and not b.reference_optimizer:
+        raise UserError("budget.mode=match needs budget.match_run=<run id> or budget.reference_optimizer and "
+                        "budget.reference_epochs (to find the reference run of this cell in the store)")
     need = {"epochs": "epochs", "steps": "steps", "seconds": "seconds", "reference": "reference_epochs",
             "match": "reference_epochs" if not b.match_run else None}[b.mode]
     value = b[need] if need else 1
@@ -191,9 +194,6 @@ def validate(cfg: Any) -> None:
         raise UserError(f"budget.{need} must be positive, got {value}")
     if b.mode == "reference" and not b.reference_optimizer:
         raise UserError("budget.mode=reference needs budget.reference_optimizer (an optimizer config, e.g. adafisher)")
-    if b.mode == "match" and not b.match_run and not b.reference_optimizer:
-        raise UserError("budget.mode=match needs budget.match_run=<run id> or budget.reference_optimizer and "
-                        "budget.reference_epochs (to find the reference run of this cell in the store)")
     if b.calibration_steps < 2 or b.calibration_warmup < 0 or b.warmup_steps < 0:
         raise UserError("budget.calibration_steps must be >= 2 and the warm-up counts >= 0")
     if b.calibration_blocks < 3:
