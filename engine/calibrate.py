@@ -8,12 +8,14 @@ is the overlapped wait the trainer really sees, inside each arm's steps, never a
 * Warm-up: each arm first takes max(`calibration_warmup`, P + 1) untimed steps (P: its curvature period, the
   option its capabilities name in `period_option`; 1 otherwise), so the timed curvature steps are steady-state
   ones, not the first step of a fresh optimizer; compilation and cuDNN autotuning happen here too.
-* Periods: an arm runs m consecutive steps at a time, m = P * ceil(ceil(`calibration_steps` / 2) / P), i.e.
-  whole curvature periods, so every period holds exactly m / P curvature steps whatever its phase. Steps run
-  back to back as in the trainer (no host synchronisation inside a period; one at each end).
-* Blocks: `calibration_blocks` (>= 3) blocks; block b runs the arms in the order o_b + reversed(o_b) (ABBA
-  for two arms), o_b rotated by b, so a linear drift of the machine's speed cancels within every block. Each
-  arm thus gets 2m timed steps per block and at least 6P in all (>= 2 full periods + 1).
+* Periods: an arm runs m consecutive steps at a time, m whole curvature periods (so every period holds
+  exactly m / P curvature steps whatever its phase) and at least 32 steps on a GPU (the host runs ahead of
+  the device as in the trainer; no synchronisation inside a period, one at each end) or 1 on a CPU.
+* Blocks: as many as `calibration_steps` timed steps per arm allow for the arm with the longest period, at
+  least `calibration_blocks` (>= 3); block b runs the arms in the order o_b + reversed(o_b) (ABBA for two
+  arms), o_b rotated by b, so a linear drift of the machine's speed cancels within every block. Each arm gets
+  at least `calibration_steps` timed steps and at least 6P (>= 2 full periods + 1). On a CPU, Adam against
+  Adam with the default 320 steps is 160 blocks of A B B A single steps: the finest pairing of the arms.
 * Estimate: per block, t_arm = the arm's amortised step time in that block: the 10%-trimmed mean of its
   ordinary steps and the mean of its curvature steps, weighted (P - 1) : 1 (step times come from marks at
   every step boundary: CUDA events or the host clock; trimming keeps a burst of other work on a shared
@@ -117,9 +119,21 @@ def _sync_for(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def steps_per_period(period: Optional[int], calibration_steps: int) -> int:
-    p = max(1, period or 1)
-    return p * math.ceil(math.ceil(calibration_steps / 2) / p)
+# Shortest period of consecutive steps per device. On a GPU the host must run ahead of the device as in the
+# trainer, and each period ends with a synchronisation whose pipeline bubble costs up to min(host, device)
+# time of one step: 32 steps keep that under ~3% of a period. A CPU has no queue: single steps are exact, and
+# the finest interleaving pairs the arms' steps most closely under a shared machine's changing load.
+MIN_PERIOD_STEPS = {"cuda": 32, "cpu": 1}
+
+
+def schedule(periods: Sequence[Optional[int]], steps: int, min_blocks: int, min_period_steps: int) -> tuple[int, list[int]]:
+    """(blocks, steps per period of each arm): whole curvature periods of at least `min_period_steps` steps;
+    as many blocks as `steps` timed steps per arm allow for the arm with the longest period (at least
+    `min_blocks`); every arm then gets at least `steps` / (2 blocks) steps per period."""
+    base = [max(1, p or 1) * math.ceil(min_period_steps / max(1, p or 1)) for p in periods]
+    blocks = max(min_blocks, steps // (2 * max(base)))
+    share = math.ceil(steps / (2 * blocks))
+    return blocks, [max(1, p or 1) * math.ceil(max(b, share) / max(1, p or 1)) for p, b in zip(periods, base)]
 
 
 def measure(
@@ -127,9 +141,10 @@ def measure(
     loss_fn: Callable,
     device: torch.device,
     *,
-    calibration_steps: int,
-    blocks: int,
+    steps: int,
+    min_blocks: int,
     warmup: int,
+    min_period_steps: Optional[int] = None,
     autocast: Callable = lambda: torch.autocast("cpu", enabled=False),
     timer: Callable[[], float] = time.perf_counter,
     sync: Optional[Callable[[], None]] = None,
@@ -141,6 +156,9 @@ def measure(
     arm's amortised step time in block b (`_block_estimate`), `block_wall_step_s[b]` its two periods' wall
     time / their steps (kept for comparison).
     """
+    if min_period_steps is None:
+        min_period_steps = MIN_PERIOD_STEPS.get(device.type, 1)
+    blocks, per_period = schedule([a.period for a in arms], steps, min_blocks, min_period_steps)
     if blocks < 2:
         raise ValueError("calibration needs at least 2 blocks (3 for budgets)")
     sync = sync or _sync_for(device)
@@ -154,7 +172,7 @@ def measure(
                 arm.step(loss_fn, autocast, loss_buffer)
         sync()
         per_block: dict[str, list[float]] = {arm.name: [0.0] * blocks for arm in arms}
-        m = {arm.name: steps_per_period(arm.period, calibration_steps) for arm in arms}
+        m = {arm.name: n for arm, n in zip(arms, per_period)}
         order_log: list[list[str]] = []
         for b in range(blocks):
             rotated = list(arms[b % len(arms):]) + list(arms[: b % len(arms)])
@@ -365,8 +383,8 @@ def derive_reference_budget(
         compile_, channels_last = settings["compile"], settings["channels_last"]
         arms = [make_arm(name, opts, build_model, bundle, device, channels_last=channels_last, compile=compile_)
                 for name, opts in (("reference", reference_opts), ("candidate", candidate_opts))]
-        measured = measure(arms, loss_fn, device, calibration_steps=int(b.calibration_steps),
-                           blocks=int(b.calibration_blocks), warmup=int(b.calibration_warmup), autocast=autocast)
+        measured = measure(arms, loss_fn, device, steps=int(b.calibration_steps),
+                           min_blocks=int(b.calibration_blocks), warmup=int(b.calibration_warmup), autocast=autocast)
         del arms
         measured.update(machine=machine_key(device), device=device_info(device)["name"], runtime=settings,
                         steps_per_epoch=steps_per_epoch,  # lets `python -m sweep --dry-run` estimate run times

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import os
 import signal
@@ -408,14 +409,22 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- warm-up
     def warm_up(self, steps: int) -> None:
-        """Untimed steps (cudnn autotune, allocator, lazy init) whose effects are then undone."""
+        """Untimed steps (cudnn autotune, allocator, lazy init, compilation) whose effects are then undone.
+
+        With compile=true the epoch's last batch is also taken when its size differs from the others, so the
+        second compilation (a new shape) happens here too, not inside the budget.
+        """
         with self.clock.section("warmup_s"):
             model_state = copy.deepcopy(self.model.state_dict())
             opt_state = copy.deepcopy(self.adapter.state_dict())
             rng = ckpt.rng_state()
-            batches = self.bundle.train.iterate(0, 0)
-            for _ in range(min(steps, self.steps_per_epoch)):
-                inputs, targets = next(batches)
+            source = self.bundle.train
+            batches = list(itertools.islice(source.iterate(0, 0), min(steps, self.steps_per_epoch)))
+            if self.cfg.get("compile", False) and self.steps_per_epoch > len(batches):
+                last = next(source.iterate(0, self.steps_per_epoch - 1))
+                if batches and last[0].shape != batches[0][0].shape:
+                    batches.append(last)
+            for inputs, targets in batches:
                 inputs, targets = self._to_device(inputs), self._to_device(targets)
                 self.adapter.train_step(self.model, inputs, targets, self.task.loss, self.autocast)
             self.model.load_state_dict(model_state)

@@ -50,10 +50,10 @@ class BudgetConfig:
     # (this config with `reference_optimizer` for `reference_epochs` epochs, same seed). No estimate involved.
     match_run: Optional[str] = None
     # Calibration effort. Part of the run identity (a derived budget depends on them) and of the calibration
-    # cache key. Each arm is timed in `calibration_blocks` blocks (>= 3) of two periods in ABBA order; a
-    # period is at least `calibration_steps` / 2 consecutive steps, rounded up to whole curvature periods.
-    calibration_steps: int = 40
-    calibration_blocks: int = 5
+    # cache key: at least `calibration_steps` timed steps per arm, in at least `calibration_blocks` (>= 3) ABBA
+    # blocks of whole curvature periods (engine/calibrate.py says how they are laid out).
+    calibration_steps: int = 320
+    calibration_blocks: int = 3
     calibration_warmup: int = 3  # untimed steps per arm first (at least one curvature period + 1 is used)
     recalibrate: bool = not_identity(False)  # ignore a cached calibration for the same (machine, model, data, optimizers)
     # untimed warm-up steps (cudnn autotune, allocator, compile) on a throw-away copy of the model/optimizer

@@ -9,9 +9,9 @@ particular optimizer.
 
 Timing is the WCT protocol's own measurement, `engine.calibrate.measure` (the one `budget=reference` uses,
 docs/wall-clock.md): every arm alive in one process, warmed up past its first curvature step, then timed in
-`--blocks` blocks of two periods per arm in ABBA order (A B C C B A, rotated per block), a period being whole
-curvature periods of the arm's *configured* interval; steps run back to back as in the trainer, with step
-boundaries marked by CUDA events or the host clock. The amortised step time per block is the trimmed mean of
+blocks of two periods per arm in ABBA order (A B C C B A, rotated per block), a period being whole curvature
+periods of the arm's *configured* interval (and at least `--min-period-steps`); steps run back to back as in
+the trainer, with step boundaries marked by CUDA events or the host clock. The amortised step time per block is the trimmed mean of
 the ordinary steps and the mean of the curvature steps weighted (P - 1) : 1; the report gives its mean over
 blocks and, against the reference, the ratio with its 95% interval. So every step-time number here is one the
 WCT protocol would compute. A step is `adapter.train_step` (zero_grad, forward, backward, step) on one of four
@@ -196,8 +196,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return cal.TimedArm(name, model, adapter, stream, cal.period_of(options[name]))
 
     arms = [timed_arm(n) for n in names]
-    measured = cal.measure(arms, task.loss, device, calibration_steps=args.steps, blocks=args.blocks,
-                           warmup=args.warmup, autocast=autocast)
+    measured = cal.measure(arms, task.loss, device, steps=args.steps, min_blocks=args.blocks,
+                           warmup=args.warmup, min_period_steps=args.min_period_steps, autocast=autocast)
     state_bytes = {arm.name: arm.adapter.state_bytes() for arm in arms}
     timing = {}
     for arm in arms:
@@ -306,9 +306,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--blocks", type=int, default=3, help="ABBA blocks (>= 2; budgets use >= 3)")
-    p.add_argument("--steps", type=int, default=20,
-                   help="timed steps per arm per block (at least; rounded up to whole curvature periods)")
+    p.add_argument("--blocks", type=int, default=3, help="at least this many ABBA blocks (>= 2; budgets use >= 3)")
+    p.add_argument("--steps", type=int, default=120,
+                   help="timed steps per arm (at least; periods are whole curvature periods)")
+    p.add_argument("--min-period-steps", type=int, default=None,
+                   help="shortest run of consecutive steps per arm (default: 32 on CUDA, 1 on CPU)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first (at least one period + 1)")
     p.add_argument("--channels-last", action="store_true", help="model and batches in NHWC memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile each arm's model (hook-free optimizers)")

@@ -47,12 +47,13 @@ def test_blocks_run_in_abba_order_over_whole_periods_after_a_steady_state_warm_u
     clock = FakeTime()
     ref, ref_ad = _arm("reference", clock, ordinary=1.0)
     cand, cand_ad = _arm("candidate", clock, ordinary=1.0, curvature=11.0, period=5)
-    out = cal.measure([ref, cand], None, torch.device("cpu"), calibration_steps=6, blocks=4, warmup=2, timer=clock)
+    out = cal.measure([ref, cand], None, torch.device("cpu"), steps=24, min_blocks=4, warmup=2,
+                      min_period_steps=1, timer=clock)
     assert out["order"] == [["reference", "candidate", "candidate", "reference"],
                             ["candidate", "reference", "reference", "candidate"]] * 2
     r, c = out["arms"]["reference"], out["arms"]["candidate"]
     assert r["warmup_steps"] == 2 and c["warmup_steps"] == 6  # one curvature period + 1: its first curvature step
-    assert r["steps_per_period"] == 3 and c["steps_per_period"] == 5  # ceil(6 / 2) rounded up to whole periods
+    assert r["steps_per_period"] == 3 and c["steps_per_period"] == 5  # 24 / (2 x 4) rounded up to whole periods
     assert r["timed_steps"] == 4 * 2 * 3 and c["timed_steps"] == 4 * 2 * 5 >= 2 * 5 + 1
     assert ref_ad.count == 2 + 24 and cand_ad.count == 6 + 40
     # every period of the candidate holds exactly one curvature step: amortised (11 + 4 x 1) / 5 = 3
@@ -69,8 +70,8 @@ def test_abba_cancels_a_linear_drift_that_biases_a_fixed_order():
         clock = FakeTime()
         ref, _ = _arm("reference", clock, ordinary=1.0, drift=1e-3)
         cand, _ = _arm("candidate", clock, ordinary=1.0, drift=1e-3)
-        out = cal.measure([ref, cand], None, torch.device("cpu"), calibration_steps=20, blocks=order_blocks,
-                          warmup=1, timer=clock)
+        out = cal.measure([ref, cand], None, torch.device("cpu"), steps=80, min_blocks=order_blocks,
+                          warmup=1, min_period_steps=10, timer=clock)
         return cal.ratio_interval(out["arms"]["candidate"]["block_step_s"],
                                   out["arms"]["reference"]["block_step_s"])["ratio"]
 
@@ -106,7 +107,8 @@ def test_a_burst_of_other_work_does_not_decide_a_block():
         return out
 
     ref_ad.train_step = bursty
-    out = cal.measure([ref, cand], None, torch.device("cpu"), calibration_steps=20, blocks=3, warmup=1, timer=clock)
+    out = cal.measure([ref, cand], None, torch.device("cpu"), steps=60, min_blocks=3, warmup=1,
+                      min_period_steps=10, timer=clock)
     r = out["arms"]["reference"]
     assert max(r["block_wall_step_s"]) > 2.0  # the burst is in the wall time of its block ...
     assert r["block_step_s"] == pytest.approx([1.0] * 3)  # ... not in the trimmed estimate
@@ -129,6 +131,17 @@ def test_ratio_interval_is_student_t_on_log_ratios():
 
 def _calib(ref_blocks, cand_blocks):
     return {"arms": {"reference": {"block_step_s": ref_blocks}, "candidate": {"block_step_s": cand_blocks}}}
+
+
+def test_schedule_lays_out_whole_periods_and_as_many_blocks_as_the_steps_allow():
+    # Adam against Adam on a CPU: single-step periods, 160 blocks of A B B A
+    assert cal.schedule([None, None], 320, 3, 1) == (160, [1, 1])
+    # on a GPU periods of at least 32 steps
+    assert cal.schedule([None, None], 320, 3, 32) == (5, [32, 32])
+    # a period-100 arm: whole periods of 100, three blocks, the other arm at least 320 / 6 steps per period
+    assert cal.schedule([None, 100], 320, 3, 1) == (3, [54, 100])
+    blocks, (m_ref, m_cand) = cal.schedule([None, 100], 320, 3, 1)
+    assert 2 * blocks * m_cand >= 2 * 100 + 1 and 2 * blocks * m_ref >= 320
 
 
 def test_derived_budget_is_in_steps_with_its_interval():

@@ -134,7 +134,7 @@ def test_reference_budget_records_derived_steps(run_train):
     expected = max(1, math.floor(2 * s["steps_per_epoch"] / ref["ratio"] + 1e-9))
     assert ref["derived_steps"] == expected and ref["derived_epochs"] == expected / s["steps_per_epoch"]
     assert ref["ratio_ci"][0] <= ref["ratio"] <= ref["ratio_ci"][1]
-    assert len(ref["blocks"]["reference"]) == len(ref["blocks"]["candidate"]) == 4
+    assert len(ref["blocks"]["reference"]) == len(ref["blocks"]["candidate"]) == 3
     assert s["budget"]["steps"] == expected and s["steps"] == expected
     assert s["budget"]["source"]["derived_steps"] == expected
     # the calibration is cached per machine/model/data/optimizers/settings and reused
