@@ -274,7 +274,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--data", default="synthetic_cifar")
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--steps", type=int, default=30, help="steps per round and loop")
-    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds (ABBA order)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds (ABBA order)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each loop first")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra config override (repeatable)")
     p.add_argument("--json", default=None, help="write the result here")

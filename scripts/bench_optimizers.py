@@ -309,6 +309,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--blocks", type=int, default=3, help="at least this many ABBA blocks (>= 2; budgets use >= 3)")
     p.add_argument("--steps", type=int, default=120,
                    help="timed steps per arm (at least; periods are whole curvature periods)")
+    p.add_argument("--rounds", type=int, default=None, dest="blocks_alias",
+                   help="(old name) sets --blocks; timing now follows engine.calibrate.measure")
     p.add_argument("--min-period-steps", type=int, default=None,
                    help="shortest run of consecutive steps per arm (default: 32 on CUDA, 1 on CPU)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first (at least one period + 1)")
@@ -320,7 +322,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--json", default=None, help="also write the full result here")
     p.add_argument("--verbose", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.blocks_alias is not None:
+        print("bench_optimizers: --rounds is the old name of --blocks (ABBA blocks of engine.calibrate.measure)",
+              file=sys.stderr)
+        args.blocks = max(2, args.blocks_alias)
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> None:
