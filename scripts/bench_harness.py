@@ -16,7 +16,9 @@ plain, trainer, ...: ABBA), each for `--steps` steps per round after an untimed 
   (Optimizers that run their own forward/backward, i.e. ASDL's K-FAC/Shampoo, call `adapter.train_step`.)
 
 `overhead` = median over rounds of (trainer s/step) / (plain s/step); the JSON also has every round's
-ratio and their spread. The machine may be shared: read the spread before the median.
+ratio and their spread. The machine may be shared: read the spread before the median. `overhead_cpu_time`
+is the same ratio in this process's CPU time (all threads; the trainer's includes its final one-batch
+evaluation), which other processes on a shared machine barely move.
 
 Host syncs are counted in one more trainer round, not timed (the counting itself costs time).
 
@@ -102,7 +104,7 @@ class SyncCounter:
             counter.hit(label)
             return original(*args, **kwargs)
 
-        self._saved.append((owner, name, original))
+        self._saved.append((owner, name, original if name in vars(owner) else None))
         setattr(owner, name, wrapper)
 
     def install(self) -> None:
@@ -129,12 +131,15 @@ class SyncCounter:
             finally:
                 counter.phase = before
 
-        self._saved.append((owner, name, original))
+        self._saved.append((owner, name, original if name in vars(owner) else None))
         setattr(owner, name, wrapper)
 
     def uninstall(self) -> None:
         for owner, name, original in reversed(self._saved):
-            setattr(owner, name, original)
+            if original is None:  # inherited (e.g. Tensor.item from the C base class): drop the override
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
         self._saved.clear()
 
     @contextlib.contextmanager
@@ -223,11 +228,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         order = ("trainer", "plain") if r % 2 == 0 else ("plain", "trainer")
         row: dict[str, Any] = {"order": list(order)}
         for which in order:
+            cpu0 = time.process_time()
             if which == "trainer":
                 row["trainer_s_per_step"], row["ledger"] = trainer_round(trainer, args.steps)
             else:
                 row["plain_s_per_step"] = plain_round(trainer, batches, sync)
+            row[f"{which}_cpu_s_per_step"] = (time.process_time() - cpu0) / args.steps
         row["ratio"] = row["trainer_s_per_step"] / row["plain_s_per_step"]
+        row["cpu_ratio"] = row["trainer_cpu_s_per_step"] / row["plain_cpu_s_per_step"]
         rounds.append(row)
         if args.verbose:
             print(f"round {r + 1}/{args.rounds}: trainer {row['trainer_s_per_step'] * 1e3:.2f} ms/step, plain "
@@ -253,6 +261,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "overhead_min": min(ratios), "overhead_max": max(ratios),
         "overhead_mean": statistics.fmean(ratios),
         "overhead_stdev": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
+        # the same ratio in this process's CPU time (all threads; the trainer's includes its final one-batch
+        # evaluation): insensitive to other processes on a shared machine, where the wall-clock ratio is not
+        "overhead_cpu_time": statistics.median(r["cpu_ratio"] for r in rounds),
+        "overhead_cpu_time_min": min(r["cpu_ratio"] for r in rounds),
+        "overhead_cpu_time_max": max(r["cpu_ratio"] for r in rounds),
         "trainer_s_per_step": statistics.median(r["trainer_s_per_step"] for r in rounds),
         "plain_s_per_step": statistics.median(r["plain_s_per_step"] for r in rounds),
         "host_syncs_per_step": counter.by_phase["steps"] / total_steps,
@@ -285,7 +298,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    keys = ("overhead", "overhead_min", "overhead_max", "host_syncs_per_step", "host_syncs_outside_steps",
+    keys = ("overhead", "overhead_min", "overhead_max", "overhead_cpu_time", "overhead_cpu_time_min",
+            "overhead_cpu_time_max", "host_syncs_per_step", "host_syncs_outside_steps",
             "trainer_s_per_step", "plain_s_per_step")
     print(json.dumps({k: result[k] for k in keys}, indent=2))
     if args.json:
