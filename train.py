@@ -85,7 +85,47 @@ def _report_multirun() -> int:
     return max(j["exit_code"] for j in failed)
 
 
+HELP = """fisherbench: train one configuration under a budget and record it in the results store.
+
+usage: python train.py [group=option ...] [key=value ...]     one run
+       python train.py -m group=a,b key=x,y ...                a multirun (every combination)
+       python train.py --cfg job [overrides]                   print the composed config and exit
+
+Config groups (group=option):
+{groups}
+
+Top-level keys: seed, results_dir (default runs), device (auto|cpu|cuda|cuda:N), precision (fp32|bf16),
+deterministic, overwrite, tags, and the sections schedule.*, eval.*, checkpoint.*, budget.*, logger.*.
+Exit codes: 0 completed/skipped, 1 failed/oom, 2 configuration error, 3 diverged, 4 preempted (resume by
+running the same command). Docs: docs/running.md. The composed config{which}:
+
+{config}"""
+
+
+def _print_help(argv: list[str]) -> None:
+    """`--help`: only the groups train.py accepts (Hydra's own lists internal schema groups and sweep specs)."""
+    from omegaconf import OmegaConf
+
+    from engine.compose import TRAIN_GROUPS, compose_config, group_options
+
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    import textwrap
+
+    groups = "\n".join(textwrap.fill(", ".join(group_options(g)), width=110, initial_indent=f"  {g + ':':<12} ",
+                                      subsequent_indent=" " * 15) for g in TRAIN_GROUPS)
+    try:
+        cfg = compose_config(overrides)
+        text = OmegaConf.to_yaml({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "_choices"})
+    except Exception as exc:  # noqa: BLE001 - help must print even when the given overrides do not compose
+        text = f"(the overrides do not compose: {str(exc).splitlines()[0]})"
+    which = f" with {' '.join(overrides)}" if overrides else " (defaults)"
+    print(HELP.format(groups=groups, which=which, config=text.rstrip()))
+
+
 def main() -> None:
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        _print_help(sys.argv[1:])
+        return
     register_configs()
     user_wants_trace = bool(os.environ.get("HYDRA_FULL_ERROR"))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us, to explain them

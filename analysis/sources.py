@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from fisherbench import checkpoint
+
 from analysis.diagnostics import DEFAULT_DAMPING
 from analysis.factors import DEFAULT_MAX_DIM, LayerFactors, Log, collect_factors
 
@@ -131,10 +133,10 @@ def checkpoint_snapshots(setup: Setup, paths: Sequence[Path], steps: Optional[Se
     """Snapshots of the checkpoints, ordered by step (duplicates and steps not in `steps` skipped)."""
     loaded = []
     for path in paths:
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - a torn file is skipped with a message
-            log(f"skipping unreadable checkpoint {path} ({type(exc).__name__})")
+        # weights only: checkpoints come from a store other people can write to (never run code from them)
+        payload, why = checkpoint.read_checkpoint(Path(path), map_location="cpu")
+        if payload is None:
+            log(f"skipping checkpoint {path}: {why}")
             continue
         loaded.append((int(payload["state"]["step"]), path, payload))
     seen: set[int] = set()

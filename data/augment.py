@@ -1,7 +1,7 @@
 """Image augmentation: Cutout for torchvision pipelines, and batched tensor versions of the CIFAR training
 augmentation (crop with zero padding, horizontal flip, Cutout) for the device-resident loader.
 
-Semantics follow the official pipeline (spec §4.1): RandomCrop(32, padding=4) and RandomHorizontalFlip act on
+Semantics follow the official pipeline (`Image_Classification/src/utils/data.py`): RandomCrop(32, padding=4) and RandomHorizontalFlip act on
 the uint8 image (the padding is black in pixel space), then ToTensor + Normalize, then Cutout, so the hole is
 0 in *normalised* space. The batched ops reproduce those distributions exactly; they draw from an explicit
 `torch.Generator` (seeded per batch by the loader) instead of the global RNG.
@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-# The CIFAR normalisation constants of the paper's code (spec §4.1), and ImageNet's (Tiny ImageNet, ImageNet).
+# The CIFAR normalisation constants of the paper's code (`Image_Classification/src/utils/data.py`), and ImageNet's (Tiny ImageNet, ImageNet).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)

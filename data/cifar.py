@@ -1,4 +1,4 @@
-"""CIFAR-10 / CIFAR-100 with the paper's pipeline (spec §4.1).
+"""CIFAR-10 / CIFAR-100 with the paper's pipeline (the official `Image_Classification/src/utils/data.py`).
 
 Files: torchvision's layout and checksums (`<root>/cifar-10-batches-py/`, `<root>/cifar-100-python/`), fetched
 with torchvision's URL and archive MD5. The pickles are read here (the same format torchvision reads), so the
@@ -13,7 +13,6 @@ Two loaders give the same augmentation distribution:
 from __future__ import annotations
 
 import hashlib
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,10 +21,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fisherbench.config import not_identity
+from fisherbench.errors import UserError
+
 from data.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, BatchAugment, Cutout
 from data.download import DatasetNotFoundError, DownloadError, download, extract, file_digest, missing_message
 from data.loaders import TensorBatchSource, TorchLoaderSource, resolve_loader
-from data.registry import DATASETS, BuildContext, DataBundle, DataCapabilities, DataOptions, resolve_root
+from data.registry import DATASETS, BuildContext, ClassificationOptions, DataBundle, DataCapabilities, resolve_root
+from data.safe_pickle import load_plain
+from data.splits import hold_out
 
 
 @dataclass(frozen=True)
@@ -110,30 +114,65 @@ def ensure_cifar(root: Path, spec: CifarSpec, *, download_missing: bool, verify:
     return folder
 
 
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+def _fix(spec: CifarSpec) -> str:
+    return (f"Delete {spec.folder}/ and run `python scripts/prepare_data.py {spec.name}` (data.verify=true, the "
+            f"default, checks every file's MD5 before reading it).")
+
+
+def _unpickle(path: Path, spec: CifarSpec) -> dict:
+    """One CIFAR pickle, through the plain-data unpickler (never runs code from the file), as a dict."""
+    entry = load_plain(path, encoding="latin1", what=f"{spec.name} file", fix=_fix(spec))
+    if not isinstance(entry, dict):
+        raise DatasetNotFoundError(f"{spec.name} file {path} holds a {type(entry).__name__}, not the dict of the "
+                                   f"CIFAR python format. {_fix(spec)}")
+    return entry
+
+
+def _data_entry(path: Path, spec: CifarSpec) -> tuple[np.ndarray, list]:
+    """(`data` as uint8 N x 3072, labels) of one data pickle, with the format checked."""
+    entry = _unpickle(path, spec)
+    missing = [k for k in ("data", spec.label_key) if k not in entry]
+    if missing:
+        raise DatasetNotFoundError(f"{spec.name} file {path} lacks the key(s) {missing} of the CIFAR python "
+                                   f"format (keys: {sorted(map(str, entry))}). {_fix(spec)}")
+    data, labels = entry["data"], entry[spec.label_key]
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        got = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DatasetNotFoundError(f"{spec.name} file {path}: `data` must be a uint8 array of shape (N, 3072) "
+                                   f"(32x32x3, channel-major), got a {got}. {_fix(spec)}")
+    if not isinstance(labels, (list, tuple, np.ndarray)) or len(labels) != len(data):
+        n = len(labels) if hasattr(labels, "__len__") else type(labels).__name__
+        raise DatasetNotFoundError(f"{spec.name} file {path}: {n} labels for {len(data)} images. {_fix(spec)}")
+    return data, list(labels)
 
 
 def read_cifar(root: Path, spec: CifarSpec) -> CifarArrays:
-    """Read the python-pickle CIFAR format: dicts with `data` (uint8 N x 3072, channel-major) and labels."""
+    """Read the python-pickle CIFAR format: dicts with `data` (uint8 N x 3072, channel-major) and labels.
+
+    Every pickle goes through `data.safe_pickle.load_plain`: with data.verify=false the files are not
+    checksummed, and a pickle can name any callable; a file that is not plain data is refused unread."""
     folder = Path(root) / spec.folder
 
     def split(name: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = [], []
         for file_name, _ in spec.files(name):
-            entry = _unpickle(folder / file_name)
-            images.append(np.asarray(entry["data"], dtype=np.uint8))
-            labels.extend(entry[spec.label_key])
+            data, entry_labels = _data_entry(folder / file_name, spec)
+            images.append(data)
+            labels.extend(entry_labels)
         x = np.concatenate(images).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         return np.ascontiguousarray(x), np.asarray(labels, dtype=np.int64)
 
     train_x, train_y = split("train")
     test_x, test_y = split("test")
-    classes = list(_unpickle(folder / spec.meta["filename"])[spec.meta["key"]])
+    meta_path = folder / spec.meta["filename"]
+    meta = _unpickle(meta_path, spec)
+    if spec.meta["key"] not in meta:
+        raise DatasetNotFoundError(f"{spec.name} file {meta_path} lacks the key {spec.meta['key']!r} (the class "
+                                   f"names). {_fix(spec)}")
+    classes = [str(c) for c in meta[spec.meta["key"]]]
     for labels in (train_y, test_y):
         if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
-            raise ValueError(f"{spec.name}: labels outside [0, {spec.num_classes}) in {folder}")
+            raise UserError(f"{spec.name}: labels outside [0, {spec.num_classes}) in {folder}")
     return CifarArrays(train_x, train_y, test_x, test_y, classes)
 
 
@@ -166,11 +205,11 @@ def torchvision_transforms(spec: CifarSpec, *, augment: bool, cutout_length: int
 
 
 @dataclass
-class CifarOptions(DataOptions):
+class CifarOptions(ClassificationOptions):
     name: str = "cifar10"
     batch_size: int = 256
-    download: bool = True  # fetch the files when they are missing
-    verify: bool = True  # check torchvision's MD5s of the files (false: hand-made files in the same format)
+    download: bool = not_identity(True)  # fetch the files when they are missing
+    verify: bool = not_identity(True)  # check torchvision's MD5s of the files (false: hand-made files in the same format)
     augment: bool = True  # RandomCrop(32, padding 4) + horizontal flip on training images
     cutout: bool = True  # Cutout after normalisation (the paper's shipped configs have it on)
     cutout_length: int = 16
@@ -191,41 +230,61 @@ def _fingerprint(spec: CifarSpec, arrays: CifarArrays) -> str:
 
 def build_cifar(spec: CifarSpec, opts: CifarOptions, ctx: BuildContext) -> DataBundle:
     if opts.cutout and opts.cutout_length < 1:
-        raise ValueError(f"data.cutout_length must be >= 1 when data.cutout=true, got {opts.cutout_length}")
+        raise UserError(f"data.cutout_length must be >= 1 when data.cutout=true, got {opts.cutout_length}")
     root = resolve_root(opts.root)
     ensure_cifar(root, spec, download_missing=opts.download, verify=opts.verify)
     arrays = read_cifar(root, spec)
+    fingerprint = _fingerprint(spec, arrays)  # of the files as read (the split is appended below)
+    split = hold_out(arrays.train_labels, len(arrays.train_labels), opts.val_fraction, ctx.seed,
+                     what=f"the {spec.name} training set")
+    # (images, labels) per split; `val` only with data.val_fraction > 0, carved from the training set
+    parts = {"train": (arrays.train_images, arrays.train_labels)}
+    if split is not None:
+        parts = {"train": (arrays.train_images[split.train], arrays.train_labels[split.train]),
+                 "val": (arrays.train_images[split.val], arrays.train_labels[split.val])}
+        fingerprint += ":" + split.tag
+    parts["test"] = (arrays.test_images, arrays.test_labels)
     loader = resolve_loader(opts.loader, ctx.device, resident_supported=True, dataset=spec.name)
     cutout_length = opts.cutout_length if opts.cutout else 0
     eval_bs = opts.eval_batch_size or opts.batch_size  # the official test loader uses the training batch size
     common: dict[str, Any] = dict(rank=ctx.rank, world_size=ctx.world_size)
 
     if loader == "resident":
-        to_chw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+        to_chw = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
         augment = BatchAugment(spec.mean, spec.std, crop_padding=4 if opts.augment else 0, flip=opts.augment,
                                cutout_length=cutout_length)
         common["device"] = ctx.device
-        train = TensorBatchSource(to_chw(arrays.train_images), torch.from_numpy(arrays.train_labels),
-                                  opts.batch_size, shuffle=True, seed=ctx.seed, transform=augment, **common)
-        test = TensorBatchSource(to_chw(arrays.test_images), torch.from_numpy(arrays.test_labels), eval_bs,
-                                 shuffle=False, transform=augment, **common)
+
+        def source(split_name: str) -> TensorBatchSource:
+            images, labels = parts[split_name]
+            training = split_name == "train"
+            return TensorBatchSource(to_chw(images), torch.from_numpy(np.ascontiguousarray(labels)),
+                                     opts.batch_size if training else eval_bs, shuffle=training,
+                                     seed=ctx.seed if training else 0, transform=augment, **common)
     else:
         train_tf, test_tf = torchvision_transforms(spec, augment=opts.augment, cutout_length=cutout_length)
         common.update(device=ctx.device, num_workers=opts.num_workers)
-        train = TorchLoaderSource(ArrayImageDataset(arrays.train_images, arrays.train_labels, train_tf),
-                                  opts.batch_size, shuffle=True, seed=ctx.seed, **common)
-        test = TorchLoaderSource(ArrayImageDataset(arrays.test_images, arrays.test_labels, test_tf), eval_bs,
-                                 shuffle=False, **common)
+
+        def source(split_name: str) -> TorchLoaderSource:  # type: ignore[misc]
+            images, labels = parts[split_name]
+            training = split_name == "train"
+            return TorchLoaderSource(ArrayImageDataset(images, labels, train_tf if training else test_tf),
+                                     opts.batch_size if training else eval_bs, shuffle=training,
+                                     seed=ctx.seed if training else 0, **common)
+    extras: dict[str, Any] = {"loader": loader, "classes": arrays.classes}
+    if split is not None:
+        extras["split"] = split.record()
     return DataBundle(
-        train=train,
-        evals={"test": test},
+        train=source("train"),
+        evals={name: source(name) for name in parts if name != "train"},  # val (if any) before test
         task="classification",
         num_classes=spec.num_classes,
         input_shape=(3, 32, 32),
-        num_train=len(arrays.train_labels),
-        fingerprint=_fingerprint(spec, arrays),
-        description=f"{spec.name} ({loader} loader, augment={opts.augment}, cutout={cutout_length})",
-        extras={"loader": loader, "classes": arrays.classes},
+        num_train=len(parts["train"][1]),
+        fingerprint=fingerprint,
+        description=f"{spec.name} ({loader} loader, augment={opts.augment}, cutout={cutout_length}"
+                    + (f", val = {len(split.val)} training images held out" if split else "") + ")",
+        extras=extras,
     )
 
 

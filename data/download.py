@@ -42,8 +42,22 @@ def human_size(num_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _env_true(name: str) -> bool:
+    # huggingface_hub's reading of its boolean variables (1/ON/YES/TRUE, any case); ours accepts the same
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def downloads_allowed() -> bool:
-    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("1", "true", "yes")
+    return not _env_true(OFFLINE_ENV)
+
+
+def hf_offline_reason(*variables: str) -> Optional[str]:
+    """Why the Hugging Face Hub must not be contacted, or None: FISHERBENCH_OFFLINE or one of `variables`
+    (default HF_HUB_OFFLINE, which huggingface_hub, transformers and datasets all honour) is set."""
+    for name in (OFFLINE_ENV, *(variables or ("HF_HUB_OFFLINE",))):
+        if _env_true(name):
+            return f"{name}={os.environ[name]} is set"
+    return None
 
 
 def download(url: str, dest: Path, md5: Optional[str] = None, timeout: float = 60.0) -> Path:

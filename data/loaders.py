@@ -8,6 +8,7 @@ on how many batches were drawn before, on the number of workers, or on the globa
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import struct
 from typing import Any, Callable, Iterator, Optional
@@ -15,6 +16,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fisherbench.errors import UserError
 
 from data.registry import Batch
 
@@ -57,6 +60,27 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask: what a SLURM/cgroup allocation or taskset gives
+    it), not the machine's count: 8 workers on a 2-core allocation only fight the training process."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cap_workers(requested: int) -> int:
+    """`data.num_workers` capped at this process's share of the cores it may use (0 = load in the main
+    process). Under torchrun the ranks of a node share its cores: the share is cores / LOCAL_WORLD_SIZE."""
+    if requested < 0:
+        raise UserError(f"data.num_workers must be >= 0, got {requested}")
+    try:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_ranks = 1
+    return min(int(requested), max(1, available_cpus() // local_ranks))
+
+
 def resolve_loader(requested: str, device: torch.device, *, resident_supported: bool, dataset: str) -> str:
     """`data.loader` -> "resident" | "torch".
 
@@ -67,7 +91,7 @@ def resolve_loader(requested: str, device: torch.device, *, resident_supported: 
     wall-clock budget. Folder datasets (Tiny ImageNet, ImageNet) always use the torch DataLoader.
     """
     if requested == "resident" and not resident_supported:
-        raise ValueError(
+        raise UserError(
             f"data.loader=resident is only available for datasets that fit on the device as tensors "
             f"(CIFAR-sized); use data.loader=torch (or auto) for {dataset}"
         )
@@ -100,7 +124,7 @@ class TensorBatchSource:
         if len(inputs) != len(targets):
             raise ValueError(f"inputs ({len(inputs)}) and targets ({len(targets)}) differ in length")
         if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} is not divisible by the world size {world_size}")
+            raise UserError(f"batch size {batch_size} is not divisible by the world size {world_size}")
         self.device = torch.device(device)
         self.inputs = inputs.to(self.device)
         self.targets = targets.to(self.device)
@@ -192,12 +216,13 @@ class TorchLoaderSource:
         collate_fn: Optional[Callable] = None,
     ) -> None:
         if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} is not divisible by the world size {world_size}")
+            raise UserError(f"batch size {batch_size} is not divisible by the world size {world_size}")
         self.dataset = SeededDataset(dataset, seed, randomize=shuffle)
         self.n = len(dataset)  # type: ignore[arg-type]
         self.batch_size = batch_size // world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.num_workers = num_workers
+        self.requested_workers = num_workers
+        self.num_workers = cap_workers(num_workers)  # the config's value, capped at the cores available
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.collate_fn = collate_fn

@@ -9,15 +9,18 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from fisherbench.errors import UserError
+
 from data.loaders import TensorBatchSource
-from data.registry import DATASETS, BuildContext, DataBundle, DataCapabilities, DataOptions
+from data.registry import DATASETS, BuildContext, ClassificationOptions, DataBundle, DataCapabilities
+from data.splits import hold_out
 
 # The train/test split is fixed (not the run seed): every seed must be scored on the same test set.
 SPLIT_SEED = 20240522
 
 
 @dataclass
-class OfflineOptions(DataOptions):
+class OfflineOptions(ClassificationOptions):
     name: str = "mnist5k"
     batch_size: int = 64
     test_fraction: float = 0.2
@@ -27,7 +30,7 @@ class OfflineOptions(DataOptions):
 
 def _stratified_split(y: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
+        raise UserError(f"data.test_fraction must be in (0, 1), got {test_fraction}")
     rng = np.random.default_rng(SPLIT_SEED)
     train_idx, test_idx = [], []
     for c in np.unique(y):
@@ -55,6 +58,11 @@ def _bundle(
 ) -> DataBundle:
     """images: (N, 1, H, W) float in [0, 1]; normalised with the training split's mean/std."""
     train_idx, test_idx = _stratified_split(labels, opts.test_fraction)
+    # the validation split comes out of the training part only (the test split stays fixed across seeds)
+    split = hold_out(labels[train_idx], len(train_idx), opts.val_fraction, ctx.seed, what=f"the {name} training split")
+    val_idx = None
+    if split is not None:
+        train_idx, val_idx = train_idx[split.train], train_idx[split.val]
     x = torch.from_numpy(images).float()
     y = torch.from_numpy(labels).long()
     mean, std = x[train_idx].mean(), x[train_idx].std()
@@ -72,19 +80,24 @@ def _bundle(
     train = TensorBatchSource(
         x[train_idx], y[train_idx], opts.batch_size, shuffle=True, seed=ctx.seed, transform=transform, **common
     )
-    test = TensorBatchSource(
-        x[test_idx], y[test_idx], opts.eval_batch_size or max(opts.batch_size, 256), shuffle=False, **common
-    )
+    eval_bs = opts.eval_batch_size or max(opts.batch_size, 256)
+    evals = {}
+    if val_idx is not None:
+        evals["val"] = TensorBatchSource(x[val_idx], y[val_idx], eval_bs, shuffle=False, **common)
+    evals["test"] = TensorBatchSource(x[test_idx], y[test_idx], eval_bs, shuffle=False, **common)
     fp = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16]
+    split_sizes = f"{len(train_idx)}/{len(test_idx)}" if split is None else (
+        f"{len(train_idx) + len(val_idx)}/{len(test_idx)}:{split.tag}")
     return DataBundle(
         train=train,
-        evals={"test": test},
+        evals=evals,
         task="classification",
         num_classes=int(labels.max()) + 1,
         input_shape=tuple(images.shape[1:]),
         num_train=len(train_idx),
-        fingerprint=f"{name}:n={len(labels)}:split={len(train_idx)}/{len(test_idx)}:sha256={fp}",
+        fingerprint=f"{name}:n={len(labels)}:split={split_sizes}:sha256={fp}",
         description=description,
+        extras={"split": split.record()} if split is not None else {},
     )
 
 

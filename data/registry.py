@@ -8,6 +8,7 @@ from typing import Any, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
+from fisherbench.config import not_identity
 from fisherbench.errors import UserError
 from fisherbench.registry import Registry, options_from
 
@@ -43,9 +44,20 @@ class DataOptions:
     name: str = "???"
     batch_size: int = 256  # global batch (split across ranks under DDP)
     eval_batch_size: Optional[int] = None  # None = batch_size
-    root: Optional[str] = None  # None = $FISHERBENCH_DATA or ~/.cache/fisherbench/data
-    num_workers: int = 0
+    # where the files are and how many processes read them do not change the data (meta.json records the
+    # data's fingerprint; order and augmentation are seeded per sample): not part of the run identity
+    root: Optional[str] = not_identity(None)  # None = $FISHERBENCH_DATA or ~/.cache/fisherbench/data
+    num_workers: int = not_identity(0)
     loader: str = "auto"  # auto | torch | resident (whole set as tensors on the run's device)
+
+
+@dataclass
+class ClassificationOptions(DataOptions):
+    """Options of every classification dataset."""
+
+    # share of the training set held out (stratified, seeded by the run seed) as the eval split `val`;
+    # 0 = no validation split (the paper's protocol)
+    val_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,12 @@ def resolve_root(root: Optional[str]) -> Path:
     return Path(root).expanduser() if root else default_root()
 
 
+def cache_root(cache_dir: Optional[str]) -> Path:
+    """Where derived files (normalisation statistics, trained tokenizers, token ids) go: `data.cache_dir`,
+    else `<data root default>/cache` ($FISHERBENCH_DATA/cache or ~/.cache/fisherbench/data/cache)."""
+    return Path(cache_dir).expanduser() if cache_dir else default_root() / "cache"
+
+
 def build_data(options: Any, context: Optional[BuildContext] = None) -> DataBundle:
     """Build the bundle for `options` (schema dataclass, mapping or DictConfig with a `name`)."""
     name = options["name"] if not hasattr(options, "name") else options.name
@@ -91,4 +109,22 @@ def build_data(options: Any, context: Optional[BuildContext] = None) -> DataBund
         raise UserError(f"data.batch_size must be >= 1, got {opts.batch_size}")
     if opts.loader not in ("auto", "torch", "resident"):
         raise UserError(f"data.loader must be auto|torch|resident, got {opts.loader!r}")
-    return entry.builder(opts, context or BuildContext())
+    bundle = entry.builder(opts, context or BuildContext())
+    check_batch_size(str(name), opts.batch_size, bundle.num_train)
+    return bundle
+
+
+def check_batch_size(name: str, batch_size: int, num_train: int) -> None:
+    """Refuse a training batch larger than the training set.
+
+    A loader would silently use batches of `num_train` examples (every step the whole set), so the run would
+    train with another batch size than the one its config records, and the batch size sets the optimizers'
+    gradient/curvature noise and the steps per epoch. An error (exit 2) rather than a warning: the result
+    would be stored under a wrong configuration, and the fix is one override.
+    """
+    if batch_size > num_train:
+        raise UserError(
+            f"data.batch_size={batch_size} is larger than the {num_train} training examples of '{name}' (after "
+            f"any validation hold-out), so every batch would be the whole training set and the run would not "
+            f"use the batch size it records. Set data.batch_size to at most {num_train} (or use more data / a "
+            f"smaller data.val_fraction).")

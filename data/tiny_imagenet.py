@@ -1,5 +1,5 @@
 """Tiny ImageNet (200 classes, 64x64; 100k train / 10k val) from the CS231n zip, as the paper used it
-(spec §4.1, §4.6): RandomResizedCrop(64) + flip + ImageNet normalisation (+ optional Cutout) for training;
+(the official `Image_Classification/src/utils/data.py`): RandomResizedCrop(64) + flip + ImageNet normalisation (+ optional Cutout) for training;
 Resize(64) + CenterCrop(64) for evaluation on the labelled `val/` split (the official `test/` has no labels).
 
 On disk: `<root>/tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/...}`. The zip ships `val/` as
@@ -14,7 +14,9 @@ from typing import Any
 from data.download import DatasetNotFoundError, DownloadError, download, extract, missing_message
 from data.image_folder import LabelledImageFiles, check_counts, imagenet_style_transforms
 from data.loaders import TorchLoaderSource, resolve_loader
-from data.registry import DATASETS, BuildContext, DataBundle, DataCapabilities, DataOptions, resolve_root
+from data.registry import DATASETS, BuildContext, ClassificationOptions, DataBundle, DataCapabilities, resolve_root
+from data.splits import hold_out
+from fisherbench.config import not_identity
 
 FOLDER = "tiny-imagenet-200"
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -72,11 +74,11 @@ def read_wnids(base: Path) -> list[str]:
 
 
 @dataclass
-class TinyImageNetOptions(DataOptions):
+class TinyImageNetOptions(ClassificationOptions):
     name: str = "tiny_imagenet"
     batch_size: int = 256
-    download: bool = True
-    verify: bool = True  # check the class and image counts (200 / 100,000 / 10,000)
+    download: bool = not_identity(True)
+    verify: bool = not_identity(True)  # check the class and image counts (200 / 100,000 / 10,000)
     cutout: bool = True  # the official trainer's shipped config (`cutout: True`) applies to every dataset
     cutout_length: int = 16
 
@@ -101,17 +103,27 @@ def build_tiny_imagenet(opts: TinyImageNetOptions, ctx: BuildContext) -> DataBun
     if len(train_set) == 0 or len(val_set) == 0:
         raise DatasetNotFoundError(f"tiny_imagenet at {base}: no images in train/ or val/ for the classes in "
                                    f"wnids.txt. Delete it and run `python scripts/prepare_data.py tiny_imagenet`.")
+    fingerprint = f"tiny_imagenet:classes={len(classes)}:train={len(train_set)}:val={len(val_set)}"
+    evals = {"test": val_set}  # the labelled val/ folder is the test split (as in the paper)
+    split = hold_out(train_set.targets, len(train_set), opts.val_fraction, ctx.seed,
+                     what="the tiny_imagenet training set")
+    extras: dict[str, Any] = {"loader": "torch", "classes": classes}
+    if split is not None:  # a validation split from train/, with the evaluation transform
+        evals = {"val": train_set.subset(split.val, eval_tf), **evals}
+        train_set = train_set.subset(split.train, train_tf)
+        fingerprint += ":" + split.tag
+        extras["split"] = split.record()
     common: dict[str, Any] = dict(device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
                                   num_workers=opts.num_workers)
+    eval_bs = opts.eval_batch_size or opts.batch_size
     return DataBundle(
         train=TorchLoaderSource(train_set, opts.batch_size, shuffle=True, seed=ctx.seed, **common),
-        evals={"test": TorchLoaderSource(val_set, opts.eval_batch_size or opts.batch_size, shuffle=False,
-                                         **common)},
+        evals={k: TorchLoaderSource(v, eval_bs, shuffle=False, **common) for k, v in evals.items()},
         task="classification",
         num_classes=len(classes),
         input_shape=(3, IMAGE_SIZE, IMAGE_SIZE),
         num_train=len(train_set),
-        fingerprint=f"tiny_imagenet:classes={len(classes)}:train={len(train_set)}:val={len(val_set)}",
+        fingerprint=fingerprint,
         description="Tiny ImageNet-200 (test = labelled val split)",
-        extras={"loader": "torch", "classes": classes},
+        extras=extras,
     )

@@ -1,4 +1,5 @@
-"""WikiText-2 with GPT-1's BPE, as the paper's language-model pipeline (spec §4.5).
+"""WikiText-2 with GPT-1's BPE, as the paper's language-model pipeline (the official
+`Language_Model/utils/wikitext2.py`).
 
 * Text: `<root>/wikitext-2-raw/wiki.{train,valid,test}.raw` (variant `raw`, default) or
   `<root>/wikitext-2/wiki.{train,valid,test}.tokens` (variant `tokens`, the `<unk>`-replaced version), as the
@@ -24,13 +25,24 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from data.download import DatasetNotFoundError, DownloadError, download, downloads_allowed, missing_message
+from fisherbench.config import not_identity
+from fisherbench.errors import UserError
+
+from data.download import (
+    DatasetNotFoundError,
+    DownloadError,
+    download,
+    downloads_allowed,
+    hf_offline_reason,
+    missing_message,
+)
 from data.loaders import TensorBatchSource
 from data.registry import DATASETS, BuildContext, DataBundle, DataCapabilities, DataOptions, resolve_root
 
 IGNORE_INDEX = -100  # targets with this value are padding (torch's cross-entropy default ignore_index)
 PAD_ID = 0  # the official pipeline pads the last window with token id 0
 GPT1_VOCAB_SIZE = 40478
+GPT1_REPO = "openai-community/openai-gpt"
 GPT1_FILES = {  # openai-gpt tokenizer files on the Hugging Face Hub
     "vocab.json": "https://huggingface.co/openai-community/openai-gpt/resolve/main/vocab.json",
     "merges.txt": "https://huggingface.co/openai-community/openai-gpt/resolve/main/merges.txt",
@@ -69,21 +81,50 @@ def tokenizer_dir(opts_dir: Optional[str], root: Path) -> Path:
     return Path(opts_dir).expanduser() if opts_dir else Path(root) / "openai-gpt"
 
 
+def _from_hf_cache(name: str) -> Optional[Path]:
+    """GPT-1's `name` from the local Hugging Face cache (a transformers user often has it), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(GPT1_REPO, name)
+    except Exception:  # noqa: BLE001 - an unreadable cache is the same as none
+        return None
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
 def ensure_tokenizer(folder: Path, *, download_missing: bool) -> Path:
-    """Make sure GPT-1's vocab.json and merges.txt are in `folder` (downloading them if allowed)."""
+    """Make sure GPT-1's vocab.json and merges.txt are in `folder`: copied from the local Hugging Face cache
+    when it has them, else downloaded if allowed. HF_HUB_OFFLINE (and FISHERBENCH_OFFLINE) forbid contacting
+    the Hub, as they do for huggingface_hub itself."""
+    import shutil
+
     missing = [name for name in GPT1_FILES if not (folder / name).is_file()]
     if not missing:
         return folder
+    cached = {name: _from_hf_cache(name) for name in missing}
+    if all(cached.values()):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, src in cached.items():
+            shutil.copyfile(src, folder / name)
+        return folder
+    what = f"GPT-1 tokenizer files {missing}"
+    hint = " (data.tokenizer_dir sets another folder holding vocab.json and merges.txt)"
     if not download_missing:
-        raise DatasetNotFoundError(missing_message(f"GPT-1 tokenizer files {missing}", folder, "gpt1_tokenizer",
-                                                   download_enabled=False)
-                                   + " (data.tokenizer_dir sets another folder holding vocab.json and merges.txt)")
+        raise DatasetNotFoundError(missing_message(what, folder, "gpt1_tokenizer", download_enabled=False) + hint)
+    offline = hf_offline_reason()
+    if offline:
+        raise DatasetNotFoundError(missing_message(
+            what, folder, "gpt1_tokenizer", download_enabled=True,
+            reason=f"{offline}, so the Hugging Face Hub is not contacted (and the local Hugging Face cache does "
+                   f"not hold {GPT1_REPO})") + hint)
     try:
         for name in missing:
             download(GPT1_FILES[name], folder / name)
     except DownloadError as e:
-        raise DatasetNotFoundError(missing_message(f"GPT-1 tokenizer files {missing}", folder, "gpt1_tokenizer",
-                                                   download_enabled=True, reason=str(e))) from e
+        raise DatasetNotFoundError(missing_message(what, folder, "gpt1_tokenizer", download_enabled=True,
+                                                   reason=str(e)) + hint) from e
     return folder
 
 
@@ -114,7 +155,10 @@ def write_from_hf(root: Path, variant: str) -> dict[str, Path]:
     try:
         ds = datasets.load_dataset(HF_DATASET, config)
     except Exception as e:  # datasets raises many types offline (ConnectionError, OfflineModeIsEnabled, ...)
-        raise DownloadError(f"datasets.load_dataset({HF_DATASET!r}, {config!r}) failed: {e}") from e
+        # datasets honours HF_HUB_OFFLINE / HF_DATASETS_OFFLINE itself (it then reads only its local cache)
+        offline = hf_offline_reason("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+        where = f" ({offline}: only the local datasets cache was searched)" if offline else ""
+        raise DownloadError(f"datasets.load_dataset({HF_DATASET!r}, {config!r}) failed{where}: {e}") from e
     files = text_files(root, variant)
     for split, path in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +171,7 @@ def write_from_hf(root: Path, variant: str) -> dict[str, Path]:
 
 def ensure_text(root: Path, variant: str, *, download_missing: bool) -> dict[str, Path]:
     if variant not in VARIANTS:
-        raise ValueError(f"data.variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        raise UserError(f"data.variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     files = text_files(root, variant)
     if all(p.is_file() for p in files.values()):
         return files
@@ -174,7 +218,7 @@ def make_windows(tokens: np.ndarray | torch.Tensor, seq_len: int) -> tuple[torch
     tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     n = len(tokens)
     if n < 2:
-        raise ValueError(f"need at least 2 tokens to make a language-model window, got {n}")
+        raise UserError(f"need at least 2 tokens to make a language-model window, got {n}")
     num_windows = -(-(n - 1) // seq_len)
     padded = torch.full((num_windows * seq_len + 1,), PAD_ID, dtype=torch.long)
     padded[:n] = tokens
@@ -195,9 +239,9 @@ class WikiText2Options(DataOptions):
     batch_size: int = 32
     seq_len: int = 256
     variant: str = "raw"  # raw (wiki.*.raw) | tokens (wiki.*.tokens, rare words replaced by <unk>)
-    tokenizer_dir: Optional[str] = None  # folder with GPT-1's vocab.json + merges.txt; None = <root>/openai-gpt
-    download: bool = True
-    cache: bool = True  # keep the tokenised splits as .npy next to the text
+    tokenizer_dir: Optional[str] = not_identity(None)  # folder with GPT-1's vocab.json + merges.txt; None = <root>/openai-gpt
+    download: bool = not_identity(True)
+    cache: bool = not_identity(True)  # keep the tokenised splits as .npy next to the text
 
 
 @DATASETS.register(
@@ -209,7 +253,7 @@ class WikiText2Options(DataOptions):
 )
 def build_wikitext2(opts: WikiText2Options, ctx: BuildContext) -> DataBundle:
     if opts.seq_len < 1:
-        raise ValueError(f"data.seq_len must be >= 1, got {opts.seq_len}")
+        raise UserError(f"data.seq_len must be >= 1, got {opts.seq_len}")
     root = resolve_root(opts.root)
     files = ensure_text(root, opts.variant, download_missing=opts.download)
     tok_dir = ensure_tokenizer(tokenizer_dir(opts.tokenizer_dir, root), download_missing=opts.download)

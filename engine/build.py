@@ -24,6 +24,10 @@ from fisherbench.errors import UserError
 from fisherbench.registry import Entry
 
 
+# the entries of a bundle's `extras` that meta.json records (plain data describing the data actually used)
+DATASET_FACTS = ("split", "splits", "normalization", "image_size", "num_workers", "tokenizer", "tokenizer_sha256")
+
+
 @dataclass
 class Components:
     bundle: Any  # data.DataBundle
@@ -77,7 +81,7 @@ def build_components(cfg: DictConfig, device: torch.device, info: DistInfo) -> C
 def check_compile(cfg: DictConfig, opt_entry: Entry) -> None:
     """compile=true only for optimizers that work with a compiled model (capability `supports_compile`)."""
     caps = opt_entry.capabilities
-    if cfg.get("compile", False) and caps is not None and not caps.compiles:
+    if cfg.get("compile", False) and caps is not None and not caps.supports_compile:
         raise UserError(
             f"optimizer '{cfg.optimizer.name}' cannot train a torch.compile'd model (it hooks the model's modules, "
             "runs its own forward/backward or differentiates twice, which torch.compile does not trace): "
@@ -116,8 +120,13 @@ def run_meta(cfg: DictConfig, device: torch.device, bundle: Any, info: DistInfo,
         "world_size": info.world_size,
         "deterministic": bool(cfg.deterministic),
         "runtime": runtime_settings(cfg),  # throughput settings in effect (also in the calibration key)
-        "dataset": {"fingerprint": bundle.fingerprint, "num_train": bundle.num_train,
-                    "input_shape": list(bundle.input_shape), "num_classes": bundle.num_classes},
+        "dataset": {
+            "name": cfg.data.name, "description": bundle.description, "fingerprint": bundle.fingerprint,
+            "num_train": bundle.num_train, "input_shape": list(bundle.input_shape),
+            "num_classes": bundle.num_classes, "evals": list(bundle.evals),
+            # how the splits were made, normalisation, tokenizer, ... as the dataset reports them
+            **{k: v for k, v in bundle.extras.items() if k in DATASET_FACTS},
+        },
         "param_count": param_count,
         "choices": dict(cfg.get("_choices", {}) or {}),
         "argv": list(sys.argv),

@@ -72,6 +72,15 @@ class unlocked:
         OmegaConf.set_struct(self.cfg, self.flag)
 
 
+TRAIN_GROUPS = ("model", "data", "optimizer", "budget", "logger", "experiment")
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group that `train.py` accepts (`_`-prefixed shared bases are not options)."""
+    folder = CONFIG_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+
+
 def load_group_option(group: str, option: str) -> dict[str, Any]:
     """The resolved node of one option of a config group (e.g. the reference optimizer's config)."""
     cfg = compose_config([f"{group}={option}"])

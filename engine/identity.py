@@ -10,8 +10,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fisherbench.config import strip_non_identity
+import data
+import models
+import optim
+from fisherbench.config import not_identity_fields, strip_non_identity
 from fisherbench.store import run_id
+
+_COMPONENTS = {"model": models.MODELS, "data": data.DATASETS, "optimizer": optim.OPTIMIZERS}
 
 
 def resolved_dict(cfg: DictConfig) -> dict[str, Any]:
@@ -23,8 +28,18 @@ def resolved_dict(cfg: DictConfig) -> dict[str, Any]:
 
 
 def identity_of(cfg: DictConfig) -> dict[str, Any]:
-    """The part of the resolved config that determines what a run computes (hashed into the run id)."""
-    return strip_non_identity(resolved_dict(cfg))
+    """The part of the resolved config that determines what a run computes (hashed into the run id).
+
+    The top-level fields are decided by `TrainConfig`'s metadata, a component's fields (model/data/optimizer
+    options) by the metadata of the schema of the entry the config names.
+    """
+    identity = strip_non_identity(resolved_dict(cfg))
+    for group, registry in _COMPONENTS.items():
+        node = identity.get(group)
+        if isinstance(node, dict) and node.get("name") in registry:
+            drop = set(not_identity_fields(registry.get(node["name"]).schema))
+            identity[group] = {k: v for k, v in node.items() if k not in drop}
+    return identity
 
 
 def run_id_of(cfg: DictConfig, world_size: int = 1) -> str:

@@ -198,6 +198,12 @@ class _Run:
         if steps_per_epoch == 0:
             raise UserError(f"data '{cfg.data.name}' yields no training batch (batch_size {cfg.data.batch_size} "
                             f"larger than the {bundle.num_train} examples with drop_last?)")
+        split = (cfg.selection.metric or "").split("/")[0]
+        if split and split not in bundle.evals:
+            hint = " (set data.val_fraction, e.g. data.val_fraction=0.1, to hold out a validation split)" \
+                if split == "val" else ""
+            raise UserError(f"selection.metric={cfg.selection.metric}: data '{cfg.data.name}' has no '{split}' "
+                            f"split; it evaluates {', '.join(bundle.evals)}{hint}")
         if cfg.budget.mode == "reference":
             self.derived = broadcast_object(
                 reference_budget(cfg, bundle, parts.build_model, device, log=lambda m: _log(m, info)), info)

@@ -1,6 +1,11 @@
 """Experiment loggers that mirror the results store: none, or Weights & Biases (online/offline).
 
 The store is the source of truth; a logger failure is reported once and never stops a run.
+
+A W&B run's id is the store's run id (a resumed run continues the same W&B run); its display name is
+readable, `model/optimizer/seed` (the config options chosen, e.g. `resnet18_cifar/adafisher_paper/3`), and its
+group is `logger.group`: a sweep sets it to the sweep's name (an Optuna search to its study), and a Hydra
+multirun (`train.py -m`) without one gets `multirun/<its sweep directory>`, so one multirun is one group.
 """
 from __future__ import annotations
 
@@ -46,6 +51,34 @@ def resolve_wandb_mode(mode: str) -> str:
     return "online" if wandb_has_credentials() else "offline"
 
 
+def run_name(config: dict[str, Any]) -> str:
+    """`model/optimizer/seed` from a resolved config (with `_choices`): the options the user chose by name,
+    plus the AdaFisher variant when the option's name does not already say it."""
+    choices = config.get("_choices") or {}
+    model = choices.get("model") or (config.get("model") or {}).get("name", "?")
+    optimizer = choices.get("optimizer") or (config.get("optimizer") or {}).get("name", "?")
+    variant = (config.get("optimizer") or {}).get("variant")
+    if isinstance(variant, str) and variant not in ("default", "") and variant not in optimizer:
+        optimizer = f"{optimizer}-{variant}"
+    return f"{model}/{optimizer}/{config.get('seed', '?')}"
+
+
+def multirun_group() -> Optional[str]:
+    """`multirun/<sweep dir name>` inside a Hydra multirun job (`train.py -m`), else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return None
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return None
+        return f"multirun/{Path(str(hc.sweep.dir)).name}"
+    except Exception:  # noqa: BLE001 - a name for a W&B group is never worth failing a run
+        return None
+
+
 class WandbLogger:
     """W&B run whose id is the fisherbench run id, so a resumed run continues the same W&B run."""
 
@@ -70,10 +103,10 @@ class WandbLogger:
             self.run = wandb.init(
                 project=self.cfg.project,
                 entity=self.cfg.entity,
-                group=self.cfg.group,
+                group=self.cfg.group or multirun_group(),
                 tags=list(self.cfg.tags) or None,
                 id=run_id,
-                name=run_id,
+                name=run_name(config),
                 resume="allow",
                 dir=str(run_dir),
                 config=config,

@@ -30,7 +30,7 @@ def make_summary(cfg: Any, trainer: Any, status: Status, rid: str, param_count: 
                  device: Any, derived: Optional[dict[str, Any]]) -> dict[str, Any]:
     """The content of `summary.json` for a run that stopped with `status` (`trainer` is an engine Trainer)."""
     st, task = trainer.state, trainer.task
-    select = f"{task.select_split}/{task.select_metric}"
+    select, higher_is_better = trainer.selection
     summary: dict[str, Any] = {
         "run_id": rid,
         "status": str(status),
@@ -43,7 +43,7 @@ def make_summary(cfg: Any, trainer: Any, status: Status, rid: str, param_count: 
         "seed": int(cfg.seed),
         "task": task.name,
         "select_metric": select,
-        "higher_is_better": task.higher_is_better,
+        "higher_is_better": higher_is_better,
         "best": st.best,
         "final": st.last_eval,
         "epochs_done": st.epoch + st.batch / max(1, trainer.steps_per_epoch),

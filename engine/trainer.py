@@ -28,7 +28,7 @@ from fisherbench.ledger import Clock, Ledger
 from fisherbench.schedule import lr_multiplier, set_lr
 from fisherbench.modules import unwrap
 from fisherbench.store import RunDir
-from fisherbench.tasks import MetricSums, Task
+from fisherbench.tasks import MetricSums, Task, selection_of
 from optim.registry import OptimizerAdapter
 
 # Fault injection for tests: hard-exit (no cleanup, like kill -9) after training step N, or send this process
@@ -498,15 +498,21 @@ class Trainer:
                 self.on_eval(row)
         return row
 
+    @property
+    def selection(self) -> tuple[str, bool]:
+        """(row key, higher is better) of the metric that picks the best evaluation (`selection.*`)."""
+        sel = self.cfg.get("selection") or {}
+        return selection_of(self.task, sel.get("metric"), sel.get("mode"))
+
     def _is_better(self, row: dict[str, Any]) -> bool:
-        key = f"{self.task.select_split}/{self.task.select_metric}"
+        key, higher_is_better = self.selection
         value = row.get(key)
         if value is None or not math.isfinite(value):
             return False
         if self.state.best is None or not math.isfinite(self.state.best.get(key, math.nan)):
             return True
         best = self.state.best[key]
-        return value > best if self.task.higher_is_better else value < best
+        return value > best if higher_is_better else value < best
 
     # ---------------------------------------------------------------------------------- checkpoints
     def checkpoint_payload(self) -> dict[str, Any]:

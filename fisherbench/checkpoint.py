@@ -95,7 +95,7 @@ def save(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _try_load(path: Path, map_location: Any) -> tuple[Optional[dict[str, Any]], str]:
+def read_checkpoint(path: Path, map_location: Any = "cpu") -> tuple[Optional[dict[str, Any]], str]:
     """(payload, "") for a valid checkpoint; (None, why) otherwise. Never unpickles arbitrary objects."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
@@ -124,7 +124,7 @@ def load_latest(path: Path, run_id: str, map_location: Any = "cpu") -> tuple[Opt
     for candidate in (path, prev_path(path)):
         if not candidate.exists():
             continue
-        payload, why = _try_load(candidate, map_location)
+        payload, why = read_checkpoint(candidate, map_location)
         if payload is None:
             notes.append(f"ignoring checkpoint {candidate}: {why}")
             continue

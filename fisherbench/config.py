@@ -80,6 +80,20 @@ class EvalConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Which evaluation row is a run's "best" (summary.json `best`, the progress line, sweeps' objective).
+
+    `metric: null` keeps the paper's protocol for the task: the maximum over evaluations of test top-1 for
+    classification (model selection on the test set, as the paper's tables did), the minimum validation
+    perplexity for language models. `val/acc1` selects on a held-out validation split (`data.val_fraction>0`
+    for image sets): report "test at best validation" from it.
+    """
+
+    metric: Optional[str] = None  # "<split>/<metric>", e.g. val/acc1, val/loss, test/acc1; null = the task's
+    mode: Optional[str] = None  # max | min; null = max for accuracies, min for losses and perplexities
+
+
+@dataclass
 class LoggerConfig:
     name: str = "none"  # none | wandb
     mode: str = "auto"  # auto (online if an API key is configured, else offline) | online | offline | disabled
@@ -109,6 +123,8 @@ class TrainConfig:
     logger: LoggerConfig = not_identity(default_factory=LoggerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # which row is "best" changes no computation: runs that differ only in it are the same run
+    selection: SelectionConfig = not_identity(default_factory=SelectionConfig)
     checkpoint: CheckpointConfig = not_identity(default_factory=CheckpointConfig)
     seed: int = 0
     results_dir: str = not_identity("runs")  # relative to the working directory
@@ -147,6 +163,11 @@ def _identity_paths(schema: type) -> list[str]:
         if sub is not None:
             paths.extend(f"{f.name}.{p}" for p in _identity_paths(sub))
     return paths
+
+
+def not_identity_fields(schema: type) -> list[str]:
+    """Names of the fields of one schema dataclass (e.g. a dataset's options) marked `not_identity`."""
+    return [f.name for f in dataclasses.fields(schema) if f.metadata.get("identity", True) is False]
 
 
 def non_identity_paths() -> tuple[str, ...]:
@@ -214,10 +235,18 @@ def validate(cfg: Any) -> None:
     if not 0.0 <= s.warmup_fraction < 1.0 or not 0.0 <= s.min_lr_ratio <= 1.0:
         raise UserError("schedule.warmup_fraction must be in [0, 1) and schedule.min_lr_ratio in [0, 1]")
     e = cfg.eval
+    if e.max_batches is not None and e.max_batches < 1:
+        raise UserError(f"eval.max_batches must be >= 1 or null (the whole split), got {e.max_batches}: a run "
+                        "without test metrics is not a result")
     if e.every_epochs is not None and e.every_epochs < 1:
         raise UserError(f"eval.every_epochs must be >= 1 or null, got {e.every_epochs}")
     if e.every_fraction is not None and not 0.0 < e.every_fraction <= 1.0:
         raise UserError(f"eval.every_fraction must be in (0, 1] or null, got {e.every_fraction}")
+    sel = cfg.selection
+    if sel.metric is not None and (sel.metric.count("/") != 1 or not all(sel.metric.split("/"))):
+        raise UserError(f"selection.metric must look like <split>/<metric> (e.g. val/acc1), got {sel.metric!r}")
+    if sel.mode not in (None, "max", "min"):
+        raise UserError(f"selection.mode must be max, min or null, got {sel.mode!r}")
     if cfg.precision not in ("fp32", "bf16"):
         raise UserError(f"precision must be fp32|bf16, got {cfg.precision!r}")
     if cfg.logger.name not in ("none", "wandb"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,19 @@ TASKS: dict[str, Task] = {
         select_split="val", select_metric="ppl", higher_is_better=False,
     ),
 }
+
+
+def selection_of(task: Task, metric: Optional[str] = None, mode: Optional[str] = None) -> tuple[str, bool]:
+    """(row key, higher is better) of the metric that selects a run's best evaluation.
+
+    `metric=None` is the task's own (the paper's protocol); otherwise "<split>/<metric>", maximised for
+    accuracies and minimised for everything else unless `mode` says "max" or "min".
+    """
+    if metric is None:
+        return f"{task.select_split}/{task.select_metric}", task.higher_is_better
+    if mode is not None:
+        return metric, mode == "max"
+    return metric, metric.rsplit("/", 1)[-1].startswith("acc")
 
 
 def get_task(name: str) -> Task:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fisherbench.errors import UserError
+
 
 def attention(
     q: torch.Tensor,
@@ -47,7 +49,7 @@ def disable_inplace(model: nn.Module) -> nn.Module:
     """Turn off `inplace` on every activation/dropout of a library model (torchvision, timm).
 
     AdaFisher's full backward hooks wrap module outputs; an in-place op on such an output
-    (`ReLU(inplace=True)` after a hooked BatchNorm) makes autograd raise. See official spec §1.1.
+    (`ReLU(inplace=True)` after a hooked BatchNorm) makes autograd raise (the reason the official AdaFisher README forbids in-place operations).
     """
     for module in model.modules():
         if getattr(module, "inplace", False) is True:
@@ -68,7 +70,7 @@ def image_shape(input_shape: Optional[Sequence[int]], default: tuple[int, int, i
     if input_shape is None:
         return default
     if len(input_shape) != 3:
-        raise ValueError(f"an image model needs input_shape (C, H, W), got {tuple(input_shape)}")
+        raise UserError(f"an image model needs input_shape (C, H, W), got {tuple(input_shape)}")
     c, h, w = (int(s) for s in input_shape)
     return c, h, w
 
@@ -78,7 +80,20 @@ def require_size(model_name: str, shape: tuple[int, int, int], sizes: Sequence[i
     _, h, w = shape
     if h != w or h not in sizes:
         allowed = " or ".join(f"{s}x{s}" for s in sizes)
-        raise ValueError(
+        raise UserError(
             f"model '{model_name}' is defined for {allowed} images, got {h}x{w}. Pick a dataset of that size "
             f"(e.g. data=cifar10 for 32x32, data=tiny_imagenet for 64x64) or a model defined for {h}x{w}."
+        )
+
+
+def require_min_size(model_name: str, shape: tuple[int, int, int], min_size: int, why: str) -> None:
+    """Refuse images smaller than `min_size` (the architecture's total downsampling, `why`): below it the last
+    stages see 1x1 maps padded with zeros, and the run trains a different, degenerate network (an
+    ImageNet-stem ResNet-50 on 8x8 digits stays at chance level) that would be stored as a result."""
+    _, h, w = shape
+    if min(h, w) < min_size:
+        raise UserError(
+            f"model '{model_name}' needs images of at least {min_size}x{min_size} ({why}), got {h}x{w}. Use "
+            f"larger inputs (data=image_folder data.image_size={min_size} or more) or a model for small images "
+            f"(e.g. small_cnn, resnet18_cifar)."
         )

@@ -3,7 +3,8 @@
 `focalnet_official`: the official repo's definition (Microsoft FocalNet layout, `img_size=32, patch_size=2`,
 width 96, depths (2,2,6,2), focal levels 2 with kernels 3 and 5, MLP x4, drop-path 0.1, LayerNorm after
 every patch embedding). Its focal convolutions are **dense** (no `groups`), which makes it a 100.83 M-
-parameter network (spec §2 item 7); that is the network behind the paper's FocalNet numbers. Tokens are
+parameter network (the official `Image_Classification/src/models/focalnet.py` never sets `groups`; the
+standard FocalNet's focal convolutions are depthwise); that is the network behind the paper's FocalNet numbers. Tokens are
 kept as (B, L, C) with `nn.Linear` projections and `nn.LayerNorm`, as in the official file.
 
 `focalnet`: the standard FocalNet-T (SRF) from timm (depthwise focal convs, 27.66 M parameters) with a

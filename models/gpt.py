@@ -1,6 +1,6 @@
 """The paper's small GPT-1 (WikiText-2) and a tiny model from the same code for tests.
 
-Official `MiniGPT1` (spec §4.5): post-LN blocks `x = LN(x + Attn(x)); x = LN(x + MLP(x))`, separate Q/K/V/Y
+Official `MiniGPT1` (`Language_Model/GPT1.py` of the official repository): post-LN blocks `x = LN(x + Attn(x)); x = LN(x + MLP(x))`, separate Q/K/V/Y
 Linear layers with bias, causal attention, MLP 4d with GELU, no dropout, no final LayerNorm, learned
 position table with one row per position of the (fixed) sequence length, and an output Linear without
 bias whose weight *is* the token-embedding matrix. The embeddings come from pretrained GPT-1 and are frozen
@@ -41,7 +41,7 @@ class MultiHeadedAttention(nn.Module):
         self.heads = heads
         self.explicit = explicit
         # Registration order Q, V, K, Y as in the official file: it fixes the parameter order that the
-        # official AdaFisher's shape-based parameter matching walks (spec §1.7).
+        # official AdaFisher's shape-based parameter matching walks (docs/adafisher.md, "official" variant).
         self.weights_Q = nn.Linear(dim, dim)
         self.weights_V = nn.Linear(dim, dim)
         self.weights_K = nn.Linear(dim, dim)

@@ -2,7 +2,7 @@
 
 `mobilenetv3_official`: the official repo's definition (kuan-wang/pytorch-mobilenet-v3 layout, `input_size=32`
 so the stem and the second block have stride 1). Its "depthwise" convolutions are **dense** (no `groups`),
-which makes it a 70.05 M-parameter network (spec §2 item 7, §4.4); SE blocks are Linear (no bias) + hard
+which makes it a 70.05 M-parameter network (4.2 M with the standard depthwise convolutions); SE blocks are Linear (no bias) + hard
 sigmoid; the head is a bias-free 1x1 conv 960->1280 (no BN), hard-swish, Dropout 0.2, Linear. This is the
 network behind the paper's MobileNetV3 numbers.
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import pretrained as pt
-from models.common import disable_inplace, image_shape
+from models.common import disable_inplace, image_shape, require_min_size
 from models.registry import MODELS, ModelCapabilities, ModelOptions
 from fisherbench.errors import UserError
 
@@ -173,8 +173,9 @@ class OfficialMobileNetV3Options(ModelOptions):
 )
 def build_mobilenetv3_official(opts: OfficialMobileNetV3Options, *, num_classes: int, input_shape: Optional[tuple],
                                double_backward: bool) -> nn.Module:
-    c, h, _ = image_shape(input_shape, (3, 32, 32))
+    c, h, w = image_shape(input_shape, (3, 32, 32))
     # The official switch: 32 (CIFAR) and 56 inputs drop the first two stride-2s.
+    require_min_size(opts.name, (c, h, w), 32, "it downsamples 8x at 32x32 and 56x56 and 32x at other sizes")
     model = OfficialMobileNetV3(num_classes, c, small_input=h in (32, 56), dropout=opts.dropout,
                                 width_multiplier=opts.width_multiplier)
     if opts.pretrained:
@@ -189,7 +190,8 @@ def _hook_safe_inverted_residual():
 
     class HookSafeInvertedResidual(InvertedResidual):
         """torchvision's block with `result + input` instead of `result += input` (an in-place add on a hooked
-        BatchNorm's output breaks full backward hooks, official spec §1.1). Same parameters and names."""
+        BatchNorm's output breaks full backward hooks, which the official AdaFisher registers). Same parameters
+        and names."""
 
         def forward(self, input):
             result = self.block(input)
@@ -218,7 +220,8 @@ def build_mobilenetv3(opts: MobileNetV3Options, *, num_classes: int, input_shape
                       double_backward: bool) -> nn.Module:
     from torchvision.models import mobilenet_v3_large
 
-    c, h, _ = image_shape(input_shape, (3, 32, 32))
+    c, h, w = image_shape(input_shape, (3, 32, 32))
+    require_min_size(opts.name, (c, h, w), 8, "it downsamples 8x below 128x128 (32x above)")
     if c != 3:
         raise UserError(f"{opts.name} (torchvision) takes 3-channel images, got {c}")
     model = mobilenet_v3_large(weights=None, num_classes=num_classes, dropout=opts.dropout, width_mult=opts.width_mult)

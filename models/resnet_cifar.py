@@ -1,11 +1,11 @@
 """CIFAR ResNet-18/50/101 as the official code defines them (kuangliu/pytorch-cifar layout).
 
 3x3 stride-1 stem without max-pool, BasicBlock [2,2,2,2] / Bottleneck [3,4,6,3] and [3,4,23,3], 1x1 conv +
-BN projection shortcuts, adaptive average pool, linear head, ReLU never in place (official spec §4.4).
+BN projection shortcuts, adaptive average pool, linear head, ReLU never in place (as `Image_Classification/src/models/resnet_cifar.py` of the official repository).
 Module names and registration order follow the official file (`conv1, bn1, layer1..4, linear`, blocks with
 `shortcut`), because two things depend on them: loading torchvision weights by name (`pretrained`) copies
 exactly what the official code copied, and the parameter order is what the official AdaFisher's
-parameter-to-module matching (spec §1.7) walks.
+parameter-to-module matching walks (docs/adafisher.md, the `official` variant).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from models import pretrained as pt
-from models.common import image_shape
+from models.common import image_shape, require_min_size
 from models.registry import MODELS, ModelCapabilities, ModelOptions
 from fisherbench.errors import UserError
 
@@ -154,7 +154,8 @@ def _register(name: str, summary: str, params: str) -> None:
         source="official definition (kuangliu/pytorch-cifar layout)",
     )
     def build(opts: CifarResNetOptions, *, num_classes: int, input_shape: Optional[tuple], double_backward: bool):
-        channels, _, _ = image_shape(input_shape, (3, 32, 32))
+        channels, h, w = image_shape(input_shape, (3, 32, 32))
+        require_min_size(name, (channels, h, w), 8, "its three stride-2 stages downsample 8x")
         model = CifarResNet(block, blocks, num_classes, channels, opts.width)
         if opts.pretrained:
             if weights is None:

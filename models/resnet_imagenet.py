@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 from models import pretrained as pt
-from models.common import disable_inplace, image_shape
+from models.common import disable_inplace, image_shape, require_min_size
 from models.registry import MODELS, ModelCapabilities, ModelOptions
 from fisherbench.errors import UserError
 
@@ -19,7 +19,8 @@ WEIGHTS = "ResNet50_Weights.IMAGENET1K_V2"
 
 class HookSafeBottleneck(tv_resnet.Bottleneck):
     """torchvision's Bottleneck with `out = out + identity` instead of `out += identity`: the in-place add on
-    the output of a hooked BatchNorm breaks full backward hooks (official spec §1.1). Same parameters/names."""
+    the output of a hooked BatchNorm breaks full backward hooks (the reason the official AdaFisher README forbids
+    in-place operations). Same parameters/names."""
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -47,7 +48,8 @@ def build_resnet50(opts: ResNet50Options, *, num_classes: int, input_shape: Opti
                    double_backward: bool) -> nn.Module:
     from torchvision.models import resnet50
 
-    c, _, _ = image_shape(input_shape, (3, 224, 224))
+    c, h, w = image_shape(input_shape, (3, 224, 224))
+    require_min_size(opts.name, (c, h, w), 32, "its stride-2 stem, max-pool and three stride-2 stages downsample 32x")
     model = resnet50(weights=None, num_classes=num_classes)
     if c != 3:
         model.conv1 = nn.Conv2d(c, 64, 7, 2, 3, bias=False)

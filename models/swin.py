@@ -1,7 +1,7 @@
 """Swin Transformers: the official "Tiny Swin" and "Big Swin" (berniwal/swin-transformer-pytorch layout) and a
 standard Swin-T from timm for 32x32 inputs.
 
-Official layout (spec §4.4): every stage starts with a patch merge (`nn.Unfold` + Linear; the first one is
+Official layout (`Image_Classification/src/models/swin.py` of the official repository): every stage starts with a patch merge (`nn.Unfold` + Linear; the first one is
 the patch embedding), then pairs of (regular, shifted) window-attention blocks, pre-norm, MLP x4 with GELU,
 a learned (2w-1)x(2w-1) relative-position table per block, masks for the shifted windows stored as
 `Parameter(requires_grad=False)`, mean-pool -> LayerNorm -> Linear. No norm after the patch merges, no
@@ -16,7 +16,7 @@ stochastic depth, no dropout.
   shrinks the last stage's window to its 2x2 grid and drops the shift there).
 
 Module names and parameter order follow the official file: the official AdaFisher's parameter matching
-(spec §1.7) walks them, and the frozen mask parameters are part of why it leaves 61% of Tiny Swin untrained.
+(docs/adafisher.md, the `official` variant) walks them, and the frozen mask parameters are part of why it leaves 61% of Tiny Swin untrained.
 """
 from __future__ import annotations
 

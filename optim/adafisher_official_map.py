@@ -1,7 +1,8 @@
 """The parameter -> preconditioner assignment that the official AdaFisher `step()` produces.
 
 The official code keeps no parameter->layer map. Each step it walks `model.parameters()` and the list of
-tracked modules with two indices in a loop that runs exactly `len(modules)` times (official §1.7):
+tracked modules with two indices in a loop that runs exactly `len(modules)` times (official
+`optimizers/AdaFisher.py`, `step`, L630-682; docs/adafisher.md, "Parameters -> layers"):
 
 1. a parameter without a gradient is skipped; the module index advances if the *next* parameter is a
    matrix, otherwise every second such vector parameter advances it;

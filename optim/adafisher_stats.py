@@ -2,9 +2,11 @@
 
 For a tracked layer the preconditioner of a parameter element is `F[o, i] = S[o] * H[i] + damping`, where
 `H` (activation side) and `S` (gradient side) are running diagonal states. Each statistics step produces
-new diagonals `H_hat`, `S_hat` from the layer's input and the gradient of the loss w.r.t. its output; they
-are min-max normalised per vector and folded into the state. The definitions below follow the official
-AdaFisher code (see `shared/spec/adafisher_official.md` §1.2) and are written from its formulas:
+new diagonals `H_hat`, `S_hat` from the layer's input and the gradient of the loss w.r.t. its output, which
+are folded into the running state (min-max normalised before the average for `default`/`official`, after it
+for `paper`; see `optim.adafisher_factors`). The definitions below follow the official AdaFisher code
+(`optimizers/AdaFisher.py`, `Compute_H_D` L92-210 and `Compute_S_D` L213-321; docs/adafisher.md) and are
+written from its formulas:
 
 * Linear (any input rank, rows = all leading dims): `H_hat = mean_rows(a**2)` (+ a trailing 1 for the
   bias), `S_hat = mean_rows(g**2)`.
@@ -57,11 +59,13 @@ def minmax_segments(flat: Tensor, segment_ids: Tensor, num_segments: int, eps: f
 
 
 def fold_coefficients(variant: str, gamma: float) -> tuple[float, float]:
-    """(old, new) coefficients of the running average `state <- old * state + new * minmax(stat)`.
+    """(old, new) coefficients of the running average `state <- old * state + new * x`.
 
-    The official code (and so `default`/`official`) uses `0.1*gamma` / `0.01*gamma` (0.08 / 0.008 for the
-    configured gamma 0.8): not a convex average, the state settles at ~1/115 of the statistic. `paper` uses the
-    paper's Eq. (3), the convex EMA `gamma * old + (1 - gamma) * new`.
+    The official code (and so `default`/`official`) folds `x = minmax(stat)` with `0.1*gamma` / `0.01*gamma`
+    (0.08 / 0.008 for the configured gamma 0.8): not a convex average, the state settles at ~1/115 of the
+    normalised statistic. `paper` folds the raw statistic `x = stat` with the paper's Eq. (3), the convex
+    `gamma * old + (1 - gamma) * new`, and min-max normalises the average when F is formed; for a constant
+    statistic both orders settle at `new / (1 - old) * minmax(stat)` as the factor F uses.
     """
     if variant == "paper":
         return gamma, 1.0 - gamma

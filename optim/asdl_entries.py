@@ -1,10 +1,12 @@
 """K-FAC and Shampoo through ASDL (`asdfghjkl` 0.1a5, import `asdl`), run the way the AdaFisher paper ran them.
 
-Official protocol (spec `adafisher_official.md` §4.1): `PreconditioningConfig(data_size=batch, damping,
-preconditioner_upd_interval = curvature_upd_interval = interval, ema_decay=-1, ignore_modules=[BatchNorm*,
-LayerNorm])`, `KfacGradientMaker` (MC Fisher, 1 sample) or `ShampooGradientMaker`, then
-`setup_model_call -> setup_loss_call -> forward_and_backward()`, `clip_grad_norm_`, torch SGD(momentum 0.9).
-The adapter's `train_step` does all of that, so the trainer's one loop times every curvature step.
+The official AdaFisher repository's K-FAC/Shampoo trainers build `PreconditioningConfig(data_size=batch,
+damping, preconditioner_upd_interval = curvature_upd_interval = interval, ema_decay=-1,
+ignore_modules=[BatchNorm*, LayerNorm])`, a `KfacGradientMaker` (MC Fisher, 1 sample) or
+`ShampooGradientMaker`, then per step `setup_model_call -> setup_loss_call -> forward_and_backward()`,
+`clip_grad_norm_` and torch SGD (momentum 0.9). The row's optimizer is that SGD; the adapter builds the
+gradient maker and overrides `forward_backward` with the ASDL calls, so the trainer's one loop times every
+curvature step.
 
 Library limits handled here (all found in the asdl 0.1a5 source):
 
@@ -13,7 +15,7 @@ Library limits handled here (all found in the asdl 0.1a5 source):
   `N = targets.numel()` as `data_size` (the batch size for classification, the token count for language
   models), so curvature and plain steps get the same mean-loss gradient. The loss we return is the plain
   mean the wrapper computed, not ASDL's value.
-* `KfacGradientMaker` raises `TypeError` for a DDP-wrapped model: the entry declares `supports_ddp=False`
+* `KfacGradientMaker` raises `TypeError` for a DDP-wrapped model: the row declares `supports_ddp=False`
   so `build_optimizer` refuses at configuration time. `ShampooGradientMaker` partitions preconditioners
   across ranks with NCCL-only collectives when `torch.distributed` is initialised: also `supports_ddp=False`.
 * `ShampooGradientMaker` ignores `ignore_modules` and `block_size` and builds a full dim×dim factor for
@@ -32,7 +34,6 @@ Library limits handled here (all found in the asdl 0.1a5 source):
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -41,22 +42,21 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from fisherbench.errors import UserError
+from fisherbench.modules import unwrap
 from optim.registry import (
-    OPTIMIZERS,
     AutocastFactory,
-    BuildContext,
     Capabilities,
     LossFn,
     OptimizerAdapter,
     OptimizerOptions,
-    StepOutput,
-    param_groups,
-    strip_names,
+    OptimizerRow,
+    register,
     tensor_bytes,
-    unwrap,
 )
 
-# The paper's runs exclude normalisation layers from preconditioning (official §4.1).
+# The paper's runs exclude normalisation layers from preconditioning (the official trainer passes
+# `ignore_modules=[BatchNorm1d/2d/3d, LayerNorm]` to ASDL's PreconditioningConfig).
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
 # SymMatrix constructor keyword -> (attribute, sub-attribute): everything K-FAC can store per module.
 _SYMMATRIX_FIELDS = {
@@ -81,6 +81,16 @@ class AsdlOptions(OptimizerOptions):
     max_factor_dim: Optional[int] = None
     exclude_modules: list[str] = field(default_factory=list)  # module-name substrings never preconditioned
 
+    def __post_init__(self) -> None:
+        if self.curvature_interval < 1:
+            raise UserError(f"optimizer.curvature_interval must be >= 1, got {self.curvature_interval}")
+        if self.damping < 0:
+            raise UserError(f"optimizer.damping must be >= 0, got {self.damping}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise UserError(f"optimizer.momentum must be in [0, 1), got {self.momentum}")
+        if self.max_factor_dim is not None and self.max_factor_dim < 1:
+            raise UserError(f"optimizer.max_factor_dim must be >= 1 or null, got {self.max_factor_dim}")
+
 
 @dataclass
 class KfacOptions(AsdlOptions):
@@ -89,6 +99,13 @@ class KfacOptions(AsdlOptions):
     weight_decay: float = 5e-4
     fisher_type: str = "fisher_mc"  # fisher_mc (paper) | fisher_emp | fisher_exact
     n_mc_samples: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fisher_type not in ("fisher_mc", "fisher_emp", "fisher_exact"):
+            raise UserError(
+                f"optimizer.fisher_type must be fisher_mc|fisher_emp|fisher_exact, got {self.fisher_type!r}"
+            )
 
 
 @dataclass
@@ -102,22 +119,20 @@ class ShampooOptions(AsdlOptions):
 
 
 class AsdlAdapter(OptimizerAdapter):
-    """torch SGD on gradients an ASDL gradient maker preconditions; the gradient maker owns forward+backward."""
+    """torch SGD on gradients an ASDL gradient maker preconditions; the gradient maker owns forward+backward.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, grad_maker: Any, *, grad_clip: Optional[float]) -> None:
-        super().__init__(optimizer, grad_clip=grad_clip)
-        self.grad_maker = grad_maker
+    Subclasses build `self.grad_maker` from the model and options and add their curvature state.
+    """
 
-    def train_step(
-        self,
-        model: nn.Module,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        loss_fn: LossFn,
-        autocast: AutocastFactory = contextlib.nullcontext,
-    ) -> StepOutput:
+    reads = (*OptimizerAdapter.reads, "damping", "curvature_interval", "ema_decay", "max_factor_dim",
+             "exclude_modules")
+    grad_maker: Any
+
+    def forward_backward(
+        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn,
+        autocast: AutocastFactory,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # autocast is deliberately not used: the paper ran ASDL in fp32 (capabilities.supports_amp=False)
-        self.optimizer.zero_grad(set_to_none=True)
         num_terms = targets.numel()
         mean_loss: list[torch.Tensor] = []
 
@@ -139,9 +154,7 @@ class AsdlAdapter(OptimizerAdapter):
             # correctly, so torch's warning about multi-node forwards does not apply
             warnings.filterwarnings("ignore", message="Using a non-full backward hook")
             outputs, _ = gm.forward_and_backward()
-        self.clip_gradients()
-        self.optimizer.step()
-        return StepOutput(mean_loss[0], outputs.detach())
+        return mean_loss[0], outputs
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "grad_maker": self.grad_maker_state()}
@@ -161,12 +174,81 @@ class AsdlAdapter(OptimizerAdapter):
         self.grad_maker.state["step"] = int(state["step"])
 
 
+def _preconditioning_config(opts: AsdlOptions, ignore_modules: list[Any]) -> Any:
+    from asdl import PreconditioningConfig  # asdl is imported on first use: heavy, and warns on import
+
+    return PreconditioningConfig(
+        data_size=1,  # set per step to the number of loss terms (see AsdlAdapter.forward_backward)
+        damping=opts.damping,
+        preconditioner_upd_interval=opts.curvature_interval,
+        curvature_upd_interval=opts.curvature_interval,
+        ema_decay=opts.ema_decay,
+        ignore_modules=ignore_modules,
+    )
+
+
+def _excluded_by_name(name: str, patterns: list[str]) -> bool:
+    return any(pattern in name for pattern in patterns)
+
+
+def _kfac_factor_dims(module: nn.Module) -> tuple[int, ...]:
+    """Side lengths of the two K-FAC factors ASDL builds for a module (activations, output gradients)."""
+    if isinstance(module, nn.Embedding):
+        return (module.num_embeddings, module.embedding_dim)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
+        return (math.prod(weight.shape[1:]), weight.shape[0])
+    return ()
+
+
 class KfacAdapter(AsdlAdapter):
     """K-FAC: factors are attributes `fisher` (an ASDL `SymMatrix`) on each preconditioned module."""
 
-    def __init__(self, optimizer, grad_maker, *, grad_clip, named_modules: dict[str, nn.Module]) -> None:
-        super().__init__(optimizer, grad_maker, grad_clip=grad_clip)
-        self.named_modules = named_modules  # preconditioned modules by their name in the model
+    reads = (*AsdlAdapter.reads, "fisher_type", "n_mc_samples")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, model: nn.Module, options: KfacOptions) -> None:
+        from asdl import KfacGradientMaker  # asdl is imported on first use: heavy, and warns on import
+
+        super().__init__(optimizer, model=model, options=options)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise UserError("ASDL K-FAC does not support DistributedDataParallel models; run kfac on one process.")
+        inner = unwrap(model)
+        skipped: dict[str, list[str]] = {}  # reason -> module names, for one warning
+        excluded: dict[str, nn.Module] = {}
+        for name, m in inner.named_modules():
+            if not any(p.requires_grad for p in m.parameters(recurse=False)) or isinstance(m, NORM_LAYERS):
+                continue
+            if isinstance(m, nn.Embedding):
+                reason = ("nn.Embedding (ASDL 0.1a5 has no K-FAC inverse for it with ema_decay=-1, and otherwise "
+                          "applies its factors to a reshaped, not transposed, gradient)")
+            elif options.max_factor_dim is not None and any(d > options.max_factor_dim for d in _kfac_factor_dims(m)):
+                reason = f"a Kronecker factor larger than max_factor_dim={options.max_factor_dim}"
+            elif _excluded_by_name(name, options.exclude_modules):
+                reason = "listed in exclude_modules"
+            else:
+                continue
+            excluded[name] = m
+            skipped.setdefault(reason, []).append(name)
+        with warnings.catch_warnings():
+            # ASDL warns per unsupported leaf module; those are reported below in the one warning
+            warnings.filterwarnings("ignore", message="This model contains")
+            self.grad_maker = KfacGradientMaker(
+                inner, _preconditioning_config(options, [*NORM_LAYERS, *excluded.values()]),
+                fisher_type=options.fisher_type, n_mc_samples=options.n_mc_samples,
+            )
+        # preconditioned modules by their name in the model
+        self.named_modules = {name.replace("/", "."): m for name, m in self.grad_maker.module_dict.items()}
+        accounted = {id(p) for m in [*self.named_modules.values(), *excluded.values()] for p in m.parameters()}
+        accounted |= {id(p) for m in inner.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()}
+        unsupported = [n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in accounted]
+        if unsupported:
+            skipped["no ASDL K-FAC rule for the layer type (parameters)"] = unsupported
+        if skipped:
+            warnings.warn(
+                "kfac: not preconditioning " + "; ".join(f"{', '.join(names)}: {why}" for why, names in skipped.items())
+                + ". Their parameters get the SGD step with plain gradients.",
+                stacklevel=2,
+            )
 
     def grad_maker_state(self) -> dict[str, Any]:
         attr = self.grad_maker.fisher_maker.config.fisher_attr
@@ -186,7 +268,7 @@ class KfacAdapter(AsdlAdapter):
         return {**super().grad_maker_state(), "factors": factors}
 
     def load_grad_maker_state(self, state: dict[str, Any]) -> None:
-        from asdl.symmatrix import SymMatrix
+        from asdl.symmatrix import SymMatrix  # asdl is imported on first use: heavy, and warns on import
 
         super().load_grad_maker_state(state)
         attr = self.grad_maker.fisher_maker.config.fisher_attr
@@ -203,12 +285,54 @@ class KfacAdapter(AsdlAdapter):
             setattr(module, attr, SymMatrix(**{k: v.detach().clone().to(device) for k, v in tensors.items()}))
 
 
+class _ParameterView(nn.Module):
+    """The matrices ASDL Shampoo may precondition. It builds factors for every matrix in `model.parameters()`,
+    so it is handed this view; forward/backward still run through the real model."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.params = nn.ParameterList(params)
+
+
 class ShampooAdapter(AsdlAdapter):
     """Shampoo: statistics and inverse roots live in ASDL `Preconditioner` objects, one per matrix."""
 
-    def __init__(self, optimizer, grad_maker, *, grad_clip, param_names: list[str]) -> None:
-        super().__init__(optimizer, grad_maker, grad_clip=grad_clip)
-        self.param_names = param_names  # names of the preconditioned matrices, in the view's order
+    def __init__(self, optimizer: torch.optim.Optimizer, *, model: nn.Module, options: ShampooOptions) -> None:
+        from asdl import ShampooGradientMaker  # asdl is imported on first use: heavy, and warns on import
+
+        super().__init__(optimizer, model=model, options=options)
+        inner = unwrap(model)
+        owners = {}
+        for mname, module in inner.named_modules():
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), mname)
+        selected: list[tuple[str, nn.Parameter]] = []
+        excluded: list[str] = []
+        seen: set[int] = set()
+        for name, p in inner.named_parameters():
+            if not p.requires_grad or p.ndim < 2 or id(p) in seen:
+                continue
+            seen.add(id(p))
+            too_large = options.max_factor_dim is not None and max(p.shape) > options.max_factor_dim
+            if too_large or _excluded_by_name(owners[id(p)], options.exclude_modules):
+                excluded.append(f"{name} {tuple(p.shape)}")
+            else:
+                selected.append((name, p))
+        if excluded:
+            warnings.warn(
+                f"shampoo: not preconditioning {', '.join(excluded)} (a dimension > max_factor_dim="
+                f"{options.max_factor_dim} or in exclude_modules: ASDL Shampoo would build a full dim x dim "
+                "factor); they get the SGD step with plain gradients.",
+                stacklevel=2,
+            )
+        if not selected:
+            raise UserError(
+                "shampoo: no parameter matrix to precondition (all excluded or none trainable); "
+                "raise optimizer.max_factor_dim, shorten optimizer.exclude_modules, or use sgd."
+            )
+        view = _ParameterView([p for _, p in selected])
+        self.grad_maker = ShampooGradientMaker(view, _preconditioning_config(options, list(NORM_LAYERS)))
+        self.param_names = [n for n, _ in selected]  # names of the preconditioned matrices, in the view's order
 
     def grad_maker_state(self) -> dict[str, Any]:
         factors = {
@@ -231,158 +355,20 @@ class ShampooAdapter(AsdlAdapter):
             pre.preconditioners = [t.detach().clone().to(device) for t in saved["preconditioners"]]
 
 
-class _ParameterView(nn.Module):
-    """The matrices ASDL Shampoo may precondition. It builds factors for every matrix in `model.parameters()`,
-    so it is handed this view; forward/backward still run through the real model."""
+ASDL = Capabilities(supports_ddp=False, supports_amp=False, period_option="curvature_interval",
+                    supports_compile=False)  # ASDL runs forward/backward itself, with module hooks
 
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        super().__init__()
-        self.params = nn.ParameterList(params)
-
-
-def _check_common(opts: AsdlOptions) -> None:
-    if opts.curvature_interval < 1:
-        raise ValueError(f"optimizer.curvature_interval must be >= 1, got {opts.curvature_interval}")
-    if opts.damping < 0:
-        raise ValueError(f"optimizer.damping must be >= 0, got {opts.damping}")
-    if not 0.0 <= opts.momentum < 1.0:
-        raise ValueError(f"optimizer.momentum must be in [0, 1), got {opts.momentum}")
-    if opts.max_factor_dim is not None and opts.max_factor_dim < 1:
-        raise ValueError(f"optimizer.max_factor_dim must be >= 1 or null, got {opts.max_factor_dim}")
-
-
-def _preconditioning_config(opts: AsdlOptions, ignore_modules: list[Any]) -> Any:
-    from asdl import PreconditioningConfig
-
-    return PreconditioningConfig(
-        data_size=1,  # set per step to the number of loss terms (see AsdlAdapter.train_step)
-        damping=opts.damping,
-        preconditioner_upd_interval=opts.curvature_interval,
-        curvature_upd_interval=opts.curvature_interval,
-        ema_decay=opts.ema_decay,
-        ignore_modules=ignore_modules,
-    )
-
-
-def _sgd(model: nn.Module, opts: AsdlOptions) -> torch.optim.SGD:
-    groups = strip_names(param_groups(model, opts.weight_decay, opts.no_decay_bias_norm))
-    return torch.optim.SGD(groups, lr=opts.lr, momentum=opts.momentum)
-
-
-def _excluded_by_name(name: str, patterns: list[str]) -> bool:
-    return any(pattern in name for pattern in patterns)
-
-
-def _kfac_factor_dims(module: nn.Module) -> tuple[int, ...]:
-    """Side lengths of the two K-FAC factors ASDL builds for a module (activations, output gradients)."""
-    if isinstance(module, nn.Embedding):
-        return (module.num_embeddings, module.embedding_dim)
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
-        return (math.prod(weight.shape[1:]), weight.shape[0])
-    return ()
-
-
-@OPTIMIZERS.register(
-    "kfac",
-    schema=KfacOptions,
-    capabilities=Capabilities(
-        needs_model=True, owns_forward_backward=True, supports_ddp=False, supports_amp=False,
-        family="kronecker", period_option="curvature_interval",
+register(
+    OptimizerRow(
+        "kfac", torch.optim.SGD, KfacOptions, family="kronecker", source="asdfghjkl", adapter=KfacAdapter,
+        capabilities=ASDL,
+        summary="K-FAC (ASDL KfacGradientMaker, MC Fisher) + SGD momentum 0.9 + grad-norm clipping, as the paper "
+                "ran it",
     ),
-    summary="K-FAC (ASDL KfacGradientMaker, MC Fisher) + SGD momentum 0.9 + grad-norm clipping, as the paper ran it",
-    source="asdfghjkl",
-)
-def build_kfac(model: nn.Module, opts: KfacOptions, ctx: BuildContext) -> OptimizerAdapter:
-    from asdl import KfacGradientMaker
-
-    _check_common(opts)
-    if opts.fisher_type not in ("fisher_mc", "fisher_emp", "fisher_exact"):
-        raise ValueError(f"optimizer.fisher_type must be fisher_mc|fisher_emp|fisher_exact, got {opts.fisher_type!r}")
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise ValueError("ASDL K-FAC does not support DistributedDataParallel models; run kfac on one process.")
-    inner = unwrap(model)
-    skipped: dict[str, list[str]] = {}  # reason -> module names, for one warning
-    excluded: dict[str, nn.Module] = {}
-    for name, m in inner.named_modules():
-        if not any(p.requires_grad for p in m.parameters(recurse=False)) or isinstance(m, NORM_LAYERS):
-            continue
-        if isinstance(m, nn.Embedding):
-            reason = "nn.Embedding (ASDL 0.1a5 has no K-FAC inverse for it with ema_decay=-1, and otherwise applies its factors to a reshaped, not transposed, gradient)"
-        elif opts.max_factor_dim is not None and any(d > opts.max_factor_dim for d in _kfac_factor_dims(m)):
-            reason = f"a Kronecker factor larger than max_factor_dim={opts.max_factor_dim}"
-        elif _excluded_by_name(name, opts.exclude_modules):
-            reason = "listed in exclude_modules"
-        else:
-            continue
-        excluded[name] = m
-        skipped.setdefault(reason, []).append(name)
-    with warnings.catch_warnings():
-        # ASDL warns per unsupported leaf module; those are reported below in the one warning
-        warnings.filterwarnings("ignore", message="This model contains")
-        gm = KfacGradientMaker(
-            inner, _preconditioning_config(opts, [*NORM_LAYERS, *excluded.values()]),
-            fisher_type=opts.fisher_type, n_mc_samples=opts.n_mc_samples,
-        )
-    named = {name.replace("/", "."): m for name, m in gm.module_dict.items()}
-    accounted = {id(p) for m in [*named.values(), *excluded.values()] for p in m.parameters()}
-    accounted |= {id(p) for m in inner.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()}
-    unsupported = [n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in accounted]
-    if unsupported:
-        skipped["no ASDL K-FAC rule for the layer type (parameters)"] = unsupported
-    if skipped:
-        warnings.warn(
-            "kfac: not preconditioning " + "; ".join(f"{', '.join(names)}: {why}" for why, names in skipped.items())
-            + ". Their parameters get the SGD step with plain gradients.",
-            stacklevel=2,
-        )
-    return KfacAdapter(_sgd(inner, opts), gm, grad_clip=opts.grad_clip, named_modules=named)
-
-
-@OPTIMIZERS.register(
-    "shampoo",
-    schema=ShampooOptions,
-    capabilities=Capabilities(
-        needs_model=True, owns_forward_backward=True, supports_ddp=False, supports_amp=False,
-        family="kronecker", period_option="curvature_interval",
+    OptimizerRow(
+        "shampoo", torch.optim.SGD, ShampooOptions, family="kronecker", source="asdfghjkl", adapter=ShampooAdapter,
+        capabilities=ASDL,
+        summary="Shampoo (ASDL ShampooGradientMaker, restricted to matrices it can factor) + SGD momentum 0.9 + "
+                "clipping",
     ),
-    summary="Shampoo (ASDL ShampooGradientMaker, restricted to matrices it can factor) + SGD momentum 0.9 + clipping",
-    source="asdfghjkl",
 )
-def build_shampoo(model: nn.Module, opts: ShampooOptions, ctx: BuildContext) -> OptimizerAdapter:
-    from asdl import ShampooGradientMaker
-
-    _check_common(opts)
-    inner = unwrap(model)
-    owners = {}
-    for mname, module in inner.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), (mname, module))
-    selected: list[tuple[str, nn.Parameter]] = []
-    excluded: list[str] = []
-    seen: set[int] = set()
-    for name, p in inner.named_parameters():
-        if not p.requires_grad or p.ndim < 2 or id(p) in seen:
-            continue
-        seen.add(id(p))
-        owner_name, owner = owners[id(p)]
-        too_large = opts.max_factor_dim is not None and max(p.shape) > opts.max_factor_dim
-        if too_large or _excluded_by_name(owner_name, opts.exclude_modules):
-            excluded.append(f"{name} {tuple(p.shape)}")
-        else:
-            selected.append((name, p))
-    if excluded:
-        warnings.warn(
-            f"shampoo: not preconditioning {', '.join(excluded)} (a dimension > max_factor_dim="
-            f"{opts.max_factor_dim} or in exclude_modules: ASDL Shampoo would build a full dim x dim factor); "
-            "they get the SGD step with plain gradients.",
-            stacklevel=2,
-        )
-    if not selected:
-        raise ValueError(
-            "shampoo: no parameter matrix to precondition (all excluded or none trainable); "
-            "raise optimizer.max_factor_dim, shorten optimizer.exclude_modules, or use sgd."
-        )
-    view = _ParameterView([p for _, p in selected])
-    gm = ShampooGradientMaker(view, _preconditioning_config(opts, list(NORM_LAYERS)))
-    return ShampooAdapter(_sgd(inner, opts), gm, grad_clip=opts.grad_clip, param_names=[n for n, _ in selected])

@@ -1,11 +1,10 @@
-"""Baselines from `pytorch_optimizer` (≥ 4.1): AdaHessian, Sophia-H, SOAP, Muon, schedule-free AdamW.
+"""Rows for `pytorch_optimizer` (≥ 4.1): AdaHessian, Sophia-H, SOAP, Muon, schedule-free AdamW.
 
 * AdaHessian / Sophia-H estimate the Hessian diagonal with Hutchinson probes inside `step()`, from gradients
-  that carry their graph: the adapter calls `backward(create_graph=True)` only on the steps where the
-  library refreshes the estimate (every `update_period` steps), plain `backward()` otherwise. No loss
-  scaler is ever involved (the official AdaHessian trainer scaled the loss, inflating |Hv| by the scale,
-  spec `adafisher_official.md` §2 item 10). Both refuse DDP: the Hessian-vector products are not
-  all-reduced, so ranks would drift apart.
+  that carry their graph: the adapter's `backward` uses `create_graph=True` only on the steps where the
+  library refreshes the estimate (every `update_period` steps), a plain `backward()` otherwise. No loss
+  scaler is ever involved (the official AdaHessian trainer ran under a GradScaler, which multiplies |Hv| by
+  the loss scale). Both refuse DDP: the Hessian-vector products are not all-reduced, so ranks would drift.
 * Muon orthogonalises the momentum of hidden weight matrices; embeddings, the output head and every
   tensor with fewer than 2 dimensions go to its built-in AdamW groups (the usual Muon recipe).
 * Schedule-free AdamW trains on an interpolated iterate y and evaluates on the average x:
@@ -23,134 +22,83 @@ from typing import Any, ContextManager, Iterator, Optional
 import torch
 from torch import nn
 
-from optim.registry import (
-    OPTIMIZERS,
-    AutocastFactory,
-    BuildContext,
-    Capabilities,
-    LossFn,
-    OptimizerAdapter,
-    OptimizerOptions,
-    StepOutput,
-    param_groups,
-    strip_names,
-    unwrap,
-)
-
-
-def _groups(model: nn.Module, opts: OptimizerOptions) -> list[dict]:
-    return strip_names(param_groups(model, opts.weight_decay, opts.no_decay_bias_norm))
+from fisherbench.errors import UserError
+from fisherbench.modules import unwrap
+from optim.registry import Capabilities, OptimizerAdapter, OptimizerOptions, OptimizerRow, register
 
 
 # --------------------------------------------------------------------------------------------------------
 # Hutchinson-based: AdaHessian, Sophia-H
 # --------------------------------------------------------------------------------------------------------
-class HutchinsonAdapter(OptimizerAdapter):
-    """Backward with `create_graph=True` on the steps where the optimizer draws Hutchinson probes."""
+@dataclass
+class HutchinsonOptions(OptimizerOptions):
+    update_period: int = 1  # Hessian-diagonal refresh every this many steps
+    num_samples: int = 1  # probes per refresh
+    hessian_distribution: str = "rademacher"  # rademacher | gaussian
 
-    def train_step(
-        self,
-        model: nn.Module,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        loss_fn: LossFn,
-        autocast: AutocastFactory = contextlib.nullcontext,
-    ) -> StepOutput:
-        # pytorch_optimizer refreshes the Hessian when the group step count is a multiple of update_period
-        hessian_step = self.optimizer.param_groups[0].get("step", 0) % self.optimizer.update_period == 0
-        self.optimizer.zero_grad(set_to_none=True)
-        # autocast is deliberately not used (supports_amp=False): Hessian-vector products in fp32
-        outputs = model(inputs)
-        loss = loss_fn(outputs, targets)
-        with warnings.catch_warnings():
-            # torch warns that create_graph makes .grad reference the graph; we drop .grad right after step()
-            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-            loss.backward(create_graph=hessian_step)
-        self.clip_gradients()
-        self.optimizer.step()
-        if hessian_step:
-            # .grad holds the double-backward graph; drop it now instead of at the next zero_grad
-            self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(loss.detach(), outputs.detach())
+    def __post_init__(self) -> None:
+        if self.update_period < 1:
+            raise UserError(f"optimizer.update_period must be >= 1, got {self.update_period}")
+        if self.num_samples < 1:
+            raise UserError(f"optimizer.num_samples must be >= 1, got {self.num_samples}")
+        if self.hessian_distribution not in ("rademacher", "gaussian"):
+            raise UserError(
+                f"optimizer.hessian_distribution must be rademacher|gaussian, got {self.hessian_distribution!r}"
+            )
 
 
 @dataclass
-class AdaHessianOptions(OptimizerOptions):
+class AdaHessianOptions(HutchinsonOptions):
     name: str = "adahessian"
     lr: float = 0.15
     weight_decay: float = 5e-4  # decoupled (p ← p·(1 − lr·wd)), as the official AdaHessian
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-4
     hessian_power: float = 1.0
-    update_period: int = 1
-    num_samples: int = 1
-    hessian_distribution: str = "rademacher"
-
-
-@OPTIMIZERS.register(
-    "adahessian",
-    schema=AdaHessianOptions,
-    capabilities=Capabilities(
-        needs_create_graph=True, supports_ddp=False, supports_amp=False, family="hessian",
-        period_option="update_period",
-    ),
-    summary="AdaHessian (Hutchinson Hessian diagonal, Rademacher probes); backward(create_graph=True), no loss scaler",
-    source="pytorch-optimizer",
-)
-def build_adahessian(model: nn.Module, opts: AdaHessianOptions, ctx: BuildContext) -> OptimizerAdapter:
-    from pytorch_optimizer import AdaHessian
-
-    _check_hutchinson(opts.update_period, opts.num_samples, opts.hessian_distribution)
-    opt = AdaHessian(
-        _groups(model, opts), lr=opts.lr, betas=tuple(opts.betas), weight_decay=opts.weight_decay,
-        weight_decouple=True, hessian_power=opts.hessian_power, update_period=opts.update_period,
-        num_samples=opts.num_samples, hessian_distribution=opts.hessian_distribution, eps=opts.eps,
-    )
-    return HutchinsonAdapter(opt, grad_clip=opts.grad_clip)
 
 
 @dataclass
-class SophiaOptions(OptimizerOptions):
+class SophiaOptions(HutchinsonOptions):
     name: str = "sophia"
     lr: float = 6e-2
     weight_decay: float = 0.0  # decoupled
     betas: list[float] = field(default_factory=lambda: [0.96, 0.99])
     p: float = 1e-2  # clip of the preconditioned update (per element)
     update_period: int = 10
-    num_samples: int = 1
     hessian_distribution: str = "gaussian"
     eps: float = 1e-12
 
 
-@OPTIMIZERS.register(
-    "sophia",
-    schema=SophiaOptions,
-    capabilities=Capabilities(
-        needs_create_graph=True, supports_ddp=False, supports_amp=False, family="hessian",
-        period_option="update_period",
-    ),
-    summary="Sophia-H (pytorch_optimizer SophiaH): clipped updates with a Hutchinson Hessian every update_period steps",
-    source="pytorch-optimizer",
-)
-def build_sophia(model: nn.Module, opts: SophiaOptions, ctx: BuildContext) -> OptimizerAdapter:
-    from pytorch_optimizer import SophiaH
+class HutchinsonAdapter(OptimizerAdapter):
+    """`backward(create_graph=True)` on the steps where the optimizer draws Hutchinson probes.
 
-    _check_hutchinson(opts.update_period, opts.num_samples, opts.hessian_distribution)
-    opt = SophiaH(
-        _groups(model, opts), lr=opts.lr, betas=tuple(opts.betas), weight_decay=opts.weight_decay,
-        weight_decouple=True, p=opts.p, update_period=opts.update_period, num_samples=opts.num_samples,
-        hessian_distribution=opts.hessian_distribution, eps=opts.eps,
-    )
-    return HutchinsonAdapter(opt, grad_clip=opts.grad_clip)
+    Hessian-vector products run in fp32 (`supports_amp=False`: the run layer never passes an autocast here).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, model: nn.Module, options: OptimizerOptions) -> None:
+        super().__init__(optimizer, model=model, options=options)
+        # .grad of a create_graph backward holds the double-backward graph (and a parameter <-> grad cycle):
+        # drop it as soon as the step has used it, not at the next zero_grad (evaluation would keep it alive)
+        optimizer.register_step_post_hook(_drop_graph_carrying_grads)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # pytorch_optimizer refreshes the Hessian when the group step count is a multiple of update_period
+        hessian_step = self.optimizer.param_groups[0].get("step", 0) % self.optimizer.update_period == 0
+        with warnings.catch_warnings():
+            # torch warns that create_graph makes .grad reference the graph; the post-step hook drops it
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            loss.backward(create_graph=hessian_step)
 
 
-def _check_hutchinson(update_period: int, num_samples: int, distribution: str) -> None:
-    if update_period < 1:
-        raise ValueError(f"optimizer.update_period must be >= 1, got {update_period}")
-    if num_samples < 1:
-        raise ValueError(f"optimizer.num_samples must be >= 1, got {num_samples}")
-    if distribution not in ("rademacher", "gaussian"):
-        raise ValueError(f"optimizer.hessian_distribution must be rademacher|gaussian, got {distribution!r}")
+def _drop_graph_carrying_grads(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.requires_grad:
+                p.grad = None
+
+
+HUTCHINSON = dict(needs_create_graph=True, supports_ddp=False, supports_amp=False, period_option="update_period",
+                  supports_compile=False)  # double backward
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -171,27 +119,9 @@ class SoapOptions(OptimizerOptions):
     correct_bias: bool = True
     eps: float = 1e-8
 
-
-@OPTIMIZERS.register(
-    "soap",
-    schema=SoapOptions,
-    capabilities=Capabilities(family="kronecker", period_option="precondition_frequency"),
-    summary="SOAP: Adam in the eigenbasis of Shampoo's factors, eigenbasis refreshed every precondition_frequency steps",
-    source="pytorch-optimizer",
-)
-def build_soap(model: nn.Module, opts: SoapOptions, ctx: BuildContext) -> OptimizerAdapter:
-    from pytorch_optimizer import SOAP
-
-    if opts.precondition_frequency < 1:
-        raise ValueError(f"optimizer.precondition_frequency must be >= 1, got {opts.precondition_frequency}")
-    opt = SOAP(
-        _groups(model, opts), lr=opts.lr, betas=tuple(opts.betas), shampoo_beta=opts.shampoo_beta,
-        weight_decay=opts.weight_decay, precondition_frequency=opts.precondition_frequency,
-        max_precondition_dim=opts.max_precondition_dim, merge_dims=opts.merge_dims,
-        precondition_1d=opts.precondition_1d, normalize_gradient=opts.normalize_gradient,
-        correct_bias=opts.correct_bias, eps=opts.eps,
-    )
-    return OptimizerAdapter(opt, grad_clip=opts.grad_clip)
+    def __post_init__(self) -> None:
+        if self.precondition_frequency < 1:
+            raise UserError(f"optimizer.precondition_frequency must be >= 1, got {self.precondition_frequency}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -215,15 +145,18 @@ class MuonOptions(OptimizerOptions):
     adamw_modules: list[str] = field(default_factory=list)
 
 
-def muon_split(model: nn.Module, adamw_modules: list[str]) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+Named = list[tuple[str, nn.Parameter]]
+
+
+def muon_split(model: nn.Module, adamw_modules: list[str]) -> tuple[Named, Named]:
     """(Muon parameters, AdamW parameters) by name: AdamW gets every tensor with < 2 dims, every nn.Embedding,
     and the modules named in `adamw_modules` (default: the last nn.Linear, i.e. the output head)."""
     inner = unwrap(model)
     prefixes = list(adamw_modules) or [name for name, m in inner.named_modules() if isinstance(m, nn.Linear)][-1:]
     prefixes += [name for name, m in inner.named_modules() if isinstance(m, nn.Embedding)]
     fallback_ids = {
-        id(p) for name, m in inner.named_modules() if name in prefixes or any(name.startswith(f + ".") for f in prefixes)
-        for p in m.parameters()
+        id(p) for name, m in inner.named_modules()
+        if name in prefixes or any(name.startswith(f + ".") for f in prefixes) for p in m.parameters()
     }
     muon, adamw, seen = [], [], set()
     for name, p in inner.named_parameters():
@@ -234,34 +167,25 @@ def muon_split(model: nn.Module, adamw_modules: list[str]) -> tuple[list[tuple[s
     return muon, adamw
 
 
-@OPTIMIZERS.register(
-    "muon",
-    schema=MuonOptions,
-    capabilities=Capabilities(family="orthogonalized"),
-    summary="Muon (Newton-Schulz orthogonalised momentum) on hidden matrices; AdamW for embeddings, head, 1-D params",
-    source="pytorch-optimizer",
-)
-def build_muon(model: nn.Module, opts: MuonOptions, ctx: BuildContext) -> OptimizerAdapter:
-    from pytorch_optimizer import Muon
-
+def muon_groups(model: nn.Module, opts: MuonOptions) -> list[dict[str, Any]]:
+    """Muon's policy: a `use_muon` group for hidden matrices, AdamW groups (own lr/decay) for the rest."""
     muon, adamw = muon_split(model, opts.adamw_modules)
     if not muon:
-        warnings.warn("muon: the model has no hidden weight matrix; every parameter uses the AdamW fallback.", stacklevel=2)
+        warnings.warn("muon: the model has no hidden weight matrix; every parameter uses the AdamW fallback.",
+                      stacklevel=2)
     groups: list[dict[str, Any]] = []
     if muon:
-        groups.append({"params": [p for _, p in muon], "use_muon": True, "lr": opts.lr, "weight_decay": opts.weight_decay})
-    if adamw:
-        decay = [p for _, p in adamw if not (opts.no_decay_bias_norm and p.ndim <= 1)]
-        no_decay = [p for _, p in adamw if opts.no_decay_bias_norm and p.ndim <= 1]
-        for params, wd in ((decay, opts.adamw_wd), (no_decay, 0.0)):
-            if params:
-                groups.append({"params": params, "use_muon": False, "lr": opts.adamw_lr, "weight_decay": wd})
-    opt = Muon(
-        groups, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay, nesterov=opts.nesterov,
-        ns_steps=opts.ns_steps, use_adjusted_lr=opts.use_adjusted_lr, adamw_lr=opts.adamw_lr,
-        adamw_betas=tuple(opts.adamw_betas), adamw_wd=opts.adamw_wd, adamw_eps=opts.adamw_eps,
-    )
-    return OptimizerAdapter(opt, grad_clip=opts.grad_clip)
+        groups.append({"params": [p for _, p in muon], "use_muon": True, "lr": opts.lr,
+                       "weight_decay": opts.weight_decay})
+    decay = [p for _, p in adamw if not (opts.no_decay_bias_norm and p.ndim <= 1)]
+    no_decay = [p for _, p in adamw if opts.no_decay_bias_norm and p.ndim <= 1]
+    for params, wd in ((decay, opts.adamw_wd), (no_decay, 0.0)):
+        if params:
+            groups.append({"params": params, "use_muon": False, "lr": opts.adamw_lr, "weight_decay": wd})
+    return groups
+
+
+muon_groups.reads = ("no_decay_bias_norm", "adamw_modules")  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -300,18 +224,35 @@ class ScheduleFreeAdapter(OptimizerAdapter):
         return self._averaged()
 
 
-@OPTIMIZERS.register(
-    "schedulefree_adamw",
-    schema=ScheduleFreeAdamWOptions,
-    capabilities=Capabilities(eval_weights=True, family="first-order"),
-    summary="Schedule-free AdamW: no LR schedule needed; evaluates with its averaged weights (eval_weights)",
-    source="pytorch-optimizer",
+register(
+    OptimizerRow(
+        "adahessian", "pytorch_optimizer:AdaHessian", AdaHessianOptions, family="hessian",
+        source="pytorch-optimizer", adapter=HutchinsonAdapter, fixed={"weight_decouple": True},
+        capabilities=Capabilities(**HUTCHINSON),
+        summary="AdaHessian (Hutchinson Hessian diagonal, Rademacher probes); backward(create_graph=True), no "
+                "loss scaler",
+    ),
+    OptimizerRow(
+        "sophia", "pytorch_optimizer:SophiaH", SophiaOptions, family="hessian", source="pytorch-optimizer",
+        adapter=HutchinsonAdapter, fixed={"weight_decouple": True}, capabilities=Capabilities(**HUTCHINSON),
+        summary="Sophia-H (pytorch_optimizer SophiaH): clipped updates with a Hutchinson Hessian every "
+                "update_period steps",
+    ),
+    OptimizerRow(
+        "soap", "pytorch_optimizer:SOAP", SoapOptions, family="kronecker", source="pytorch-optimizer",
+        capabilities=Capabilities(period_option="precondition_frequency"),
+        summary="SOAP: Adam in the eigenbasis of Shampoo's factors, eigenbasis refreshed every "
+                "precondition_frequency steps",
+    ),
+    OptimizerRow(
+        "muon", "pytorch_optimizer:Muon", MuonOptions, family="orthogonalized", source="pytorch-optimizer",
+        groups=muon_groups,
+        summary="Muon (Newton-Schulz orthogonalised momentum) on hidden matrices; AdamW for embeddings, head, "
+                "1-D params",
+    ),
+    OptimizerRow(
+        "schedulefree_adamw", "pytorch_optimizer:ScheduleFreeAdamW", ScheduleFreeAdamWOptions,
+        source="pytorch-optimizer", adapter=ScheduleFreeAdapter,
+        summary="Schedule-free AdamW: no LR schedule needed; evaluates with its averaged weights (eval_weights)",
+    ),
 )
-def build_schedulefree_adamw(model: nn.Module, opts: ScheduleFreeAdamWOptions, ctx: BuildContext) -> OptimizerAdapter:
-    from pytorch_optimizer import ScheduleFreeAdamW
-
-    opt = ScheduleFreeAdamW(
-        _groups(model, opts), lr=opts.lr, betas=tuple(opts.betas), weight_decay=opts.weight_decay,
-        r=opts.r, weight_lr_power=opts.weight_lr_power, warmup_steps=opts.warmup_steps, eps=opts.eps,
-    )
-    return ScheduleFreeAdapter(opt, grad_clip=opts.grad_clip)

@@ -6,7 +6,10 @@
   quantity the WCT protocol equalises.
 - `cost`: training seconds per epoch and peak memory per optimizer and network (Figs. 17-18).
 - `stability`: Figure 5's four panels, for specs whose rows are tagged with `panel: batch_size | lr`.
-- `fisher_spread`: min and max of F/λ over training for AdaFisher-family runs (spec §1.10).
+- `fisher_spread`: min and max of F/λ over training for AdaFisher-family runs (1 = the damping dominates).
+- `over_time`: one logged metric (e.g. validation accuracy) against training time, mean ± std over seeds per
+  column, one panel per row, with the target line of a time-to-target report.
+- `profile`: the performance profile ρ(τ) of a time-to-target report (`results.profiles`).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np  # noqa: E402
 from analysis.plotting import save_figure as save  # noqa: E402
 from analysis.plotting import series_color as _color  # noqa: E402
 
+from fisherbench.scores import Target, is_fraction  # noqa: E402
 from results.report import CellResult, TableResult, run_epoch_seconds, run_peak_memory  # noqa: E402
 
 
@@ -63,6 +67,19 @@ def band(series: Sequence[tuple[np.ndarray, np.ndarray]], points: int = 100):
     return grid[keep], mean[keep], std[keep]
 
 
+def band_by_eval(series: Sequence[tuple[np.ndarray, np.ndarray]]):
+    """Mean and std over seeds evaluation by evaluation (x: the mean time of each evaluation), when every seed
+    has the same number of evaluations (the same schedule); otherwise `band` on a common grid. Averaging by
+    evaluation avoids the jumps a common time grid makes where one seed's time range starts or ends."""
+    series = [(x, y) for x, y in series if len(x) > 0]
+    if not series:
+        return None
+    if len({len(x) for x, _ in series}) == 1:
+        xs, ys = np.stack([x for x, _ in series]), np.stack([y for _, y in series])
+        return xs.mean(axis=0), ys.mean(axis=0), ys.std(axis=0)
+    return band(series)
+
+
 def _test_quantity(task_is_lm: bool) -> tuple[str, str, Any]:
     if task_is_lm:
         return "test/ppl", "test perplexity", None
@@ -70,7 +87,7 @@ def _test_quantity(task_is_lm: bool) -> tuple[str, str, Any]:
 
 
 def _is_lm(t: TableResult) -> bool:
-    return t.metric.name == "test_ppl"
+    return (t.metric.key or "").endswith("ppl")
 
 
 def curves(t: TableResult, out_dir: Path, name: str = "wct") -> list[Path]:
@@ -220,6 +237,73 @@ def fisher_spread(t: TableResult, out_dir: Path, name: str = "fisher_spread") ->
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(f"{t.spec.title}: spread of the preconditioner F/λ (1 = damping dominates)", fontsize=9)
+    fig.tight_layout()
+    return save(fig, out_dir / name)
+
+
+def over_time(t: TableResult, key: str, out_dir: Path, target: Optional[Target] = None,
+              name: str = "over_time", clock: str = "train_s") -> list[Path]:
+    """`key` (accuracies in %) against budget-clock training time: per row a panel, per column the mean over
+    seeds with a ± one std band; the target as a dashed line."""
+    rows = [r for r in t.rows if any((c := t.cell(r, col)) and c.seeds for col in t.columns)]
+    if not rows:
+        return []
+    tf = (lambda a: 100.0 * a) if is_fraction(key) else None
+    fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 3.8), squeeze=False)
+    drawn = False
+    for i, row in enumerate(rows):
+        ax = axes[0][i]
+        for k, col in enumerate(t.columns):
+            c = t.cell(row, col)
+            if c is None or not c.seeds:
+                continue
+            series = [xy for s in c.seeds if len((xy := _series(s.run.rows(), clock, key, tf))[0])]
+            b = band_by_eval(series)
+            if b is None:
+                continue
+            x, m, sd = b
+            color = _color(k, len(t.columns))
+            for sx, sy in series:  # each seed, thin: the band alone hides how few runs it summarises
+                ax.plot(sx, sy, color=color, lw=0.6, alpha=0.35)
+            ax.plot(x, m, color=color, label=f"{col} ({len(series)} seed{'s' if len(series) != 1 else ''})", lw=1.6,
+                    marker="o" if len(x) < 12 else None, ms=3)
+            ax.fill_between(x, m - sd, m + sd, color=color, alpha=0.2, lw=0)
+            drawn = True
+        if target is not None and target.key == key:
+            ax.axhline(target.threshold * (100.0 if tf else 1.0), color="k", ls="--", lw=0.8,
+                       label=f"target {target.text}")
+        ax.set(xlabel="training time (s, budget clock)", ylabel=key + (" (%)" if tf else ""), title=row)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if not drawn:
+        plt.close(fig)
+        return []
+    fig.suptitle(f"{t.spec.title}\n{key} vs training time: mean ± std over seeds", fontsize=9)
+    fig.tight_layout()
+    return save(fig, out_dir / name)
+
+
+def profile(p: Any, out_dir: Path, name: str = "profile") -> list[Path]:
+    """Performance profile (a `results.profiles.Profile`): ρ_s(τ) against τ, one step line per optimizer."""
+    if not p.problems or not p.solvers:
+        return []
+    finite = [r for prob in p.problems for s in p.solvers if math.isfinite(r := p.ratio(prob, s))]
+    hi = max([p.tau_max, *finite]) * 1.05
+    taus = np.unique(np.concatenate([[1.0, hi], np.asarray(finite, dtype=float)]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    n = len(p.solvers)
+    for k, s in enumerate(p.solvers):
+        # profiles often coincide: earlier lines wider and each its own dash pattern, so none hides another
+        ax.step(taus, p.curve(s, taus), where="post", color=_color(k, n), lw=1.2 + 2.4 * (n - 1 - k) / max(1, n - 1),
+                ls=("-", "--", "-.", ":")[k % 4], label=f"{s} (score {p.score(s):.2f})")
+    ax.axvline(p.tau_max, color="grey", ls=":", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set(xlim=(1, hi), ylim=(-0.03, 1.08), xlabel="τ (time-to-target ratio to the fastest)",
+           ylabel="fraction of problems within τ")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"Performance profile: time to {p.target.text} over {len(p.problems)} problem(s)", fontsize=9)
     fig.tight_layout()
     return save(fig, out_dir / name)
 

@@ -1,107 +1,124 @@
-"""Paper tables from the results store: find each cell's runs, score them as the paper did, compare.
+"""Tables from the results store: each cell's runs, scored as the paper did, compared with the paper's value.
 
-A cell (row x column of a sweep spec, `sweep.spec`) is composed with Hydra exactly as the sweep launches it;
-a stored run belongs to the cell when its resolved config equals the cell's in everything that changes
-what a run computes (the run identity) except the seed and the settings in `MATCH_IGNORE` (paths, loader
-workers, calibration effort). So runs launched by hand or by another preset count when they are the same
-experiment, and two runs of the same cell and seed (duplicates) are reduced to one: the finished one,
-then the most recent.
+The input is plain data, a `ReportSpec`: the table's cells, each a row × column with the resolved config its
+runs were launched with (`CellInput`), the seeds expected, the metrics and the paper's values. Entry points
+compose it (`scripts/report.py` composes a sweep spec's cells with Hydra exactly as the sweep launches them);
+this module never imports the sweep or the run layer. A stored run belongs to a cell when its resolved config
+equals the cell's in everything that changes what a run computes (the run identity) except the seed and the
+settings in `MATCH_IGNORE` (paths, loader workers, calibration effort). So runs launched by hand or by another
+preset count when they are the same experiment; two runs of the same cell and seed (duplicates) are reduced
+to one: the finished one, then the most recent.
 
-Scores follow the official protocol (spec §4.1): per run the best test top-1 over epochs (or the test
-perplexity at the best validation perplexity), per cell the mean and the population std (ddof=0) over seeds.
-Diverged runs are marked and left out of the mean; failed or unfinished runs count as missing seeds.
+Scores (`fisherbench.scores`): per run one number (e.g. the best test top-1 over evaluations, the paper's
+protocol); per cell the mean and the population std (ddof=0, as the official tables) over the seeds that
+finished. Honest verdicts:
+- a verdict (reproduced / not reproduced) only when **every** expected seed finished; otherwise the cell is
+  `diverged k/n` (k of n seeds diverged) or `incomplete k/n` (only k of n seeds finished: the others failed,
+  are unfinished or corrupt, or were not run), or `missing` (no run at all); the mean over the survivors is
+  still shown, marked;
+- "reproduced" means |ours − paper| ≤ 2σ with σ = √(std_ours² + std_paper²): within two standard deviations
+  of **run-to-run spread** (σ is the spread of single runs, not the standard error of the means);
+- next to it a Welch t-test p-value of the two means where both sides have at least two seeds (the paper's
+  tables give mean ± std over `paper_seeds` = 5 seeds; both stds are read as population stds and corrected
+  to sample stds for the test).
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from fisherbench.config import strip_non_identity
-from fisherbench.scores import METRICS, Metric, as_number as _num, get_metric  # noqa: F401  (part of the report API)
-from fisherbench.store import RunDir, canonical, iter_run_dirs
-
-# Config keys that do not change the experiment, so runs that differ only in them are the same cell.
-MATCH_IGNORE = (
-    "data.root", "data.num_workers", "data.download", "data.verify", "data.cache", "data.loader",
-    "data.tokenizer_dir", "deterministic", "budget.calibration_steps", "budget.calibration_warmup",
-    "budget.warmup_steps", "budget.recalibrate",
+from fisherbench.errors import UserError
+from fisherbench.scores import (  # noqa: F401  (part of the report API)
+    METRICS, VALIDATION_COUNTERPART, Metric, as_number as _num, get_metric,
 )
-OK_STATUSES = ("completed", "budget_exhausted")
+from results.runs import (  # noqa: F401  (re-exported: the report API)
+    MATCH_IGNORE, OK_STATUSES, StoredRun, StoreIndex, flatten, match_signature, prefer, run_epoch_seconds,
+    run_epochs, run_peak_memory, run_train_seconds,
+)
+
+RULE = ("within 2σ of run-to-run spread, σ = √(std_ours² + std_paper²) (the spread of single runs, not the "
+        "standard error of the means)")
+TTEST = "p: Welch's t-test of the two means (both sides ≥ 2 seeds)"
+TABLE6_NOTE = ("The paper's epoch times (its Table 6) include the test pass after every epoch; ours are budget-"
+               "clock seconds, which exclude evaluation (and logging and checkpoints) from the budget. On the "
+               "Adam/AdaFisher epoch-time ratio the difference is about 0.2%.")
+VERDICTS = ("reproduced", "not reproduced", "n/a", "diverged", "incomplete", "missing")
 
 
-# --------------------------------------------------------------------------------------------- matching
-def _drop(d: dict[str, Any], dotted: str) -> None:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        d = d.get(p) if isinstance(d, dict) else None  # type: ignore[assignment]
-        if not isinstance(d, dict):
-            return
-    d.pop(leaf, None)
+# ---------------------------------------------------------------------------------------------- input
+@dataclass(frozen=True)
+class PaperValue:
+    """A value as the paper prints it: mean, optional std; `mean is None` = the paper reports no result."""
 
-
-def match_signature(resolved: dict[str, Any]) -> str:
-    """What makes two runs the same experiment up to the seed: identity minus seed minus `MATCH_IGNORE`."""
-    d = json.loads(json.dumps(resolved, default=str))
-    d.pop("_choices", None)
-    d.pop("seed", None)
-    d = strip_non_identity(d)
-    for key in MATCH_IGNORE:
-        _drop(d, key)
-    return json.dumps(canonical(d), sort_keys=True, separators=(",", ":"))
+    mean: Optional[float]
+    std: Optional[float] = None
+    text: str = ""
 
 
 @dataclass
-class StoredRun:
-    run_dir: RunDir
-    config: dict[str, Any]
-    summary: Optional[dict[str, Any]]
-    signature: str
-    _rows: Optional[list[dict[str, Any]]] = field(default=None, repr=False)
+class CellInput:
+    """One composed cell: which runs make it (their resolved config, seed aside) and where it goes."""
+
+    row: str
+    column: str
+    arm_set: str
+    config: dict[str, Any]  # the resolved config of the cell's runs (any seed)
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ReportSpec:
+    """A table to report, as plain data (see the module docstring)."""
+
+    name: str
+    title: str
+    seeds: list[int]
+    metrics: list[str]  # the main metric first
+    cells: list[CellInput]
+    paper: dict[tuple[str, str, str], PaperValue] = field(default_factory=dict)  # (metric, row, column)
+    paper_epochs: dict[str, int] = field(default_factory=dict)  # column -> the paper's Table 6 epochs
+    wct: bool = False  # a wall-clock-time comparison (its epochs are reported as Table 6)
+    notes: list[str] = field(default_factory=list)
+    paper_seeds: int = 5  # seeds behind each paper mean ± std (the t-test's n on the paper's side)
+    best: str = "row"  # mark the best cell per "row" (the paper's bold), per "column" (grids), or "none"
+    best_label: str = ""  # what the mark means, e.g. "the best optimizer.lr of each column"
+    select: Optional[str] = None  # the metric that picks the best cell (default: see TableResult.selection)
 
     @property
-    def seed(self) -> int:
-        return int(self.config.get("seed", 0))
+    def metric(self) -> str:
+        return self.metrics[0]
+
+    def paper_value(self, row: str, column: str, metric: Optional[str] = None) -> Optional[PaperValue]:
+        return self.paper.get((metric or self.metric, row, column))
+
+    def paper_epochs_of(self, column: str) -> Optional[int]:
+        return self.paper_epochs.get(column)
 
     @property
-    def status(self) -> str:
-        return str(self.summary.get("status")) if self.summary else "unfinished"
-
-    def rows(self) -> list[dict[str, Any]]:
-        """The run's metric rows (read once)."""
-        if self._rows is None:
-            self._rows = self.run_dir.metrics()
-        return self._rows
+    def has_paper(self) -> bool:
+        return bool(self.paper)
 
 
-class StoreIndex:
-    """Every run of a store by match signature (read once; a progress bar when there are many)."""
-
-    def __init__(self, root: Path | str, progress: bool = False) -> None:
-        self.root = Path(root)
-        dirs = list(iter_run_dirs(self.root))
-        if progress and len(dirs) > 50:
-            from tqdm import tqdm
-
-            dirs = tqdm(dirs, desc="reading the store", unit="run", leave=False)
-        self.by_signature: dict[str, list[StoredRun]] = {}
-        for rd in dirs:
-            cfg = rd.config()
-            if not isinstance(cfg, dict):
-                continue
-            run = StoredRun(rd, cfg, rd.summary(), match_signature(cfg))
-            self.by_signature.setdefault(run.signature, []).append(run)
-
-    def runs_like(self, signature: str) -> list[StoredRun]:
-        return self.by_signature.get(signature, [])
-
-
-def _preference(run: StoredRun) -> tuple:
-    s = run.summary or {}
-    rank = 2 if run.status in OK_STATUSES else 1 if run.status == "diverged" else 0
-    return (rank, str(s.get("finished_at") or ""), run.run_dir.run_id)
+def grid_key(cells: Sequence[CellInput]) -> Optional[str]:
+    """The config key of a hyper-parameter grid: the one key in which the rows of every column differ (e.g.
+    `optimizer.lr` in an LR grid); None for other tables (rows that are networks differ in many keys)."""
+    by_column: dict[str, list[dict[str, Any]]] = {}
+    for c in cells:
+        flat = flatten({k: v for k, v in c.config.items() if k != "seed"})
+        by_column.setdefault(c.column, []).append({k: json.dumps(v, sort_keys=True, default=str)
+                                                   for k, v in flat.items()})
+    found: set[str] = set()
+    for flats in by_column.values():
+        if len(flats) < 2:
+            continue
+        keys = set().union(*flats)
+        differing = {k for k in keys if len({f.get(k) for f in flats}) > 1}
+        if len(differing) != 1:
+            return None
+        found |= differing
+    return found.pop() if len(found) == 1 else None
 
 
 # ---------------------------------------------------------------------------------------------- cells
@@ -121,16 +138,26 @@ class CellResult:
     metric: Metric
     seeds_expected: list[int]
     seeds: list[SeedResult]
-    paper: Any  # sweep.spec.PaperValue or None
+    paper: Optional[PaperValue]
     tags: dict[str, Any] = field(default_factory=dict)
+    paper_seeds: int = 5
 
     @property
     def values(self) -> list[float]:
-        return [s.value for s in self.seeds if s.value is not None and s.run.status in OK_STATUSES]
+        return [s.value for s in self.seeds if s.value is not None and s.run.ok]
 
     @property
     def n(self) -> int:
         return len(self.values)
+
+    @property
+    def expected(self) -> int:
+        return len(self.seeds_expected)
+
+    @property
+    def complete(self) -> bool:
+        """Every expected seed finished with a value: the only cells that get a verdict."""
+        return self.expected > 0 and self.n == self.expected
 
     @property
     def mean(self) -> Optional[float]:
@@ -152,7 +179,17 @@ class CellResult:
 
     @property
     def incomplete(self) -> int:
+        """Runs found that neither finished nor diverged (failed, oom, preempted, unfinished, corrupt)."""
         return sum(s.run.status not in (*OK_STATUSES, "diverged") for s in self.seeds)
+
+    @property
+    def no_value(self) -> int:
+        """Finished runs without the metric (e.g. a validation metric in a run without a validation split)."""
+        return sum(s.run.ok and s.value is None for s in self.seeds)
+
+    @property
+    def corrupt(self) -> int:
+        return sum(s.run.status == "corrupt" for s in self.seeds)
 
     @property
     def duplicates(self) -> int:
@@ -160,7 +197,7 @@ class CellResult:
 
     @property
     def missing(self) -> int:
-        return len(self.seeds_expected) - len(self.seeds)
+        return self.expected - len(self.seeds)
 
     @property
     def delta(self) -> Optional[float]:
@@ -170,24 +207,56 @@ class CellResult:
 
     @property
     def sigma(self) -> Optional[float]:
-        """Std of the difference ours - paper: sqrt(std_ours^2 + std_paper^2)."""
+        """Run-to-run spread of the difference ours − paper: √(std_ours² + std_paper²)."""
         if self.std is None:
             return None
         return math.sqrt(self.std ** 2 + ((self.paper.std if self.paper else None) or 0.0) ** 2)
 
     @property
-    def verdict(self) -> str:
-        """reproduced (|Δ| <= 2σ) / not reproduced / n/a (no σ or nothing to compare) / missing / diverged."""
-        if self.mean is None:
+    def p_value(self) -> Optional[float]:
+        """Welch's t-test of our mean against the paper's, for complete cells with ≥ 2 seeds on both sides."""
+        p = self.paper
+        if not self.complete or p is None or p.mean is None or p.std is None or self.n < 2 or self.paper_seeds < 2:
+            return None
+        s_ours = self.std * math.sqrt(self.n / (self.n - 1))  # type: ignore[operator]  (ddof=0 -> ddof=1)
+        s_paper = p.std * math.sqrt(self.paper_seeds / (self.paper_seeds - 1))
+        if s_ours == 0 and s_paper == 0:
+            return None  # no spread on either side: the test is undefined
+        from scipy.stats import ttest_ind_from_stats  # scipy is slow to import; only reports with a paper need it
+
+        result = ttest_ind_from_stats(self.mean, s_ours, self.n, p.mean, s_paper, self.paper_seeds, equal_var=False)
+        return float(result.pvalue)
+
+    @property
+    def verdict_kind(self) -> str:
+        """One of VERDICTS."""
+        if not self.complete:
             if self.diverged:
                 return "diverged"
-            return "missing"
-        if self.paper is None or self.paper.mean is None:
+            return "incomplete" if self.seeds else "missing"
+        if self.paper is None or self.paper.mean is None or not self.sigma:
             return "n/a"
-        sigma = self.sigma
-        if not sigma:
-            return "n/a"
-        return "reproduced" if abs(self.delta) <= 2 * sigma + 1e-12 else "not reproduced"  # type: ignore[arg-type]
+        return "reproduced" if abs(self.delta) <= 2 * self.sigma + 1e-12 else "not reproduced"  # type: ignore[arg-type]
+
+    @property
+    def verdict(self) -> str:
+        """reproduced / not reproduced / n/a (nothing to compare, or no spread) / `diverged k/n` (k of n seeds
+        diverged) / `incomplete k/n` (k of n seeds finished) / missing (no run)."""
+        kind = self.verdict_kind
+        if kind == "diverged":
+            return f"diverged {self.diverged}/{self.expected}"
+        if kind == "incomplete":
+            return f"incomplete {self.n}/{self.expected}"
+        return kind
+
+    def mean_score(self, metric: Metric) -> Optional[float]:
+        """The mean of another metric over this cell's seeds; None unless every expected seed has it."""
+        if metric.name == self.metric.name:
+            return self.mean if self.complete else None
+        values = [metric.score(s.run.summary or {}, s.run.rows()) if s.run.ok else None for s in self.seeds]
+        if len(values) != self.expected or any(v is None for v in values):
+            return None
+        return sum(values) / len(values)  # type: ignore[arg-type]
 
     # facts per run for Table 6 and the figures
     def mean_of(self, fn: Callable[[StoredRun], Optional[float]]) -> Optional[float]:
@@ -195,34 +264,38 @@ class CellResult:
         return sum(vals) / len(vals) if vals else None
 
 
-def run_epochs(run: StoredRun) -> Optional[float]:
-    """Epochs the run trained (its budget plan when finished normally, else what it reached)."""
-    s = run.summary or {}
-    plan = s.get("budget") or {}
-    if run.status in OK_STATUSES and plan.get("mode") == "epochs" and plan.get("epochs"):
-        return float(plan["epochs"])
-    return _num(s.get("epochs_done"))
-
-
-def run_epoch_seconds(run: StoredRun) -> Optional[float]:
-    """Training (budget-clock) seconds per epoch."""
-    s = run.summary or {}
-    done = _num(s.get("epochs_done"))
-    train_s = _num((s.get("ledger") or {}).get("train_s"))
-    return train_s / done if done and train_s is not None else None
-
-
-def run_peak_memory(run: StoredRun) -> Optional[float]:
-    return _num((run.summary or {}).get("peak_memory_bytes"))
+def cell_result(row: str, column: str, arm_set: str, metric: Metric, seeds_expected: Sequence[int],
+                runs: Iterable[StoredRun], paper: Optional[PaperValue] = None, tags: Optional[dict] = None,
+                paper_seeds: int = 5) -> CellResult:
+    """Score a cell from its runs: one run per expected seed (the preferred of duplicates)."""
+    expected = [int(s) for s in seeds_expected]
+    by_seed: dict[int, list[StoredRun]] = {}
+    for run in runs:
+        if run.seed in expected:
+            by_seed.setdefault(run.seed, []).append(run)
+    seed_results = []
+    for seed in expected:
+        candidates = by_seed.get(seed)
+        if not candidates:
+            continue
+        chosen = max(candidates, key=prefer)
+        value = None
+        if chosen.ok:
+            rows = chosen.rows()  # may mark the run corrupt (unreadable metrics.jsonl)
+            if chosen.ok:
+                value = metric.score(chosen.summary or {}, rows)
+        seed_results.append(SeedResult(seed, chosen, value, len(candidates) - 1))
+    return CellResult(row, column, arm_set, metric, expected, seed_results, paper, dict(tags or {}), paper_seeds)
 
 
 @dataclass
 class TableResult:
-    spec: Any  # sweep.spec.SweepSpec
+    spec: ReportSpec
     metric: Metric
     cells: list[CellResult]
     rows: list[str]
     columns: list[str]
+    _selection: Optional[tuple] = field(default=None, repr=False)
 
     def cell(self, row: str, column: str) -> Optional[CellResult]:
         for c in self.cells:
@@ -230,37 +303,61 @@ class TableResult:
                 return c
         return None
 
+    @property
+    def has_paper(self) -> bool:
+        return any(c.paper is not None for c in self.cells)
 
-def collect(spec, index: StoreIndex, arm_sets: Sequence[str] = ("main",), user_overrides: Sequence[str] = (),
-            wct_mode: str = "measured", seeds: Optional[Sequence[int]] = None,
-            progress: Optional[Callable[[int, int], None]] = None) -> list[TableResult]:
-    """One table per metric of the spec (the main metric, then `extra_metrics`)."""
-    from sweep.expand import composed_cells
-    from engine.identity import resolved_dict
-
-    composed = composed_cells(spec, arm_sets, user_overrides, wct_mode, progress)
-    seeds_expected = [int(s) for s in (spec.seeds if seeds is None else seeds)]
-    tables = []
-    for metric_name in spec.metrics():
-        metric = get_metric(metric_name)
-        cells = []
-        for cc in composed:
-            signature = match_signature(resolved_dict(cc.config))
-            by_seed: dict[int, list[StoredRun]] = {}
-            for run in index.runs_like(signature):
-                if run.seed in seeds_expected:
-                    by_seed.setdefault(run.seed, []).append(run)
-            seed_results = []
-            for seed in seeds_expected:
-                candidates = by_seed.get(seed)
-                if not candidates:
+    def selection(self) -> tuple[Optional[Metric], dict[tuple[str, str], float]]:
+        """The metric that picks the best cells, and its mean per complete cell: `spec.select` if set, else the
+        validation counterpart of the table's metric (`fisherbench.scores.VALIDATION_COUNTERPART`) when every
+        complete cell has it, else the table's metric itself (for the paper's metrics: chosen on test)."""
+        if self._selection is None:
+            names = [self.spec.select] if self.spec.select else [VALIDATION_COUNTERPART.get(self.metric.name)]
+            complete = [c for c in self.cells if c.complete]
+            self._selection = (None, {})
+            for name in [*names, self.metric.name]:
+                if name is None:
                     continue
-                chosen = max(candidates, key=_preference)
-                value = metric.score(chosen.summary or {}, chosen.rows()) if chosen.status in OK_STATUSES else None
-                seed_results.append(SeedResult(seed, chosen, value, len(candidates) - 1))
-            cells.append(CellResult(cc.cell.row, cc.cell.column, cc.cell.arm_set, metric, seeds_expected,
-                                    seed_results, spec.paper_value(cc.cell.row, cc.cell.column, metric_name),
-                                    dict(cc.cell.tags)))
+                metric = get_metric(name)
+                values = {(c.row, c.column): c.mean_score(metric) for c in complete}
+                if values and all(v is not None for v in values.values()):
+                    self._selection = (metric, values)  # type: ignore[assignment]
+                    break
+        return self._selection
+
+    def best_cells(self) -> set[tuple[str, str]]:
+        """The (row, column) marked best: per row or per column (`spec.best`) by the selection metric, among
+        complete cells only (a cell whose seeds did not all finish could look best by having lost its bad seeds)."""
+        if self.spec.best not in ("row", "column"):
+            return set()
+        metric, values = self.selection()
+        if metric is None:
+            return set()
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for key in values:
+            groups.setdefault(key[0] if self.spec.best == "row" else key[1], []).append(key)
+        sign = 1 if metric.higher_is_better else -1
+        marked = set()
+        for keys in groups.values():
+            if len(keys) < 2:
+                continue
+            top = max(sign * values[k] for k in keys)
+            marked |= {k for k in keys if sign * values[k] == top}
+        return marked
+
+
+def collect(spec: ReportSpec, index: StoreIndex, seeds: Optional[Sequence[int]] = None) -> list[TableResult]:
+    """One table per metric of the spec (the main metric first), each cell matched against the store."""
+    if not spec.cells:
+        raise UserError(f"report {spec.name}: no cells to report")
+    seeds_expected = [int(s) for s in (spec.seeds if seeds is None else seeds)]
+    signatures = [match_signature(c.config) for c in spec.cells]
+    tables = []
+    for metric_name in spec.metrics:
+        metric = get_metric(metric_name)
+        cells = [cell_result(c.row, c.column, c.arm_set, metric, seeds_expected, index.runs_like(sig),
+                             spec.paper_value(c.row, c.column, metric_name), c.tags, spec.paper_seeds)
+                 for c, sig in zip(spec.cells, signatures)]
         rows = list(dict.fromkeys(c.row for c in cells))
         columns = list(dict.fromkeys(c.column for c in cells))
         tables.append(TableResult(spec, metric, cells, rows, columns))
@@ -268,11 +365,14 @@ def collect(spec, index: StoreIndex, arm_sets: Sequence[str] = ("main",), user_o
 
 
 def reproduction_summary(tables: Iterable[TableResult]) -> dict[str, list[str]]:
-    """Cells by verdict (only cells the paper has a value for; `n/a` = no spread to judge by)."""
-    out: dict[str, list[str]] = {"reproduced": [], "not reproduced": [], "n/a": [], "missing": [], "diverged": []}
+    """Cells by verdict kind (only cells the paper has a value for; `n/a` = no spread to judge by). Cells that
+    are `diverged k/n` or `incomplete k/n` carry their count."""
+    out: dict[str, list[str]] = {k: [] for k in VERDICTS}
     for t in tables:
         for c in t.cells:
             if c.paper is None or c.paper.mean is None:
                 continue
-            out[c.verdict].append(f"{t.spec.name}/{t.metric.name}: {c.row} × {c.column}")
+            where = f"{t.spec.name}/{t.metric.name}: {c.row} × {c.column}"
+            kind = c.verdict_kind
+            out[kind].append(f"{where} ({c.verdict})" if kind in ("diverged", "incomplete") else where)
     return out

@@ -13,7 +13,8 @@ plain, trainer, ...: ABBA), each for `--steps` steps per round after an untimed 
   is the training phase's wall clock less the final evaluation (`wall_s - eval_s - ckpt_s - warmup_s`).
 * plain: `for x, y in batches: zero_grad(); loss_fn(model(x), y).backward(); step()` over the same batches,
   fetched beforehand and resident on the device; synchronised once before and once after the loop.
-  (Optimizers that run their own forward/backward, i.e. ASDL's K-FAC/Shampoo, call `adapter.train_step`.)
+  (Adapters with their own forward/backward: ASDL's K-FAC/Shampoo, AdaHessian/Sophia's create_graph,
+  call `adapter.train_step` in that bare loop.)
 
 `overhead` = median over rounds of (trainer s/step) / (plain s/step); the JSON also has every round's
 ratio and their spread. The machine may be shared: read the spread before the median. `overhead_cpu_time`
@@ -60,6 +61,7 @@ from fisherbench.env import configure_runtime, load_average, resolve_device, run
 from fisherbench.ledger import Clock, Ledger  # noqa: E402
 from fisherbench.tasks import get_task  # noqa: E402
 from engine.loggers import NullLogger  # noqa: E402
+from optim.registry import OptimizerAdapter  # noqa: E402
 
 _SELF = str(Path(__file__).resolve())
 
@@ -199,7 +201,9 @@ def plain_batches(trainer: Trainer, steps: int) -> list[tuple[torch.Tensor, torc
 def plain_round(trainer: Trainer, batches: list, sync: Callable[[], None]) -> float:
     model, adapter, loss_fn, autocast = trainer.model, trainer.adapter, trainer.task.loss, trainer.autocast
     opt = adapter.optimizer
-    own = getattr(adapter.capabilities, "owns_forward_backward", False)
+    # adapters with their own forward/backward (ASDL's gradient makers, create_graph) run their step as it is
+    own = any(getattr(type(adapter), m) is not getattr(OptimizerAdapter, m)
+              for m in ("train_step", "forward_backward", "backward"))
     sync()
     t0 = time.perf_counter()
     for x, y in batches:

@@ -2,7 +2,7 @@
 """Fisher analysis: what the Kronecker factors H = E[ã ãᵀ] and S = E[g gᵀ] of chosen layers contain.
 
     # a finished run (needs checkpoints: train with checkpoint.keep_final=true [checkpoint.every_epochs=N])
-    python scripts/fisher_analysis.py --run-dir results/runs/<run_id>
+    python scripts/fisher_analysis.py --run-dir runs/<run_id>
     # or train briefly and analyse the model after chosen optimizer steps
     python scripts/fisher_analysis.py --model small_cnn --data mnist5k --optimizer adafisher --steps 0,100,300
     python scripts/fisher_analysis.py --model resnet18_cifar --data cifar10 --steps 200 --layers '#37,#41'
@@ -14,7 +14,7 @@ spectra with/without off-diagonal noise, curvature vs damping, diagonal-approxim
 writes to --out (default: <run-dir>/fisher_analysis/): fisher_table.{csv,md,json} and, for the figure
 layers, the paper's figures (gershgorin_*, spectrum_*, fft_*, heatmap_* as PNG and PDF). Extra arguments
 are Hydra overrides of the training config (e.g. model.width=8 data.batch_size=128 seed=1).
-See README.md, "Fisher analysis".
+See docs/fisher-analysis.md.
 """
 from __future__ import annotations
 

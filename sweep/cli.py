@@ -12,6 +12,11 @@
 
 Positional `key=value` arguments are Hydra overrides for every run (`hydra.launcher.*` ones configure the
 launcher). Re-running a command skips finished runs and resumes interrupted ones.
+
+Exit codes: 0 every run finished (completed, budget_exhausted or diverged; or another process holds it),
+1 some run did not finish (failed, out of memory, crashed, corrupt run directory, ...: listed at the end),
+2 a usage or spec error (nothing was run), 4 stopped by SIGTERM/SIGINT: the running runs checkpointed and
+stopped as `preempted`; run the same command again to resume.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fisherbench.errors import UserError
+from fisherbench.status import EXIT_USER_ERROR
 from sweep.spec import ARM_SETS, SPEC_DIR, WCT_MODES, SpecError, available_specs, load_spec
 
 
@@ -59,47 +66,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reclaim", action="store_true",
                    help="Optuna: also retry trials left running by processes on other hosts")
     p.add_argument("--commands", action="store_true", help="with --dry-run: also print each run's command")
+    p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="Optuna: train trials inside this process (no ~10 s start-up per trial); default: yes "
+                        "with one worker of one device, else each run is a train.py process")
+    p.add_argument("--max-retries", type=int, default=2,
+                   help="Optuna: times a trial whose process died is retried (default 2)")
     return p
 
 
 def _results_dir(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[str]]:
-    """`--results-dir` or a `results_dir=` override (it never changes a run's identity)."""
+    """`--results-dir` or a `results_dir=` override (it never changes a run's identity).
+
+    The override is read as Hydra reads it (`results_dir='/data/my runs'` is the path without the quotes);
+    the sweep passes the directory on to every run quoted again (`sweep.overrides`).
+    """
+    from sweep.overrides import parse_override_value
+
     rest, found = [], args.results_dir
     for ov in overrides:
         if ov.startswith("results_dir="):
-            found = ov.split("=", 1)[1]
+            value = parse_override_value(ov)
+            found = None if value is None else str(value)
         else:
             rest.append(ov)
     if found is None:
         from fisherbench.config import TrainConfig
 
         found = TrainConfig.results_dir
+    if not str(found).strip():
+        raise UserError("the results directory is empty; give one, e.g. --results-dir runs")
     return Path(found).expanduser().resolve(), rest
+
+
+def _group_override(spec_name: str, overrides: list[str]) -> list[str]:
+    """Runs of one sweep share a W&B group (the spec's name) unless the user chose one."""
+    from sweep.overrides import override
+
+    if any(o.startswith(("logger.group=", "+logger.group=")) for o in overrides):
+        return []
+    return [override("logger.group", spec_name)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    try:
+        return _main(args)
+    except (SpecError, UserError) as exc:
+        print(f"[sweep] {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _main(args: argparse.Namespace) -> int:
+    from sweep.overrides import shell_line
+
     if args.list or not args.spec:
         for name in available_specs():
             spec = load_spec(name)
             print(f"{name:<26} {spec.title}")
         return 0
-    try:
-        spec = load_spec(args.spec)
-    except SpecError as exc:
-        print(f"[sweep] {exc}", file=sys.stderr)
-        return 2
+    spec = load_spec(args.spec)
     launcher_overrides = [o for o in args.overrides if o.startswith("hydra.")]
     results_dir, overrides = _results_dir(args, [o for o in args.overrides if not o.startswith("hydra.")])
     arm_sets = _csv(args.arms) or ["main"]
     seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else None
+    group = _group_override(spec.name, overrides)
 
     if args.optuna:
         from sweep.search import run_search
 
         return run_search(spec, results_dir, overrides, trials=args.trials, storage=args.storage,
                           workers_gpus=args.gpus, cpu_workers=args.workers, wct_mode=args.wct,
-                          reclaim=args.reclaim, threads=args.threads)
+                          reclaim=args.reclaim, threads=args.threads, in_process=args.in_process,
+                          max_retries=args.max_retries)
 
     from sweep.expand import expand
 
@@ -109,12 +147,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         runs = expand(spec, arm_sets, overrides, args.wct, seeds, _csv(args.rows), _csv(args.columns), progress)
-    except (SpecError, ValueError) as exc:
-        print(f"[sweep] {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if not runs:
-        print("[sweep] no runs selected", file=sys.stderr)
-        return 2
+        raise UserError("no runs selected (check --rows/--columns/--seeds against the spec)")
     nproc = max(1, args.gpus_per_run)
     print(f"[sweep] {spec.name}: {spec.title}")
     print(f"[sweep] {len(runs)} runs ({len({r.cell.key for r in runs})} cells × seeds "
@@ -133,35 +169,47 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_plan(estimate(spec, runs, results_dir, nproc), nproc))
         if args.commands:
             for r in runs:
-                print(" ".join(train_command(r, results_dir, nproc)))
+                print(shell_line(train_command(r, results_dir, nproc, group)))
         else:
-            print("first run: " + " ".join(train_command(runs[0], results_dir, nproc)))
+            print("first run: " + shell_line(train_command(runs[0], results_dir, nproc, group)))
         return 0
 
     if args.launcher != "local":
         from sweep.launchers import launch
 
-        outcomes = launch(runs, results_dir, args.launcher, launcher_overrides, spec.name)
+        outcomes = launch(runs, results_dir, args.launcher, launcher_overrides, spec.name, extra=group)
         counts: dict[str, int] = {}
         for o in outcomes:
             counts[str(o.get("status"))] = counts.get(str(o.get("status")), 0) + 1
         print(f"[sweep] {len(outcomes)} jobs: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        for o in outcomes:
+            if o.get("status") not in ("completed", "budget_exhausted", "diverged"):
+                print(f"  {o.get('status')} {o.get('run_id')}" + (f": {o['error']}" if o.get("error") else ""))
         return 0 if all(o.get("status") in ("completed", "budget_exhausted", "diverged") for o in outcomes) else 1
 
-    from sweep.local import LocalRunner, make_workers, summarize
+    from sweep.local import LocalRunner, exit_code, make_workers, summarize
 
     try:
         workers = make_workers(args.gpus, args.workers, nproc, args.threads)
     except ValueError as exc:
-        print(f"[sweep] {exc}", file=sys.stderr)
-        return 2
+        raise UserError(str(exc)) from None
     print("[sweep] workers: " + ", ".join(f"{w.name}" + (f" ({w.threads} threads)" if w.threads else "")
                                         for w in workers))
-    outcomes = LocalRunner(results_dir, workers, spec.name, overwrite=args.overwrite).run(runs)
-    print(summarize(outcomes))
+    runner = LocalRunner(results_dir, workers, spec.name, overwrite=args.overwrite, extra_args=group)
+    outcomes = runner.run(runs)
+    print(summarize(outcomes, results_dir, runner.interrupted))
+    from sweep.selection import grid_choice_lines
+
+    for line in grid_choice_lines(spec, outcomes, results_dir):
+        print(line)
+    print("[sweep] report: " + shell_line(report_command(spec, results_dir, args, overrides)))
+    return exit_code(outcomes, runner.interrupted)
+
+
+def report_command(spec, results_dir: Path, args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
+    """The `scripts/report.py` command for this sweep's table (as a list; print it with `shell_line`)."""
     custom_dir = args.results_dir or any(o.startswith("results_dir=") for o in args.overrides)
-    print(f"[sweep] report: python scripts/report.py {spec.path if spec.path.parent != SPEC_DIR else spec.name}"
-          + (f" --results-dir {results_dir}" if custom_dir else "") + (" " + " ".join(overrides) if overrides else ""))
-    # runs another process is training are its business: no failure here
-    finished = all(o.status in ("completed", "budget_exhausted", "diverged", "running_elsewhere") for o in outcomes)
-    return 0 if finished and len(outcomes) == len(runs) else 1
+    cmd = ["python", "scripts/report.py", str(spec.path) if spec.path.parent != SPEC_DIR else spec.name]
+    if custom_dir:
+        cmd += ["--results-dir", str(results_dir)]
+    return cmd + list(overrides)

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from fisherbench.store import RunDir, read_json
+from fisherbench.store import CorruptRunError, RunDir, read_json
 from sweep.expand import PlannedRun
 from sweep.spec import SweepSpec
 
@@ -65,14 +65,31 @@ class _Calibrations:
 
 
 def _epoch_seconds_from_run(rd: RunDir) -> Optional[float]:
-    """Wall-clock seconds per epoch of a run in the store (finished: its ledger; unfinished: its last row)."""
-    s = rd.summary()
-    if s and s.get("epochs_done"):
-        return float(s["ledger"]["wall_s"]) / float(s["epochs_done"])
-    rows = rd.metrics()
-    if rows and rows[-1].get("epoch"):
-        return float(rows[-1]["wall_s"]) / float(rows[-1]["epoch"])
+    """Wall-clock seconds per epoch of a run in the store (finished: its ledger; unfinished: its last row).
+    None when unknown, and for a corrupt run directory (the plan lists it as `corrupt`)."""
+    try:
+        s = rd.summary()
+        if s and s.get("epochs_done") and isinstance((s.get("ledger") or {}).get("wall_s"), (int, float)):
+            return float(s["ledger"]["wall_s"]) / float(s["epochs_done"])
+        rows = rd.metrics()
+        if rows and isinstance(rows[-1].get("epoch"), (int, float)) and rows[-1]["epoch"] \
+                and isinstance(rows[-1].get("wall_s"), (int, float)):
+            return float(rows[-1]["wall_s"]) / float(rows[-1]["epoch"])
+    except CorruptRunError:
+        pass
     return None
+
+
+def _plan(meta: Optional[dict[str, Any]]) -> dict[str, Any]:
+    plan = (meta or {}).get("budget_plan")
+    return plan if isinstance(plan, dict) else {}
+
+
+def _meta(rd: RunDir) -> Optional[dict[str, Any]]:
+    try:
+        return rd.meta()
+    except CorruptRunError:
+        return None
 
 
 def estimate(spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path, nproc: int = 1) -> list[Estimate]:
@@ -81,7 +98,7 @@ def estimate(spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path, npr
     by_cell: dict[tuple, list[PlannedRun]] = {}
     for r in runs:
         by_cell.setdefault(_cell_key(r), []).append(r)
-    metas = {r.run_id: RunDir(results_dir / r.run_id).meta() for r in runs}
+    metas = {r.run_id: _meta(RunDir(results_dir / r.run_id)) for r in runs}
     # steps per epoch per data config, from any run of the sweep that has started or any calibration
     steps_by_data: dict[str, int] = {}
 
@@ -89,7 +106,7 @@ def estimate(spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path, npr
         return str(OmegaConf.to_container(cfg.data, resolve=True))
 
     for r in runs:
-        plan = (metas[r.run_id] or {}).get("budget_plan") or {}
+        plan = _plan(metas[r.run_id])
         if plan.get("steps_per_epoch"):
             steps_by_data.setdefault(data_key(r.config), int(plan["steps_per_epoch"]))
 
@@ -97,7 +114,7 @@ def estimate(spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path, npr
     for r in runs:
         b = _budget(r.config)
         rd = RunDir(results_dir / r.run_id)
-        store = rd.status() if rd.exists() else "-"
+        store = ("corrupt" if rd.problem() is not None else str(rd.status())) if rd.path.exists() else "-"
         epochs, e_src, calib = None, "?", None
         if b["mode"] == "epochs":
             epochs, e_src = float(b["epochs"]), "budget"
@@ -107,7 +124,7 @@ def estimate(spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path, npr
             e_src = f"{b['seconds']:g} s"
         else:
             for other in [r, *[o for o in by_cell[_cell_key(r)] if o is not r]]:
-                plan = (metas[other.run_id] or {}).get("budget_plan") or {}
+                plan = _plan(metas[other.run_id])
                 if plan.get("epochs"):
                     epochs = float(plan["epochs"])
                     e_src = "run" if other is r else f"seed {other.seed}"

@@ -85,6 +85,23 @@ def compose(overrides: Sequence[str]) -> DictConfig:
     return attach_choices(cfg, dict(cfg.hydra.runtime.choices))
 
 
+def short_compose_error(exc: BaseException) -> str:
+    """Hydra's message on one line: its first line, and an 'Available options' list as one comma-separated list
+    (Hydra prints one option per line, and the config search path after them)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    head, options, in_options = lines[0], [], False
+    for line in lines[1:]:
+        if line.startswith("Available options"):
+            in_options = True
+        elif line.startswith("Config search path"):
+            break
+        elif in_options:
+            options.append(line)
+    return head + (f" (available: {', '.join(options)})" if options else "")
+
+
 def compose_cell(spec: SweepSpec, cell: Cell, wct_mode: str = "measured",
                  user_overrides: Sequence[str] = ()) -> ComposedCell:
     overrides = cell_overrides(spec, cell, wct_mode, user_overrides)
@@ -92,7 +109,7 @@ def compose_cell(spec: SweepSpec, cell: Cell, wct_mode: str = "measured",
         cfg = compose(overrides)
     except Exception as exc:  # noqa: BLE001 - Hydra raises many types; all mean "this cell does not compose"
         raise ValueError(f"{spec.name}: cell {cell.row} × {cell.column} does not compose "
-                         f"({' '.join(overrides)}): {exc}") from None
+                         f"({' '.join(overrides)}): {short_compose_error(exc)}") from None
     scaled = []
     for key, factor in cell.scale:
         base = OmegaConf.select(cfg, key)

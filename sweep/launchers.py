@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig
 
 from sweep.expand import PlannedRun
+from sweep.overrides import override
 
 LAUNCHERS = ("submitit_slurm", "submitit_local")
 
@@ -48,14 +49,15 @@ def launcher_config(launcher: str, launcher_overrides: Sequence[str], sweep_dir:
     loader = GlobalHydra.instance().config_loader()
     return loader.load_configuration(
         "train",
-        overrides=[f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
+        overrides=[f"hydra/launcher={launcher}", override("hydra.sweep.dir", str(sweep_dir)),
+                   "hydra.sweep.subdir=${hydra.job.num}",
                    *launcher_overrides],
         run_mode=RunMode.MULTIRUN,
     )
 
 
 def launch(runs: Sequence[PlannedRun], results_dir: Path, launcher: str, launcher_overrides: Sequence[str] = (),
-           sweep_name: str = "sweep") -> list[dict[str, Any]]:
+           sweep_name: str = "sweep", extra: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Submit every run as one job of the launcher; returns each job's outcome (blocks until they end)."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -72,7 +74,8 @@ def launch(runs: Sequence[PlannedRun], results_dir: Path, launcher: str, launche
 
     results_dir = Path(results_dir).resolve()
     sweep_dir = results_dir / "_sweeps" / f"{sweep_name}.{launcher}"
-    job_overrides = [[*r.overrides, f"results_dir={results_dir}", "logger.progress=never"] for r in runs]
+    job_overrides = [[*r.overrides, override("results_dir", str(results_dir)), "logger.progress=never", *extra]
+                     for r in runs]
     with hydra_context():
         cfg = launcher_config(launcher, launcher_overrides, sweep_dir)
         HydraConfig.instance().set_config(cfg)

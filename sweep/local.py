@@ -9,6 +9,13 @@ check only avoids starting a process for nothing). Interrupted runs resume from 
 
 Every event is appended to `<results_dir>/_sweeps/<sweep>.events.jsonl`; each run's output goes to
 `<results_dir>/_sweeps/logs/<run_id>.log`.
+
+No fault drops a run silently: a worker never dies on an exception (the run it was serving ends as `error`
+with the message, and the worker takes the next run), a corrupt run directory is reported as `corrupt` with
+its path and the problem, and every planned run ends with an outcome (`not_started` when the sweep was
+stopped before it). SIGTERM / SIGINT (Ctrl-C) stop the sweep: no new run starts, the running `train.py`
+processes get SIGTERM (they checkpoint and stop as `preempted`), the sweep waits for them, records its end
+and exits with `EXIT_INTERRUPTED` (4); running the same command again resumes.
 """
 from __future__ import annotations
 
@@ -25,15 +32,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from fisherbench.status import FINAL
-from fisherbench.store import RunDir, lock_is_held
+from fisherbench.status import EXIT_OK, EXIT_PREEMPTED, EXIT_RUN_FAILED, FINAL
+from fisherbench.store import CorruptRunError, RunDir, lock_is_held
 from sweep.expand import PlannedRun
+from sweep.overrides import override, shell_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO_ROOT / "train.py"
 SWEEP_SUBDIR = "_sweeps"
 # train.py exit codes (train.py's docstring): what a run ended as when it left no summary to read
 EXIT_MEANING = {0: "completed", 1: "failed", 2: "config_error", 3: "diverged", 4: "preempted"}
+# `python -m sweep` exit codes: 0 every run finished (or is being finished by another process), 1 some run did
+# not (failed, crashed, corrupt, ...: listed at the end), 2 a usage/spec error, 4 stopped by a signal (resumable)
+EXIT_INTERRUPTED = EXIT_PREEMPTED
+# outcomes that need nothing more from this sweep
+DONE = (*(str(s) for s in FINAL), "running_elsewhere")
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s)
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,7 @@ def make_workers(gpus: Optional[str] = "auto", cpu_workers: int = 1, gpus_per_ru
 
 def train_command(run: PlannedRun, results_dir: Path, nproc: int = 1, extra: Sequence[str] = ()) -> list[str]:
     """The command that trains `run`: `python train.py ...`, or `torchrun` for a multi-GPU data-parallel run."""
-    args = [*run.overrides, f"results_dir={results_dir}", "logger.progress=never", *extra]
+    args = [*run.overrides, override("results_dir", str(results_dir)), "logger.progress=never", *extra]
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 str(TRAIN_SCRIPT), *args]
@@ -116,37 +130,53 @@ def train_command(run: PlannedRun, results_dir: Path, nproc: int = 1, extra: Seq
 @dataclass
 class Outcome:
     run: PlannedRun
-    status: str  # a store status, or running_elsewhere / crashed (no summary) / config_error
+    # a store status, or: running_elsewhere (another process holds the lock), crashed (no summary),
+    # config_error (train.py exit 2), corrupt (the run directory does not validate), error (an exception while
+    # serving the run), interrupted (stopped by the sweep's signal before it recorded a status), not_started
+    status: str
     returncode: Optional[int] = None
     seconds: float = 0.0
     ran: bool = False  # trained by a train.py process of this sweep (not skipped as done / held elsewhere)
     summary: dict[str, Any] = field(default_factory=dict)
+    error: Optional[str] = None  # what went wrong, for every outcome that is not a result
 
 
 class EventLog:
     """Append-only JSONL of what the sweep did (one line per event, written atomically by O_APPEND)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, out=None) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.out = out or sys.stderr
         self._lock = threading.Lock()
+        self._warned = False
 
     def write(self, **event: Any) -> None:
+        """Append one event. The log is a record, not the sweep: a failure to write it is reported once."""
         event = {"time": time.time(), "host": socket.gethostname(), "sweep_pid": os.getpid(), **event}
         line = json.dumps(event, sort_keys=True, default=str) + "\n"
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+                try:
+                    os.write(fd, line.encode())
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                if not self._warned:
+                    self._warned = True
+                    print(f"[sweep] cannot write the event log {self.path} ({exc.strerror or exc}); "
+                          "the sweep goes on without it", file=self.out, flush=True)
 
 
 def store_state(results_dir: Path, run_id: str) -> str:
-    """`final` (nothing to do), `running` (locked elsewhere), `resume`, or `new`."""
+    """`final` (nothing to do), `running` (locked elsewhere), `corrupt`, `resume`, or `new`."""
     rd = RunDir(results_dir / run_id)
-    if rd.is_final():
-        return "final"
+    if rd.path.exists():
+        if rd.problem() is not None:
+            return "corrupt"
+        if rd.is_final():
+            return "final"
     if lock_is_held(results_dir, run_id):
         return "running"
     return "resume" if rd.exists() else "new"
@@ -161,7 +191,11 @@ def _metric_text(summary: dict[str, Any]) -> str:
 
 
 class LocalRunner:
-    """Serve the runs of a sweep from a queue to the workers; print one line per finished run."""
+    """Serve the runs of a sweep from a queue to the workers; print one line per finished run.
+
+    `run()` returns one outcome per planned run, in plan order, whatever happened; `interrupted` says whether a
+    stop signal ended it early.
+    """
 
     def __init__(self, results_dir: Path, workers: Sequence[Worker], sweep_name: str, overwrite: bool = False,
                  extra_args: Sequence[str] = (), out=None, env: Optional[dict[str, str]] = None) -> None:
@@ -171,11 +205,17 @@ class LocalRunner:
         self.extra_args = list(extra_args)
         self.out = out or sys.stdout
         self.extra_env = dict(env or {})
-        self.events = EventLog(self.results_dir / SWEEP_SUBDIR / f"{sweep_name}.events.jsonl")
+        self.events = EventLog(self.results_dir / SWEEP_SUBDIR / f"{sweep_name}.events.jsonl", self.out)
         self.log_dir = self.results_dir / SWEEP_SUBDIR / "logs"
         self._procs: dict[str, subprocess.Popen] = {}
+        self._procs_lock = threading.Lock()
         self._stop = threading.Event()
+        self._signals: list[int] = []
         self._print_lock = threading.Lock()
+
+    @property
+    def interrupted(self) -> bool:
+        return self._stop.is_set()
 
     # ----------------------------------------------------------------------------------------- public
     def run(self, runs: Sequence[PlannedRun]) -> list[Outcome]:
@@ -188,9 +228,10 @@ class LocalRunner:
         self._total, self._done, self._t0 = len(runs), 0, time.time()
         self.events.write(event="sweep_start", runs=len(runs), workers=[w.name for w in self.workers])
         threads = [threading.Thread(target=self._serve, args=(w, todo, outcomes), daemon=True) for w in self.workers]
-        previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-        if previous is not None:
-            signal.signal(signal.SIGINT, self._interrupt)
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                previous[s] = signal.signal(s, self._interrupt)
         try:
             for t in threads:
                 t.start()
@@ -198,38 +239,74 @@ class LocalRunner:
                 while t.is_alive():
                     t.join(0.2)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        done = [o for o in outcomes if o is not None]
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        done: list[Outcome] = []
+        for r, o in zip(runs, outcomes):
+            if o is None:  # only a stopped sweep leaves runs unserved; say so rather than drop them
+                o = Outcome(r, "not_started" if self._stop.is_set() else "error",
+                            error=None if self._stop.is_set() else "never served (a bug in the sweep's queue)")
+            done.append(o)
         self.events.write(event="sweep_end", interrupted=self._stop.is_set(),
-                          statuses=_count(o.status for o in done))
+                          signals=[signal.Signals(s).name for s in self._signals],
+                          statuses=_count(o.status for o in done), exit_code=exit_code(done, self._stop.is_set()))
         return done
 
     # ---------------------------------------------------------------------------------------- workers
     def _interrupt(self, signum, frame) -> None:  # noqa: ANN001
-        """Ctrl-C: stop handing out runs; running runs get SIGTERM (they checkpoint and stop as preempted)."""
+        """SIGINT/SIGTERM: stop handing out runs; running runs get SIGTERM (they checkpoint, stop as preempted).
+
+        Runs in the main thread, which only waits for the workers: it never holds the print or process lock
+        when the signal arrives, so taking them here cannot deadlock.
+        """
+        first = not self._stop.is_set()
+        self._signals.append(signum)
         self._stop.set()
-        with self._print_lock:
-            print("\n[sweep] interrupted: stopping the running runs (they checkpoint; re-launch resumes them)",
-                  file=self.out, flush=True)
-        for proc in list(self._procs.values()):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        with self._procs_lock:
+            procs = list(self._procs.values())
+        running = [p for p in procs if p.poll() is None]
+        name = signal.Signals(signum).name
+        if len(self._signals) >= 3:  # asked three times: the runs do not stop by themselves, so end them
+            for proc in running:
+                _kill(proc, signal.SIGKILL)
+            msg = f"{name} again: killing {len(running)} run(s) (they resume from their last checkpoint)"
+        else:
+            for proc in running:
+                _kill(proc, signal.SIGTERM)
+            msg = (f"{name}: stopping; {len(running)} running run(s) checkpoint and stop (`preempted`); "
+                   "run the same command again to resume" if first else
+                   f"{name} again: still waiting for {len(running)} run(s) to checkpoint (a third signal kills them)")
+        print(f"\n[sweep] {msg}", file=self.out, flush=True)
 
     def _serve(self, worker: Worker, todo: "queue.Queue", outcomes: list) -> None:
+        """One worker's loop. Nothing raised while serving a run ends the loop: the run gets an `error` outcome."""
         while not self._stop.is_set():
             try:
                 i, run = todo.get_nowait()
             except queue.Empty:
                 return
-            outcomes[i] = self._one(worker, run)
-            self._report(outcomes[i], worker)
+            try:
+                outcome = self._one(worker, run)
+            except Exception as exc:  # noqa: BLE001 - a worker thread must survive anything one run does
+                outcome = Outcome(run, "error", error=f"{type(exc).__name__}: {exc}")
+                self.events.write(event="error", run_id=run.run_id, worker=worker.name, error=outcome.error)
+            outcomes[i] = outcome
+            try:
+                self._report(outcome, worker)
+            except Exception as exc:  # noqa: BLE001 - e.g. a closed stdout: the sweep goes on
+                self.events.write(event="error", run_id=run.run_id, worker=worker.name,
+                                  error=f"reporting: {type(exc).__name__}: {exc}")
 
     def _one(self, worker: Worker, run: PlannedRun) -> Outcome:
+        rd = RunDir(self.results_dir / run.run_id)
         state = "new" if self.overwrite else store_state(self.results_dir, run.run_id)
         if state == "final":
-            summary = RunDir(self.results_dir / run.run_id).summary() or {}
+            summary = rd.summary() or {}
             return Outcome(run, str(summary.get("status")), summary=summary)
+        if state == "corrupt":
+            problem = rd.problem() or "does not validate"
+            self.events.write(event="corrupt", run_id=run.run_id, path=str(rd.path), problem=problem)
+            return Outcome(run, "corrupt", error=problem)
         if state == "running":
             return Outcome(run, "running_elsewhere")
         extra = [*self.extra_args, *(["overwrite=true"] if self.overwrite else [])]
@@ -238,37 +315,58 @@ class LocalRunner:
         self.events.write(event="start", run_id=run.run_id, cell=[run.cell.row, run.cell.column], seed=run.seed,
                           worker=worker.name, resume=state == "resume", command=cmd)
         t0 = time.time()
-        skipped = None  # what train.py said when it did not train (another process holds or finished the run)
+        said = _TrainOutput()
         with open(log_path, "a") as log:
-            log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {worker.name}: {' '.join(cmd)}\n")
+            log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {worker.name}: {shell_line(cmd)}\n")
             log.flush()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO_ROOT, text=True,
                                     env={**worker.env(), **self.extra_env}, start_new_session=True)
-            self._procs[run.run_id] = proc
+            with self._procs_lock:
+                self._procs[run.run_id] = proc
+                stopping = self._stop.is_set()
+            if stopping:  # the stop signal came while this run was starting: it stops too
+                _kill(proc, signal.SIGTERM)
             try:
                 for line in proc.stdout:  # relay to the run's log; our own process's output only
                     log.write(line)
                     log.flush()
-                    if line.startswith("[fisherbench] skipped"):
-                        skipped = line
+                    said.read(line)
                 rc = proc.wait()
             finally:
-                self._procs.pop(run.run_id, None)
+                with self._procs_lock:
+                    self._procs.pop(run.run_id, None)
+                if proc.poll() is None:  # relaying failed (e.g. the log's disk is full): never orphan the run
+                    _kill(proc, signal.SIGTERM)
+                    proc.wait()
         seconds = time.time() - t0
-        status, summary = self._read_back(run, rc, skipped)
+        status, summary, error = self._read_back(run, rc, said)
         self.events.write(event="end", run_id=run.run_id, status=status, returncode=rc, seconds=seconds,
-                          worker=worker.name, trained=skipped is None)
-        return Outcome(run, status, rc, seconds, ran=skipped is None and status != "config_error", summary=summary)
+                          worker=worker.name, trained=said.skipped is None, error=error)
+        return Outcome(run, status, rc, seconds, ran=said.skipped is None and status != "config_error",
+                       summary=summary, error=error)
 
-    def _read_back(self, run: PlannedRun, rc: int, skipped: Optional[str]) -> tuple[str, dict[str, Any]]:
-        if skipped and "running_elsewhere" in skipped:
-            return "running_elsewhere", {}
-        summary = RunDir(self.results_dir / run.run_id).summary() or {}
+    def _read_back(self, run: PlannedRun, rc: int, said: "_TrainOutput") -> tuple[str, dict[str, Any], Optional[str]]:
+        """(outcome status, summary, error message) of a finished train.py process."""
+        if said.skipped and "running_elsewhere" in said.skipped:
+            return "running_elsewhere", {}, None
+        rd = RunDir(self.results_dir / run.run_id)
+        try:
+            summary = rd.summary() or {}
+        except CorruptRunError as exc:
+            return "corrupt", {}, exc.problem
         if summary.get("status"):
-            return str(summary["status"]), summary
+            status = str(summary["status"])
+            error = None if status in DONE else (summary.get("error") or summary.get("stop_reason"))
+            return status, summary, error
         if rc == 2:
-            return "config_error", {}
-        return ("crashed" if rc not in (0, 4) else EXIT_MEANING[rc]), {}
+            if said.error and "is corrupt" in said.error:
+                return "corrupt", {}, said.error
+            return "config_error", {}, said.error
+        if self._stop.is_set() and (rc == EXIT_PREEMPTED or rc < 0):
+            return "interrupted", {}, f"stopped by the sweep's signal before it recorded a status (exit {rc})"
+        if rc in (0, EXIT_PREEMPTED):
+            return EXIT_MEANING[rc], {}, None
+        return "crashed", {}, said.error or f"train.py exited {rc} without a summary"
 
     def _report(self, outcome: Outcome, worker: Worker) -> None:
         with self._print_lock:
@@ -277,11 +375,37 @@ class LocalRunner:
             n = f"[{self._done:>{len(str(self._total))}}/{self._total}]"
             detail = _metric_text(outcome.summary) if outcome.status not in ("running_elsewhere",) else ""
             took = f"{outcome.seconds:.0f}s" if outcome.ran else "-"
-            log_hint = f" (log: {self.log_dir / (outcome.run.run_id + '.log')})" if outcome.status in (
-                "failed", "crashed", "config_error", "oom") else ""
+            hint = ""
+            if outcome.status == "corrupt":
+                hint = f" (corrupt: {outcome.error})"
+            elif outcome.status == "error":
+                hint = f" (error: {outcome.error})"
+            elif outcome.status in ("failed", "crashed", "config_error", "oom"):
+                hint = f" (log: {self.log_dir / (outcome.run.run_id + '.log')})"
             print(f"{n} {outcome.status:<17} {outcome.run.label:<44} {detail:<26} {took:>6} "
-                  f"{outcome.run.run_id} · {worker.name} · {elapsed / 60:.1f} min{log_hint}",
+                  f"{outcome.run.run_id} · {worker.name} · {elapsed / 60:.1f} min{hint}",
                   file=self.out, flush=True)
+
+
+class _TrainOutput:
+    """What a train.py process said that the sweep needs: whether it skipped the run, and its error line."""
+
+    def __init__(self) -> None:
+        self.skipped: Optional[str] = None
+        self.error: Optional[str] = None
+
+    def read(self, line: str) -> None:
+        if line.startswith("[fisherbench] skipped"):
+            self.skipped = line
+        elif line.startswith(("[fisherbench] configuration error:", "[fisherbench] stopped:", "[fisherbench] bug")):
+            self.error = line.split(":", 1)[1].strip() if ":" in line else line.strip()
+
+
+def _kill(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except (ProcessLookupError, OSError):  # it ended meanwhile
+        pass
 
 
 def _count(items) -> dict[str, int]:
@@ -291,14 +415,36 @@ def _count(items) -> dict[str, int]:
     return out
 
 
-def summarize(outcomes: Sequence[Outcome]) -> str:
+def exit_code(outcomes: Sequence[Outcome], interrupted: bool = False) -> int:
+    """The sweep's exit code: 4 stopped by a signal, 1 a run did not finish, else 0 (see EXIT_INTERRUPTED)."""
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if all(o.status in DONE for o in outcomes) else EXIT_RUN_FAILED
+
+
+def summarize(outcomes: Sequence[Outcome], results_dir: Optional[Path] = None, interrupted: bool = False) -> str:
+    """The closing lines: counts per outcome, then every run that needs attention, with its path or error."""
     counts = _count(o.status for o in outcomes)
     ran = sum(o.ran for o in outcomes)
     parts = [f"{k} {v}" for k, v in sorted(counts.items())]
-    unfinished = [o for o in outcomes if o.status not in (*FINAL, "running_elsewhere")]
-    line = f"[sweep] {len(outcomes)} runs: " + ", ".join(parts) + f" ({ran} trained now)"
+    lines = [f"[sweep] {len(outcomes)} runs: " + ", ".join(parts) + f" ({ran} trained now)"]
     if counts.get("running_elsewhere"):
-        line += "; running_elsewhere = another process holds the run (its lock); it finishes them"
-    if unfinished:
-        line += "; re-launch the same command to retry/resume the unfinished ones"
-    return line
+        lines[0] += "; running_elsewhere = another process holds the run (its lock); it finishes them"
+    corrupt = [o for o in outcomes if o.status == "corrupt"]
+    if corrupt:
+        lines.append(f"[sweep] {len(corrupt)} corrupt run director{'y' if len(corrupt) == 1 else 'ies'} (nothing "
+                     "was changed in them; inspect, then delete them or pass --overwrite to train them again):")
+        for o in corrupt:
+            path = (Path(results_dir) / o.run.run_id) if results_dir is not None else o.run.run_id
+            lines.append(f"  {path}  {o.run.label}: {o.error}")
+    problems = [o for o in outcomes if o.status not in (*DONE, "corrupt", "not_started", "interrupted", "preempted")]
+    if problems:
+        lines.append(f"[sweep] {len(problems)} run(s) did not finish:")
+        for o in problems:
+            lines.append(f"  {o.status:<13} {o.run.run_id}  {o.run.label}" + (f": {o.error}" if o.error else ""))
+    if interrupted:
+        lines.append("[sweep] stopped by a signal (exit 4): run the same command again to resume the interrupted "
+                     "runs and start the others")
+    elif any(o.status not in DONE for o in outcomes):
+        lines.append("[sweep] re-launch the same command to retry/resume the unfinished ones")
+    return "\n".join(lines)

@@ -26,6 +26,10 @@ A spec (keys; `extends` merges other specs of the same folder first, later files
       paper_epochs: {Adam: 210, ...}    # the paper's resulting epoch counts (Table 6)
     paper:    {ResNet-18: {Adam: "94.85±0.10", AdaHessian: "—"}}   # the paper's value per cell
     extra_metrics: {best_acc5: {ResNet-50: {Adam: 88.37}}}         # further metrics with paper values
+    grid:     true                      # rows are values of one setting: name each column's best row
+    select:   best_val_acc1             # what picks that row / a search's objective (default: the validation
+                                        # counterpart of `metric` where a val split exists; sweep/selection.py)
+    search:   {...}                     # an Optuna search over one cell (sweep/search.py)
 
 Overrides are Hydra override strings; within a cell they are merged by key in the order preset, sweep,
 family chain, column, row, cell, WCT budget, user, so a later source wins on the same key: a column's recipe
@@ -153,6 +157,8 @@ class SweepSpec:
     notes: list[str] = field(default_factory=list)
     search: Optional[dict[str, Any]] = None
     path: Optional[Path] = None
+    grid: bool = False
+    select: Optional[str] = None
 
     # ---------------------------------------------------------------------------------------- families
     def family_chain(self, family: str) -> list[str]:
@@ -323,7 +329,7 @@ def load_spec(name_or_path: str | Path, spec_dir: Path = SPEC_DIR) -> SweepSpec:
         raise SpecError(f"no sweep spec {name_or_path!r} (looked for {path}); available: {names}")
     raw = _load_raw(path)
     known = {"title", "preset", "seeds", "metric", "overrides", "families", "rows", "arms", "cells", "scale",
-             "wct", "paper", "extra_metrics", "notes", "search"}
+             "wct", "paper", "extra_metrics", "notes", "search", "grid", "select"}
     unknown = set(raw) - known
     if unknown:
         raise SpecError(f"sweep spec {path}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
@@ -349,6 +355,8 @@ def load_spec(name_or_path: str | Path, spec_dir: Path = SPEC_DIR) -> SweepSpec:
         notes=[str(n) for n in raw.get("notes") or []],
         search=raw.get("search"),
         path=path,
+        grid=bool(raw.get("grid", False)),
+        select=str(raw["select"]) if raw.get("select") else None,
     )
     _validate(spec)
     return spec
@@ -375,3 +383,9 @@ def _validate(spec: SweepSpec) -> None:
         e = float(spec.wct["epochs"])
         if not math.isfinite(e) or e <= 0:
             raise SpecError(f"{where}: wct.epochs must be positive")
+    from fisherbench.scores import METRICS
+
+    for key, name in (("metric", spec.metric), ("select", spec.select),
+                      ("search.metric", (spec.search or {}).get("metric"))):
+        if name is not None and name not in METRICS:
+            raise SpecError(f"{where}: {key} {name!r} is not a metric; known: {', '.join(METRICS)}")

@@ -127,3 +127,68 @@ def make_wikitext_raw(root: Path, repeat: int = 1) -> Path:
     for split, text in WIKI_TEXT.items():
         (folder / f"wiki.{split}.raw").write_text(text * repeat)
     return folder
+
+
+def make_user_images(root: Path, splits: dict, classes=("cat", "dog"), size=(24, 16), seed: int = 0,
+                     mode: str = "RGB") -> Path:
+    """A user's image tree: `splits` maps a sub-folder ("train", "val", "test", or "" for a flat layout) to the
+    images per class; files alternate PNG / JPEG, sizes vary around `size` (width, height), and each class has
+    its own mean colour (so a model can learn it)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    channels = 3 if mode == "RGB" else 1
+    for split, per_class in splits.items():
+        for ci, c in enumerate(classes):
+            folder = Path(root) / split / c if split else Path(root) / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                w, h = size[0] + (i % 3) * 2, size[1] + (i % 2) * 4
+                base = 40 + 170 * ci / max(len(classes) - 1, 1)
+                pixels = np.clip(rng.normal(base, 30, (h, w, channels)), 0, 255).astype(np.uint8)
+                img = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+                img.save(folder / (f"{split or 'all'}_{c}_{i}." + ("png" if i % 2 == 0 else "jpg")))
+    return Path(root)
+
+
+def gpt2_style_tokenizer(folder: Path, text: str, vocab_size: int = 300) -> Path:
+    """vocab.json + merges.txt in GPT-2's byte-level BPE format, trained on `text` with `tokenizers` and saved
+    by its BPE model (the format GPT-2's own files have: byte-to-unicode symbols, `Ġ` for spaces)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.model.save(str(folder))
+    return folder
+
+
+STORY = (
+    "The cat sat on the mat.\n"
+    "  The dog ran far   away, quickly!\n"
+    "\n"
+    "\n"
+    "   Indented line with trailing spaces   \n"
+    "Numbers 12 345 and symbols #$%&.\n"
+    "Unicode: café, naïve, 東京, emoji 🙂.\n"
+    "\ttab\tseparated\tline\n"
+)
+
+
+def make_text_files(folder: Path, repeat: int = 20, seed: int = 0) -> dict[str, Path]:
+    """train/valid/test .txt files: shuffled lines of STORY (with whitespace runs, blank lines, non-ASCII)."""
+    rng = np.random.default_rng(seed)
+    lines = STORY.splitlines(keepends=True)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, n in (("train", repeat), ("valid", max(2, repeat // 5)), ("test", max(2, repeat // 5))):
+        text = "".join("".join(rng.permutation(lines)) for _ in range(n))
+        files[split] = folder / f"{split}.txt"
+        files[split].write_text(text, encoding="utf-8")
+    return files

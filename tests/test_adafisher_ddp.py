@@ -3,7 +3,8 @@
 Checks: factors and parameters identical on both ranks; one coalesced all-reduce per statistics step and
 none on other steps; layer names without the `module.` prefix; and, for a model whose statistics are
 linear in the batch (conv/linear, no BN), the same factors and parameters as one process on the global batch
-(raw statistics are averaged, so DDP computes the global batch's statistics).
+(raw statistics are averaged, so DDP computes the global batch's statistics), also for variant 'paper', whose
+running average is of the raw statistics (divided by the summed call counters: the mean over ranks).
 """
 import os
 import tempfile
@@ -56,10 +57,11 @@ def _worker(rank, init_file, out_dir):
     try:
         out = {}
         local = GLOBAL_BATCH // WORLD
-        for key, build in (("linear", linear_in_batch_model), ("norm", norm_model)):
+        for key, build, variant in (("linear", linear_in_batch_model, "default"), ("norm", norm_model, "default"),
+                                    ("paper", linear_in_batch_model, "paper")):
             torch.manual_seed(0)
             ddp = nn.parallel.DistributedDataParallel(build())
-            opt = AdaFisher(ddp, lr=1e-2, update_interval=T)
+            opt = AdaFisher(ddp, lr=1e-2, update_interval=T, variant=variant)
             calls.clear()
             train(ddp, opt, [(x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local])
                              for x, y in global_batches()])
@@ -87,7 +89,7 @@ def test_ddp_two_gloo_ranks():
         mp.spawn(_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
-    for key in ("linear", "norm"):
+    for key in ("linear", "norm", "paper"):
         r0, r1 = ranks[0][key], ranks[1][key]
         assert r0["layer_names"] == r1["layer_names"] and not any(n.startswith("module") for n in r0["layer_names"])
         for name in r0["factors"]:
@@ -99,13 +101,14 @@ def test_ddp_two_gloo_ranks():
         assert r0["all_reduce_calls"] == [r0["flat_size"]] * 2
 
     assert ranks[0]["unwrapped_calls"] == ranks[1]["unwrapped_calls"] == 0
-    torch.manual_seed(0)
-    single = linear_in_batch_model()
-    opt = AdaFisher(single, lr=1e-2, update_interval=T)
-    train(single, opt, global_batches())
-    ddp = ranks[0]["linear"]
-    for name, (h, s) in opt.fisher_factors().items():
-        torch.testing.assert_close(ddp["factors"][name][0], h, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(ddp["factors"][name][1], s, rtol=1e-5, atol=1e-7)
-    for name, p in single.named_parameters():
-        torch.testing.assert_close(ddp["params"][name], p.detach(), rtol=1e-4, atol=1e-6)
+    for key, variant in (("linear", "default"), ("paper", "paper")):
+        torch.manual_seed(0)
+        single = linear_in_batch_model()
+        opt = AdaFisher(single, lr=1e-2, update_interval=T, variant=variant)
+        train(single, opt, global_batches())
+        ddp = ranks[0][key]
+        for name, (h, s) in opt.fisher_factors().items():
+            torch.testing.assert_close(ddp["factors"][name][0], h, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(ddp["factors"][name][1], s, rtol=1e-5, atol=1e-7)
+        for name, p in single.named_parameters():
+            torch.testing.assert_close(ddp["params"][name], p.detach(), rtol=1e-4, atol=1e-6)

@@ -1,6 +1,6 @@
 """variant='official' against an independent re-implementation of the official index-loop step.
 
-The reference below is written from the description of the official `step()` (spec §1.7) and runs the way
+The reference below is written from the description of the official `step()` (docs/adafisher.md) and runs the way
 the official code does: every step, on the real `.grad` pattern, handing out F tensors and applying the
 official per-parameter update. It records which F each parameter received. The optimizer instead replays
 the loop once at construction; both must agree on the assignment and on the parameter trajectories.

@@ -211,18 +211,23 @@ def test_raw_statistics_before_minmax_are_the_official_numbers():
 
 
 # --------------------------------------------------------------------------------- running average, scale
-def test_paper_variant_convex_running_average():
+def test_paper_variant_averages_raw_diagonals_then_normalises():
+    """Eq. (3) on the raw diagonals, from the first statistic; Eq. (4) min-max of the average when F is formed."""
     lin = nn.Linear(4, 3)
     model = nn.Sequential(lin)
     cap = Capture({"0": lin})
     opt = AdaFisher(model, update_interval=1, variant="paper", gamma=GAMMA)
-    expected = torch.ones(5, dtype=torch.float64)
-    for _ in range(2):
+    assert torch.equal(opt.fisher_factors()["0"][0], torch.ones(5))  # identity before any statistic
+    average = None
+    for scale in (1.0, 10.0, 0.1):  # statistics of different magnitudes: the order of average and min-max matters
         opt.zero_grad()
-        (model(torch.randn(7, 4)) ** 2).sum().backward()
+        (model(scale * torch.randn(7, 4)) ** 2).sum().backward()
         opt.step()
-        expected = GAMMA * expected + (1 - GAMMA) * mm(diag_of_second_moment(rows_with_bias(cap.inputs["0"], True)))
-    torch.testing.assert_close(opt.fisher_factors()["0"][0].double(), expected, rtol=1e-5, atol=1e-8)
+        raw = diag_of_second_moment(rows_with_bias(cap.inputs["0"], True))
+        average = raw if average is None else GAMMA * average + (1 - GAMMA) * raw
+        torch.testing.assert_close(opt.fisher_factors()["0"][0].double(), mm(average), rtol=1e-5, atol=1e-8)
+    # the raw average is what a checkpoint resumes from
+    torch.testing.assert_close(opt.state_dict()["factors"]["0"]["H_avg"].double(), average, rtol=1e-5, atol=1e-9)
 
 
 def test_minmax_is_scale_free():

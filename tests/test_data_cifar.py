@@ -82,7 +82,7 @@ def test_failed_download_is_reported_not_raised_raw(tmp_path, monkeypatch):
 
 def test_bundle_shapes_and_the_papers_normalisation_constants(cifar_root):
     root, _ = cifar_root
-    paper = {  # spec §4.1, written out independently of data.augment
+    paper = {  # the official `Image_Classification/src/utils/data.py`, written out independently of data.augment
         "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
         "cifar100": (tuple(v / 255 for v in (125.3, 123.0, 113.9)), tuple(v / 255 for v in (63.0, 62.1, 66.7))),
     }

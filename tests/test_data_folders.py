@@ -70,7 +70,7 @@ def test_tiny_imagenet_eval_transform_is_resize_centercrop_normalise(tmp_path):
     from PIL import Image
 
     make_tiny_imagenet(tmp_path, WNIDS, train_per_class=1, val_per_class=1, size=16)
-    b = build_data(tiny_opts(tmp_path, cutout=False))
+    b = build_data(tiny_opts(tmp_path, cutout=False, batch_size=3))
     val = b.evals["test"].dataset.dataset
     path, _ = val.samples[0]
     img = Image.open(path).convert("RGB").resize((64, 64), Image.BILINEAR)

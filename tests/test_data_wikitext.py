@@ -143,8 +143,57 @@ def test_text_files_are_written_from_the_hf_dataset_rows(tmp_path, tok_dir, monk
 
     monkeypatch.delenv(OFFLINE_ENV)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    b = build_data(wiki_opts(tmp_path, tok_dir, download=True, cache=False))
+    b = build_data(wiki_opts(tmp_path, tok_dir, download=True, cache=False, batch_size=1))  # 1 window of 8
     assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1")]
     assert (tmp_path / "wikitext-2-raw" / "wiki.train.raw").read_text() == " = A = \n\n the cat sat . \n"
     assert (tmp_path / "wikitext-2-raw" / "wiki.valid.raw").read_text() == " the mat \n"
     assert b.extras["tokens"] == {"train": 7, "val": 2, "test": 2}
+
+
+@pytest.fixture(autouse=True)
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache for every test here (the machine's own cache must not leak in)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_gpt1_tokenizer_fetch_honours_hf_hub_offline(tmp_path, hf_cache, monkeypatch):
+    calls = []
+    monkeypatch.setattr(wt, "download", lambda url, dest, *a, **k: calls.append(url))
+    monkeypatch.delenv(OFFLINE_ENV)
+    for value in ("1", "true", "ON"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        with pytest.raises(DatasetNotFoundError) as e:
+            wt.ensure_tokenizer(tmp_path / "openai-gpt", download_missing=True)
+        msg = str(e.value)
+        assert f"HF_HUB_OFFLINE={value} is set" in msg and "not contacted" in msg
+        assert "prepare_data.py gpt1_tokenizer" in msg and "tokenizer_dir" in msg
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv(OFFLINE_ENV, "1")
+    with pytest.raises(DatasetNotFoundError, match="FISHERBENCH_OFFLINE=1 is set"):
+        wt.ensure_tokenizer(tmp_path / "openai-gpt", download_missing=True)
+    assert calls == []  # nothing was fetched
+    monkeypatch.delenv(OFFLINE_ENV)
+    wt.ensure_tokenizer(tmp_path / "openai-gpt", download_missing=True)
+    assert calls == list(wt.GPT1_FILES.values())  # online: the Hub URLs
+
+
+def test_gpt1_tokenizer_comes_from_the_local_hf_cache_offline(tmp_path, hf_cache, monkeypatch):
+    # the hub cache layout: models--org--name/{refs/main, snapshots/<revision>/<file>}
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = hf_cache / "models--openai-community--openai-gpt"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    make_gpt1_tokenizer(repo / "snapshots" / revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(wt, "download", lambda *a, **k: pytest.fail("downloaded"))
+    folder = wt.ensure_tokenizer(tmp_path / "openai-gpt", download_missing=True)
+    for name in wt.GPT1_FILES:
+        assert (folder / name).read_bytes() == (repo / "snapshots" / revision / name).read_bytes()
+    make_wikitext_raw(tmp_path)
+    b = build_data({"name": "wikitext2", "root": str(tmp_path), "download": False, "batch_size": 1, "seq_len": 8})
+    assert b.num_classes == wt.gpt1_tokenizer(folder).get_vocab_size()

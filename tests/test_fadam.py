@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -12,33 +13,36 @@ from torch import nn
 from optim import FAdam, build_optimizer
 
 
-def reference_fadam(thetas, grads_per_step, *, lr, beta1, beta2, eps, clip, p, wd):
-    """The spec's six equations in float64 numpy, one tensor at a time. `grads_per_step[t][i]` may be None
-    (no gradient for tensor i at step t: it is skipped and its own step counter does not advance)."""
+def reference_step(theta, g, f, m, t, *, lr, beta1, beta2, eps, clip, p, wd):
+    """One step of FAdam's six equations (docs/optimizers.md), float64 numpy, one tensor: (θ, f, m) after step t."""
+    def rms(x):
+        return float(np.sqrt(np.mean(x * x)))
+
+    g = np.asarray(g, dtype=np.float64)
+    b2 = beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
+    f = b2 * f + (1 - b2) * g * g
+    eps_t = eps * min(1.0, rms(g)) if rms(g) > 0 else eps
+    gbar = g / (f**p + eps_t)
+    gbar = gbar / max(1.0, rms(gbar) / clip)
+    m = beta1 * m + (1 - beta1) * gbar
+    w = theta / (f**p + eps_t)
+    w = w / max(1.0, rms(w) / clip)
+    return theta - lr * (m + wd * w), f, m
+
+
+def reference_fadam(thetas, grads_per_step, **hp):
+    """FAdam's six equations, one tensor at a time. `grads_per_step[t][i]` may be None (no gradient for
+    tensor i at step t: it is skipped and its own step counter does not advance)."""
     thetas = [np.array(t, dtype=np.float64) for t in thetas]
     f = [np.zeros_like(t) for t in thetas]
     m = [np.zeros_like(t) for t in thetas]
     steps = [0] * len(thetas)
-
-    def rms(x):
-        return float(np.sqrt(np.mean(x * x)))
-
     for grads in grads_per_step:
         for i, g in enumerate(grads):
             if g is None:
                 continue
-            g = np.asarray(g, dtype=np.float64)
             steps[i] += 1
-            t = steps[i]
-            b2 = beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
-            f[i] = b2 * f[i] + (1 - b2) * g * g
-            eps_t = eps * min(1.0, rms(g)) if rms(g) > 0 else eps
-            gbar = g / (f[i] ** p + eps_t)
-            gbar = gbar / max(1.0, rms(gbar) / clip)
-            m[i] = beta1 * m[i] + (1 - beta1) * gbar
-            w = thetas[i] / (f[i] ** p + eps_t)
-            w = w / max(1.0, rms(w) / clip)
-            thetas[i] = thetas[i] - lr * (m[i] + wd * w)
+            thetas[i], f[i], m[i] = reference_step(thetas[i], g, f[i], m[i], steps[i], **hp)
     return thetas, f, m
 
 
@@ -100,6 +104,57 @@ def test_p_other_than_half_and_no_decay():
 def test_all_zero_gradient_stays_finite():
     params, _ = _run_ours([[1.0, -2.0]], [[[0.0, 0.0]], [[0.0, 0.0]]], **HP)
     assert torch.isfinite(params[0]).all()
+
+
+def test_entries_without_gradient_take_nearly_all_of_the_weight_decay():
+    """A dead input feature (always 0) leaves a weight column whose gradient is always 0: f = 0 there, so
+    w = θ/ε_t dwarfs every other entry of w and, after the RMS clip, the dead entries share all of it. Each
+    then shrinks by the factor 1 − lr·λ·c·√N/‖θ_dead‖ per step (N entries in the tensor), far more than the
+    nominal lr·λ, while m stays 0 there. Pinned against a brute-force run of the equations (its own model copy
+    and autograd), against that closed form, and against pytorch_optimizer (it does the same)."""
+    from pytorch_optimizer import FAdam as LibFAdam
+
+    lr, wd, steps = 1e-2, 0.1, 5
+    hp = dict(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, clip=1.0, p=0.5, wd=wd)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    brute, lib_model = copy.deepcopy(model), copy.deepcopy(model).float()
+    dead0 = model[0].weight[:, 0].detach().clone()
+    gen = torch.Generator().manual_seed(1)
+    data = []
+    for _ in range(steps):
+        x = torch.randn(16, 12, generator=gen, dtype=torch.float64)
+        x[:, 0] = 0.0  # feature 0 is dead: column 0 of the first weight never gets a gradient
+        data.append((x, torch.randint(0, 3, (16,), generator=gen)))
+
+    ours = FAdam(model.parameters(), lr=lr, weight_decay=wd)
+    lib = LibFAdam(lib_model.parameters(), lr=lr, weight_decay=wd)
+    state = {id(q): (np.zeros(q.shape), np.zeros(q.shape)) for q in brute.parameters()}
+    for t, (x, y) in enumerate(data, start=1):
+        for net, opt in ((model, ours), (lib_model, lib)):
+            opt.zero_grad()
+            F.cross_entropy(net(x.to(next(net.parameters()).dtype)), y).backward()
+            opt.step()
+        brute.zero_grad()
+        F.cross_entropy(brute(x), y).backward()
+        with torch.no_grad():
+            for q in brute.parameters():
+                f, m = state[id(q)]
+                theta, f, m = reference_step(q.numpy(), q.grad.numpy(), f, m, t, **hp)
+                state[id(q)] = (f, m)
+                q.copy_(torch.from_numpy(theta))
+        assert torch.equal(model[0].weight.grad[:, 0], torch.zeros(4, dtype=torch.float64))
+    for a, b in zip(model.parameters(), brute.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+    dead = dead0.clone()
+    for _ in range(steps):  # the closed form: every dead entry shrinks by the same factor
+        dead = dead * (1 - lr * wd * 1.0 * math.sqrt(model[0].weight.numel()) / dead.norm())
+    torch.testing.assert_close(model[0].weight[:, 0].detach(), dead, rtol=1e-6, atol=0)
+    torch.testing.assert_close(lib_model[0].weight[:, 0].detach().double(), dead, rtol=1e-5, atol=0)
+    shrink = 1 - (dead.norm() / dead0.norm()).item()
+    nominal = 1 - (1 - lr * wd) ** steps
+    assert shrink > 10 * nominal, (shrink, nominal)  # here 10.6% in 5 steps, 21× the nominal 0.50%
 
 
 def test_weight_decay_alone_is_the_clipped_natural_gradient_of_theta():

@@ -54,7 +54,7 @@ PARAMETER_COUNTS = [
     ("swin_big", 200, (3, 64, 64), 85_266_656),
 ]
 
-# The spec's rounded numbers (official §4.4, paper_targets "Model facts").
+# Parameter counts of the official model files, measured by instantiating them (rounded to 0.01 M).
 SPEC_MILLIONS = {
     ("resnet18_cifar", 10): (11.17, 2), ("resnet18_cifar", 100): (11.22, 2),
     ("resnet50_cifar", 10): (23.52, 2), ("resnet50_cifar", 100): (23.71, 2),

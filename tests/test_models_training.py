@@ -15,7 +15,6 @@ from torch import nn
 from models import MODELS, create_model
 
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # name: (options, input shape, classes) at full size (the paper's inputs)
 FULL = {
@@ -56,7 +55,7 @@ FAST = {
     "focalnet_official": ({"embed_dim": 8, "depths": [1, 1, 2, 1]}, (3, 32, 32), 10),
     "focalnet": ({"embed_dim": 8, "depths": [1, 1, 2, 1]}, (3, 32, 32), 10),
     "cct_2_3x2_official": ({"dim": 32}, (3, 32, 32), 10),
-    "resnet50": ({}, (3, 16, 16), 10),
+    "resnet50": ({}, (3, 32, 32), 10),
     "gpt1_small": ({"layers": 1}, (16,), 64),
 }
 
@@ -123,9 +122,7 @@ def test_forward_backward_with_hooks_full_size(name):
 
 # ----------------------------------------------------------------------------------------------- AdaFisher
 def _adafisher():
-    if not (ROOT / "optim" / "adafisher.py").exists():
-        pytest.skip("optim/adafisher.py has not landed yet")
-    from optim import AdaFisher  # must import once the file exists
+    from optim import AdaFisher
 
     return AdaFisher
 
@@ -167,8 +164,6 @@ def test_adafisher_trains_two_steps_full_size(name):
 
 # ------------------------------------------------------------------------------------------------ trainer
 def _runner():
-    if not (ROOT / "fisherbench" / "runner.py").exists():
-        pytest.skip("fisherbench/runner.py has not landed yet")
     from engine.compose import compose_config
     from engine.lifecycle import run
 

@@ -82,3 +82,21 @@ def test_wandb_offline_mirrors_the_store(tmp_path):
     summary = run.summary()
     assert record["summary"]["status"] == "completed"
     assert record["summary"]["ledger.train_s"] == pytest.approx(summary["ledger"]["train_s"])
+
+
+def test_help_lists_only_the_groups_train_accepts(tmp_path):
+    p = train("--help", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    for group in ("model:", "data:", "optimizer:", "budget:", "logger:", "experiment:"):
+        assert group in p.stdout
+    for internal in ("schema/", "sweep:", " _cifar", "_fixed", "_networks"):
+        assert internal not in p.stdout
+    assert "debug" in p.stdout and "name: small_cnn" in p.stdout
+
+
+@pytest.mark.parametrize("combo", [["model=tiny_vit", "data=synthetic_image", "optimizer=kfac"],
+                                   ["model=tiny_gpt", "data=synthetic_tokens", "optimizer=adafisherw"]])
+def test_debug_preset_smoke_tests_any_combination(tmp_path, combo):
+    p = train("experiment=debug", *combo, f"results_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "(4 steps)" in p.stdout

@@ -9,7 +9,7 @@ from fisherbench.errors import explain_compose_error
 from engine.compose import compose_config
 from engine.lifecycle import run
 from fisherbench.errors import UserError
-from fisherbench.store import iter_run_dirs
+from fisherbench.store import RunDir, iter_run_dirs
 
 GROUPS = ("model", "data", "optimizer", "budget", "logger", "experiment")
 
@@ -102,3 +102,20 @@ def test_model_and_data_kinds_must_match(tmp_path):
     with pytest.raises(UserError, match="takes image inputs but data 'synthetic_tokens' provides tokens"):
         run(cfg)
     assert not list(iter_run_dirs(tmp_path / "runs"))
+
+
+def test_a_bug_in_a_builder_is_recorded_as_failed_not_as_a_configuration_error(tmp_path, monkeypatch):
+    """Only UserError is the user's mistake: any other builder exception is a bug, recorded with its traceback."""
+    import models
+    from tests.conftest import TINY
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in a model builder")
+
+    monkeypatch.setattr(models, "create_model", broken)
+    result = run(compose_config([*TINY, f"results_dir={tmp_path / 'runs'}"]))
+    assert result.status == "failed" and "a bug in a model builder" in result.summary["error"]
+    rd = RunDir(result.run_dir)
+    assert "Traceback" in rd.error_path.read_text() and rd.summary()["status"] == "failed"
+    monkeypatch.undo()
+    assert run(compose_config([*TINY, f"results_dir={tmp_path / 'runs'}"])).status == "completed"  # retried

@@ -182,3 +182,24 @@ def test_on_trainer_hook_sees_every_evaluation(tmp_path):
     cfg = compose_config([*TINY, f"results_dir={tmp_path}", "budget=steps", "budget.steps=6"])
     result = run(cfg, on_trainer=lambda trainer: setattr(trainer, "on_eval", rows.append))
     assert [r["step"] for r in rows] == [r["step"] for r in RunDir(result.run_dir).metrics()] == [4, 6]
+
+
+def test_selection_on_validation_picks_the_best_val_row_and_needs_a_val_split(tmp_path):
+    from engine.compose import compose_config
+    from engine.lifecycle import run
+    from fisherbench.errors import UserError
+
+    base = ["model=small_cnn", "model.width=4", "model.hidden=16", "data=mnist5k", "data.batch_size=64",
+            "data.val_fraction=0.1", "optimizer=adam", "budget=steps", "budget.steps=30", "eval.every_epochs=null",
+            "eval.every_fraction=0.2", "logger=none", f"results_dir={tmp_path / 'runs'}"]
+    result = run(compose_config([*base, "selection.metric=val/acc1"]))
+    s = result.summary
+    rows = RunDir(result.run_dir).metrics()
+    assert s["select_metric"] == "val/acc1" and s["higher_is_better"] is True
+    assert s["best"]["val/acc1"] == max(r["val/acc1"] for r in rows)
+    assert "test/acc1" in s["best"]  # test at the best validation row
+    # the same computation selected another way is the same run (selection is not part of the identity)
+    again = run(compose_config([*base, "selection.metric=val/loss"]))
+    assert again.skipped and again.run_dir == result.run_dir
+    with pytest.raises(UserError, match="has no 'val' split.*data.val_fraction"):
+        run(compose_config([*base[:4], *base[5:], "data.val_fraction=0.0", "selection.metric=val/acc1"]))

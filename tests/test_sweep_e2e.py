@@ -140,6 +140,7 @@ search:
   row: small CNN
   column: Adam
   seeds: [0]
+  metric: best_acc1  # digits has no validation split here: select on test explicitly
   params:
     optimizer.lr: {low: 1.0e-4, high: 1.0e-1, log: true}
 """)
@@ -147,9 +148,14 @@ search:
     trained: list[tuple[str, float]] = []
 
     class FakeRunner:
-        def __init__(self, results_dir, workers, name):
+        interrupted = False
+        label = "fake"
+
+        def __init__(self, results_dir, *args):
             self.results_dir = Path(results_dir)
-            self._stop = type("E", (), {"is_set": staticmethod(lambda: False)})()
+
+        def runner(self, tags, group):
+            return self
 
         def run(self, planned):
             for r in planned:
@@ -161,7 +167,7 @@ search:
                 rd.write_summary({"run_id": rd.run_id, "status": "completed", "best": {}})
             return [Outcome(r, "completed", 0, ran=True) for r in planned]
 
-    monkeypatch.setattr("sweep.local.LocalRunner", FakeRunner)
+    monkeypatch.setattr("sweep.search._make_executor", FakeRunner)
     storage = f"sqlite:///{runs.parent / 'study.db'}"
     # an earlier process (now dead) asked for a trial and died while training it
     study = optuna.create_study(study_name="mini:small CNN:Adam", storage=storage, direction="maximize")
