@@ -52,9 +52,8 @@ from torch import nn
 from data.registry import DataBundle
 from engine.build import autocast_factory
 from engine.compose import load_group_option
-from engine.identity import resolved_dict
+from engine.identity import identity_of_resolved, resolved_dict
 from fisherbench import checkpoint as ckpt
-from fisherbench.config import strip_non_identity
 from fisherbench.env import (busy_machine_warning, compile_model, device_info, load_average, machine_key,
                              prepare_model, runtime_settings, to_channels_last)
 from fisherbench.errors import UserError
@@ -461,7 +460,7 @@ def reference_identities(cfg: DictConfig, reference_opts: dict[str, Any]) -> lis
     as_epochs = {**budget, "mode": "epochs", "epochs": int(b.reference_epochs), "reference_optimizer": None,
                  "reference_epochs": None}
     as_reference = {**budget, "mode": "reference", "epochs": None}
-    return [strip_non_identity({**base, "budget": bud}) for bud in (as_epochs, as_reference)]
+    return [identity_of_resolved({**base, "budget": bud}) for bud in (as_epochs, as_reference)]
 
 
 def find_reference_run(cfg: DictConfig, root: Path | str) -> Optional[RunDir]:
