@@ -69,6 +69,8 @@ def plan_budget(budget_cfg: Any, steps_per_epoch: int, derived: Optional[dict[st
         return BudgetPlan("steps", steps_per_epoch, steps=int(budget_cfg.steps))
     if mode == "seconds":
         return BudgetPlan("seconds", steps_per_epoch, seconds=float(budget_cfg.seconds))
+    if derived is not None:  # the plan keeps the result, not the raw calibration record (that is cached)
+        derived = {k: v for k, v in derived.items() if k != "calibration"}
     if mode == "reference":
         if derived is None:
             raise ValueError("a reference budget needs its calibration (engine.calibrate) first")
