@@ -5,6 +5,7 @@ Used by tests and by `python train.py model=<any> data=synthetic_*` smoke runs; 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -23,6 +24,9 @@ class SyntheticImageOptions(DataOptions):
     num_train: int = 256
     num_test: int = 64
     noise: float = 1.0
+    # training images for throughput work, e.g. 50000 for a set the size of CIFAR-10's training split
+    # (`data=synthetic_cifar data.num_images=50000`); null = num_train. Set, it replaces num_train.
+    num_images: Optional[int] = None
 
 
 @DATASETS.register(
@@ -33,11 +37,12 @@ class SyntheticImageOptions(DataOptions):
     source="fisherbench",
 )
 def build_synthetic_image(opts: SyntheticImageOptions, ctx: BuildContext) -> DataBundle:
-    if opts.num_classes < 2 or opts.num_train < 1 or opts.num_test < 1:
-        raise ValueError("synthetic_image needs num_classes >= 2 and num_train, num_test >= 1")
+    num_train = opts.num_images if opts.num_images is not None else opts.num_train
+    if opts.num_classes < 2 or num_train < 1 or opts.num_test < 1:
+        raise ValueError("synthetic_image needs num_classes >= 2 and num_train (or num_images), num_test >= 1")
     g = torch.Generator().manual_seed(DATA_SEED)
     shape = tuple(int(s) for s in opts.shape)
-    n = opts.num_train + opts.num_test
+    n = num_train + opts.num_test
     labels = torch.randint(0, opts.num_classes, (n,), generator=g)
     # prototypes only for the classes that occur, each from its own seed: memory O(n), not O(classes)
     # (1,000 full-size 224x224 prototypes would take 600 MB)
@@ -47,7 +52,7 @@ def build_synthetic_image(opts: SyntheticImageOptions, ctx: BuildContext) -> Dat
     images = prototypes[torch.searchsorted(used, labels)] + opts.noise * torch.randn((n, *shape), generator=g)
     device = ctx.device if opts.loader in ("auto", "resident") else torch.device("cpu")
     common = dict(device=device, rank=ctx.rank, world_size=ctx.world_size)
-    tr, te = slice(0, opts.num_train), slice(opts.num_train, n)
+    tr, te = slice(0, num_train), slice(num_train, n)
     return DataBundle(
         train=TensorBatchSource(images[tr], labels[tr], opts.batch_size, shuffle=True, seed=ctx.seed, **common),
         evals={"test": TensorBatchSource(images[te], labels[te], opts.eval_batch_size or opts.batch_size,
@@ -55,8 +60,8 @@ def build_synthetic_image(opts: SyntheticImageOptions, ctx: BuildContext) -> Dat
         task="classification",
         num_classes=opts.num_classes,
         input_shape=shape,
-        num_train=opts.num_train,
-        fingerprint=f"synthetic_image:{list(shape)}:c={opts.num_classes}:n={opts.num_train}/{opts.num_test}",
+        num_train=num_train,
+        fingerprint=f"synthetic_image:{list(shape)}:c={opts.num_classes}:n={num_train}/{opts.num_test}",
         description="synthetic images",
     )
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fisherbench.distributed import DistInfo
-from fisherbench.env import device_info, git_state, versions
+from fisherbench.env import compile_model, device_info, git_state, prepare_model, runtime_settings, versions
 from fisherbench.errors import UserError
 from fisherbench.registry import Entry
 
@@ -67,12 +67,26 @@ def build_components(cfg: DictConfig, device: torch.device, info: DistInfo) -> C
             **model_opts,
         )
 
-    model = build_model().to(device)
+    check_compile(cfg, opt_entry)
+    model = prepare_model(build_model().to(device), bool(cfg.get("channels_last", False)))
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.get("compile", False):
+        model = compile_model(model)
     return Components(bundle, model, build_model, opt_entry)
+
+
+def check_compile(cfg: DictConfig, opt_entry: Entry) -> None:
+    """compile=true only for optimizers that work with a compiled model (capability `supports_compile`)."""
+    caps = opt_entry.capabilities
+    if cfg.get("compile", False) and caps is not None and not caps.supports_compile:
+        raise UserError(
+            f"optimizer '{cfg.optimizer.name}' cannot train a torch.compile'd model (it hooks the model's modules, "
+            "runs its own forward/backward or differentiates twice, which torch.compile does not trace): "
+            "use compile=false"
+        )
 
 
 def make_adapter(cfg: DictConfig, model: nn.Module, device: torch.device, info: DistInfo, steps_per_epoch: int,
@@ -105,6 +119,7 @@ def run_meta(cfg: DictConfig, device: torch.device, bundle: Any, info: DistInfo,
         "device": device_info(device),
         "world_size": info.world_size,
         "deterministic": bool(cfg.deterministic),
+        "runtime": runtime_settings(cfg),  # throughput settings in effect (also in the calibration key)
         "dataset": {
             "name": cfg.data.name, "description": bundle.description, "fingerprint": bundle.fingerprint,
             "num_train": bundle.num_train, "input_shape": list(bundle.input_shape),

@@ -33,7 +33,13 @@ def identity_of(cfg: DictConfig) -> dict[str, Any]:
     The top-level fields are decided by `TrainConfig`'s metadata, a component's fields (model/data/optimizer
     options) by the metadata of the schema of the entry the config names.
     """
-    identity = strip_non_identity(resolved_dict(cfg))
+    return identity_of_resolved(resolved_dict(cfg))
+
+
+def identity_of_resolved(resolved: dict[str, Any]) -> dict[str, Any]:
+    """`identity_of` for a resolved config given as plain data (e.g. a reference run's, built by
+    engine/calibrate.py to find it in the store)."""
+    identity = strip_non_identity(resolved)
     for group, registry in _COMPONENTS.items():
         node = identity.get(group)
         if isinstance(node, dict) and node.get("name") in registry:

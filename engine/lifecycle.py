@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from engine.build import autocast_factory, build_components, make_adapter, run_meta
-from engine.calibrate import reference_budget
+from engine.calibrate import describe, match_budget, reference_budget
 from engine.identity import resolved_dict, run_id_of
 from engine.loggers import make_logger
 from engine.summary import flat, make_summary, utc_now
@@ -38,7 +38,7 @@ from fisherbench import checkpoint as ckpt
 from fisherbench.budget import plan_budget
 from fisherbench.config import validate
 from fisherbench.distributed import DistInfo, broadcast_object, init_from_env
-from fisherbench.env import reset_peak_memory, resolve_device, seed_everything, set_determinism
+from fisherbench.env import configure_runtime, reset_peak_memory, resolve_device, seed_everything
 from fisherbench.errors import UserError
 from fisherbench.modules import unwrap
 from fisherbench.status import Status
@@ -108,7 +108,7 @@ def run(cfg: DictConfig, on_trainer: Optional[Callable[[Trainer], None]] = None)
     device = resolve_device(cfg.device)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
-    set_determinism(bool(cfg.deterministic))
+    configure_runtime(cfg)  # threads, determinism, cuDNN autotuning: before any CUDA work and calibration
     seed_everything(int(cfg.seed))
 
     rid = run_id_of(cfg, info.world_size)
@@ -207,6 +207,10 @@ class _Run:
         if cfg.budget.mode == "reference":
             self.derived = broadcast_object(
                 reference_budget(cfg, bundle, parts.build_model, device, log=lambda m: _log(m, info)), info)
+        elif cfg.budget.mode == "match":  # the measured train_s of a finished reference run (engine/calibrate.py)
+            derived = match_budget(cfg, self.root, device, log=lambda m: _log(m, info)) if info.is_main else None
+            self.derived = broadcast_object(derived, info)
+            _log(describe(self.derived, cfg.optimizer.name), info)
         plan = plan_budget(cfg.budget, steps_per_epoch, self.derived)
         adapter = make_adapter(cfg, parts.model, device, info, steps_per_epoch, plan.total_steps)
         param_count = count_parameters(unwrap(parts.model))
@@ -349,7 +353,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"calibrate() needs budget=reference, got budget.mode={cfg.budget.mode}")
     validate(cfg)
     device = resolve_device(cfg.device)
-    set_determinism(bool(cfg.deterministic))
+    configure_runtime(cfg)  # threads, determinism, cuDNN autotuning: before any CUDA work and calibration
     parts = build_components(cfg, device, DistInfo())
     try:
         return reference_budget(cfg, parts.bundle, parts.build_model, device)

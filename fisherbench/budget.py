@@ -1,8 +1,11 @@
 """Budgets: turn `budget.*` into a plan the loop can check every step, and report progress for the schedule.
 
-Modes: `epochs`, `steps`, `seconds` (of the budget clock, i.e. `train_s`), and `reference` (resolved before
-training into an epoch count by `fisherbench.calibrate`). A run stops at the first step at which the budget
-is used up, so it overshoots by at most one step.
+Modes: `epochs`, `steps`, `seconds` (of the budget clock, i.e. `train_s`), `reference` (resolved before
+training by a calibration, engine/calibrate.py, into a number of *steps*, so that a derived budget of 9.7
+epochs is 9.7 epochs and small budgets stay equal in time) and `match` (resolved into the measured `train_s`
+of a finished reference run: a `seconds` plan). `steps`/`epochs` budgets stop exactly at their last step;
+a `seconds` budget stops at the first step boundary at or past it (the loop reads the clock exactly in its
+last steps, engine/trainer.py), so it overshoots by less than one step.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Any, Optional
 
 @dataclass
 class BudgetPlan:
-    mode: str  # epochs | steps | seconds (reference resolves to epochs)
+    mode: str  # epochs | steps | seconds (reference resolves to steps, match to seconds)
     steps_per_epoch: int
     epochs: Optional[int] = None
     steps: Optional[int] = None
@@ -66,8 +69,18 @@ def plan_budget(budget_cfg: Any, steps_per_epoch: int, derived: Optional[dict[st
         return BudgetPlan("steps", steps_per_epoch, steps=int(budget_cfg.steps))
     if mode == "seconds":
         return BudgetPlan("seconds", steps_per_epoch, seconds=float(budget_cfg.seconds))
+    if derived is not None:  # the plan keeps the result, not the raw calibration record (that is cached)
+        derived = {k: v for k, v in derived.items() if k != "calibration"}
     if mode == "reference":
         if derived is None:
-            raise ValueError("a reference budget needs its calibration (fisherbench.calibrate) first")
-        return BudgetPlan("epochs", steps_per_epoch, epochs=int(derived["derived_epochs"]), source=derived)
+            raise ValueError("a reference budget needs its calibration (engine.calibrate) first")
+        if derived.get("derived_steps") is None:  # the candidate is the reference: its own epoch count
+            return BudgetPlan("epochs", steps_per_epoch, epochs=int(derived["derived_epochs"]), source=derived)
+        return BudgetPlan("steps", steps_per_epoch, steps=int(derived["derived_steps"]), source=derived)
+    if mode == "match":
+        if derived is None:
+            raise ValueError("a match budget needs its reference run (engine.calibrate.match_budget) first")
+        if derived.get("seconds") is None:  # the candidate is the reference: its own epoch count
+            return BudgetPlan("epochs", steps_per_epoch, epochs=int(derived["derived_epochs"]), source=derived)
+        return BudgetPlan("seconds", steps_per_epoch, seconds=float(derived["seconds"]), source=derived)
     raise ValueError(f"unknown budget mode {mode!r}")

@@ -18,7 +18,7 @@ from fisherbench.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-BUDGET_MODES = ("epochs", "steps", "seconds", "reference")
+BUDGET_MODES = ("epochs", "steps", "seconds", "reference", "match")
 
 
 def not_identity(default: Any = MISSING, *, default_factory: Any = MISSING) -> Any:
@@ -36,16 +36,25 @@ def not_identity(default: Any = MISSING, *, default_factory: Any = MISSING) -> A
 class BudgetConfig:
     """How long a run trains. Exactly the field(s) of the chosen mode must be set."""
 
-    mode: str = "epochs"  # epochs | steps | seconds | reference
+    mode: str = "epochs"  # epochs | steps | seconds | reference | match
     epochs: Optional[int] = None
     steps: Optional[int] = None
     seconds: Optional[float] = None
     # reference: train for the time optimizer `reference_optimizer` (an optimizer config option, e.g.
-    # "adafisher") needs for `reference_epochs` epochs on this machine (the paper's WCT protocol).
+    # "adafisher") needs for `reference_epochs` epochs on this machine (the paper's WCT protocol), as
+    # estimated by an interleaved calibration (engine/calibrate.py); the derived arm is budgeted in steps.
     reference_optimizer: Optional[str] = None
     reference_epochs: Optional[float] = None
-    calibration_steps: int = 20  # interleaved timed steps per optimizer
-    calibration_warmup: int = 3  # untimed steps on throw-away copies before timing
+    # match: train for exactly the measured `train_s` of a finished reference run in the store, on the same
+    # machine kind: `match_run` names it (a run id); without it, the reference run of this cell is looked up
+    # (this config with `reference_optimizer` for `reference_epochs` epochs, same seed). No estimate involved.
+    match_run: Optional[str] = None
+    # Calibration effort. Part of the run identity (a derived budget depends on them) and of the calibration
+    # cache key: at least `calibration_steps` timed steps per arm, in at least `calibration_blocks` (>= 3) ABBA
+    # blocks of whole curvature periods (engine/calibrate.py says how they are laid out).
+    calibration_steps: int = 320
+    calibration_blocks: int = 3
+    calibration_warmup: int = 3  # untimed steps per arm first (at least one curvature period + 1 is used)
     recalibrate: bool = not_identity(False)  # ignore a cached calibration for the same (machine, model, data, optimizers)
     # untimed warm-up steps (cudnn autotune, allocator, compile) on a throw-away copy of the model/optimizer
     warmup_steps: int = 0
@@ -122,6 +131,20 @@ class TrainConfig:
     deterministic: bool = False
     device: str = not_identity("auto")  # auto (CUDA when present) | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast; statistics of AdaFisher stay fp32)
+    # -- throughput settings. None of them changes what a run computes beyond floating-point rounding (like
+    # `device`, which is not part of the identity either), so they are NOT part of the run identity: a run
+    # resumed or re-launched with other settings is the same run. They change step times, so each is recorded
+    # in meta.json (`runtime`) and is part of the calibration cache key (engine/calibrate.py).
+    channels_last: bool = not_identity(False)  # conv nets: model and input batches in NHWC memory format
+    # cuDNN autotuning (torch.backends.cudnn.benchmark); null = on unless deterministic=true. It picks kernels
+    # by timing them, so true with deterministic=true is refused.
+    cudnn_benchmark: Optional[bool] = not_identity(None)
+    compile: bool = not_identity(False)  # torch.compile the model (compile time goes to warmup_s, not the budget)
+    threads: Optional[int] = not_identity(None)  # torch CPU threads (null = torch's default); 1 when runs share a machine
+    # The host reads the loss buffer and decides on divergence every `check_every` steps (no per-step host sync;
+    # see engine/trainer.py). Not identity: a diverged run may take up to 2 x check_every - 1 steps past its
+    # first non-finite loss (its recorded divergence step is exact either way); nothing else depends on it.
+    check_every: int = not_identity(16)
     experiment: Optional[str] = not_identity(None)  # name of the preset this run belongs to
     overwrite: bool = not_identity(False)  # re-run even if the store holds a finished run with this identity
     tags: list[str] = not_identity(default_factory=list)
@@ -180,8 +203,12 @@ def validate(cfg: Any) -> None:
     b = cfg.budget
     if b.mode not in BUDGET_MODES:
         raise UserError(f"budget.mode must be one of {', '.join(BUDGET_MODES)}; got {b.mode!r}")
-    need = {"epochs": "epochs", "steps": "steps", "seconds": "seconds", "reference": "reference_epochs"}[b.mode]
-    value = b[need]
+    if b.mode == "match" and not b.match_run and not b.reference_optimizer:
+        raise UserError("budget.mode=match needs budget.match_run=<run id> or budget.reference_optimizer and "
+                        "budget.reference_epochs (to find the reference run of this cell in the store)")
+    need = {"epochs": "epochs", "steps": "steps", "seconds": "seconds", "reference": "reference_epochs",
+            "match": "reference_epochs" if not b.match_run else None}[b.mode]
+    value = b[need] if need else 1
     if value is None:
         raise UserError(f"budget.mode={b.mode} needs budget.{need} (e.g. `budget.{need}=10`)")
     if value <= 0:
@@ -190,6 +217,16 @@ def validate(cfg: Any) -> None:
         raise UserError("budget.mode=reference needs budget.reference_optimizer (an optimizer config, e.g. adafisher)")
     if b.calibration_steps < 2 or b.calibration_warmup < 0 or b.warmup_steps < 0:
         raise UserError("budget.calibration_steps must be >= 2 and the warm-up counts >= 0")
+    if b.calibration_blocks < 3:
+        raise UserError(f"budget.calibration_blocks must be >= 3 (a confidence interval needs them), got "
+                        f"{b.calibration_blocks}")
+    if cfg.check_every < 1:
+        raise UserError(f"check_every must be >= 1, got {cfg.check_every}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UserError(f"threads must be >= 1 or null, got {cfg.threads}")
+    if cfg.cudnn_benchmark and cfg.deterministic:
+        raise UserError("cudnn_benchmark=true picks cuDNN kernels by timing them, so runs are not reproducible; "
+                        "with deterministic=true use cudnn_benchmark=false or null")
     s = cfg.schedule
     if s.name not in ("cosine", "constant", "linear"):
         raise UserError(f"schedule.name must be cosine|constant|linear, got {s.name!r}")

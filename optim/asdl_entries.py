@@ -355,7 +355,8 @@ class ShampooAdapter(AsdlAdapter):
             pre.preconditioners = [t.detach().clone().to(device) for t in saved["preconditioners"]]
 
 
-ASDL = Capabilities(supports_ddp=False, supports_amp=False, period_option="curvature_interval")
+ASDL = Capabilities(supports_ddp=False, supports_amp=False, period_option="curvature_interval",
+                    supports_compile=False)  # ASDL runs forward/backward itself, with module hooks
 
 register(
     OptimizerRow(

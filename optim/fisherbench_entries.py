@@ -73,7 +73,7 @@ class AdaFisherAdapter(OptimizerAdapter):
         return self.optimizer.state_bytes()
 
 
-ADAFISHER = Capabilities(period_option="update_interval")
+ADAFISHER = Capabilities(period_option="update_interval", supports_compile=False)  # module hooks
 ADAFISHER_SOURCE = "fisherbench (after Gomes et al., ICLR 2025)"
 
 register(

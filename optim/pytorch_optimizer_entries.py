@@ -97,7 +97,8 @@ def _drop_graph_carrying_grads(optimizer: torch.optim.Optimizer, args: Any, kwar
                 p.grad = None
 
 
-HUTCHINSON = dict(needs_create_graph=True, supports_ddp=False, supports_amp=False, period_option="update_period")
+HUTCHINSON = dict(needs_create_graph=True, supports_ddp=False, supports_amp=False, period_option="update_period",
+                  supports_compile=False)  # double backward
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -37,6 +37,9 @@ class Capabilities:
     supports_amp: bool = True  # engine/build.py refuses precision != fp32 otherwise
     # option holding the curvature-update interval: engine/calibrate.py and the benchmark time whole periods
     period_option: Optional[str] = None
+    # engine/build.py refuses compile=true otherwise: torch.compile does not trace module hooks (AdaFisher's
+    # statistics), a gradient maker's own forward/backward (ASDL) or double backward (create_graph)
+    supports_compile: bool = True
 
 
 @dataclass

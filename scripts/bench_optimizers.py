@@ -5,31 +5,33 @@
 
 Every name is an option of the `optimizer` config group (`configs/optimizer/<name>.yaml`), composed with
 Hydra exactly as a training run would and built through `optim.build_optimizer`; nothing here knows any
-particular optimizer. What a timed step is: `adapter.train_step` (zero_grad, forward, backward, step) on a
-fixed synthetic batch, then reading the loss (the trainer syncs on it too); on CUDA between synchronisations.
+particular optimizer.
 
-Method:
-* All arms live in one process and are timed interleaved: each round runs two consecutive steps of every
-  arm, in a rotated order, so that machine noise hits all arms alike; the report gives medians.
-* Periodic optimizers (capabilities name a `period_option`, e.g. AdaFisher's `update_interval`) are timed with
-  that option set to 2, so every other step is a curvature/statistics step: the two kinds of steps are
-  measured separately, and the per-step time amortised over the *configured* period P is
-  `(t_curvature + (P - 1) * t_ordinary) / P`.
-* Peak memory is measured in a separate pass, one arm alive at a time: on CUDA from the allocator
-  (`max_memory_allocated` during the step); on CPU from the process's resident-set high-water mark
-  (`/proc/self/clear_refs` + `VmHWM`, after `malloc_trim`), an approximation (allocator caching). The value
-  reported is the arm's parameter + gradient + optimizer-state bytes plus the step's growth above what was
-  resident when it started.
-* Optimizer-state bytes come from `adapter.state_bytes()` after warm-up.
+Timing is the WCT protocol's own measurement, `engine.calibrate.measure` (the one `budget=reference` uses,
+docs/wall-clock.md): every arm alive in one process, warmed up past its first curvature step, then timed in
+blocks of two periods per arm in ABBA order (A B C C B A, rotated per block), a period being whole curvature
+periods of the arm's *configured* interval (and at least `--min-period-steps`); steps run back to back as in
+the trainer, with step boundaries marked by CUDA events or the host clock. The amortised step time per block is the trimmed mean of
+the ordinary steps and the mean of the curvature steps weighted (P - 1) : 1; the report gives its mean over
+blocks and, against the reference, the ratio with its 95% interval. So every step-time number here is one the
+WCT protocol would compute. A step is `adapter.train_step` (zero_grad, forward, backward, step) on one of four
+fixed synthetic batches, plus the trainer's per-step loss bookkeeping.
+
+Peak memory is measured in a separate pass, one arm alive at a time, with periodic arms set to a period of 2
+(so that both kinds of steps occur within two steps): on CUDA from the allocator (`max_memory_allocated`
+during the step); on CPU from the process's resident-set high-water mark (`/proc/self/clear_refs` + `VmHWM`,
+after `malloc_trim`), an approximation (allocator caching). The value reported is the arm's parameter +
+gradient + optimizer-state bytes plus the step's growth above what was resident when it started.
+Optimizer-state bytes come from `adapter.state_bytes()` after the timing pass.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
 import gc
+import itertools
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,10 +43,12 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 import optim  # noqa: E402
-from engine.compose import load_group_option
+from engine import calibrate as cal  # noqa: E402
+from engine.compose import load_group_option  # noqa: E402
+from fisherbench.env import compile_model, prepare_model, to_channels_last  # noqa: E402
 from fisherbench.tasks import get_task  # noqa: E402
 
-TIMING_PERIOD = 2  # periodic arms are timed with every other step a curvature step
+MEMORY_PERIOD = 2  # the memory pass runs periodic arms with every other step a curvature step
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -66,7 +70,7 @@ def make_batches(model_name: str, batch: int, input_shape: tuple[int, ...], num_
 
 # ------------------------------------------------------------------------------------------------- arms
 class Arm:
-    """One optimizer config on its own copy of the model."""
+    """One optimizer config on its own copy of the model (the memory pass)."""
 
     def __init__(self, name: str, options: dict[str, Any], build_model: Callable[[], torch.nn.Module],
                  device: torch.device, timing: bool) -> None:
@@ -75,8 +79,8 @@ class Arm:
         key = getattr(caps, "period_option", None)
         self.period = int(options[key]) if key and options.get(key) else None
         if self.period and timing:
-            options = {**options, key: TIMING_PERIOD}
-        self.step_period = TIMING_PERIOD if (self.period and timing) else self.period
+            options = {**options, key: MEMORY_PERIOD}
+        self.step_period = MEMORY_PERIOD if (self.period and timing) else self.period
         self.options = options
         torch.manual_seed(0)
         self.model = build_model().to(device)
@@ -181,27 +185,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-    # ---- timing: all arms alive, interleaved
-    arms = [Arm(n, options[n], build_model, device, timing=True) for n in names]
-    for arm in arms:
-        for i in range(args.warmup):
-            arm.step(batches[i % len(batches)], task.loss, autocast, sync)
+    # ---- timing: the WCT protocol's measurement, all arms alive, ABBA blocks
+    def timed_arm(name: str) -> cal.TimedArm:
+        torch.manual_seed(0)
+        model = prepare_model(build_model().to(device), args.channels_last)
+        if args.compile:
+            model = compile_model(model)
+        adapter = optim.build_optimizer(options[name], model, optim.BuildContext(device=device))
+        stream = itertools.cycle([(to_channels_last(x) if args.channels_last else x, y) for x, y in batches])
+        return cal.TimedArm(name, model, adapter, stream, cal.period_of(options[name]))
+
+    arms = [timed_arm(n) for n in names]
+    measured = cal.measure(arms, task.loss, device, steps=args.steps, min_blocks=args.blocks,
+                           warmup=args.warmup, min_period_steps=args.min_period_steps, autocast=autocast)
     state_bytes = {arm.name: arm.adapter.state_bytes() for arm in arms}
-    for r in range(args.rounds):
-        order = arms[r % len(arms):] + arms[: r % len(arms)]
-        for arm in order:
-            for k in range(2):
-                kind = arm.next_kind()
-                arm.times[kind].append(arm.step(batches[(r + k) % len(batches)], task.loss, autocast, sync))
-        if args.verbose:
-            print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
     timing = {}
     for arm in arms:
-        ordinary = statistics.median(arm.times["ordinary"])
-        curvature = statistics.median(arm.times["curvature"]) if arm.times["curvature"] else None
-        amortised = ordinary if curvature is None else (curvature + (arm.period - 1) * ordinary) / arm.period
-        timing[arm.name] = {"ordinary_s": ordinary, "curvature_s": curvature, "amortised_s": amortised,
-                            "period": arm.period, "samples": {k: len(v) for k, v in arm.times.items()}}
+        m = measured["arms"][arm.name]
+        timing[arm.name] = {"ordinary_s": m["ordinary_s"], "curvature_s": m["curvature_s"],
+                            "amortised_s": m["amortised_s"], "period": m["period"],
+                            "steps_per_period": m["steps_per_period"], "timed_steps": m["timed_steps"],
+                            "block_step_s": m["block_step_s"]}
     del arms
     gc.collect()
 
@@ -228,12 +232,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for n in names:
         t, mem = timing[n], memory.get(n, {})
+        vs = cal.ratio_interval(t["block_step_s"], ref_t["block_step_s"]) if n != reference else None
         rows.append({
             "optimizer": n,
             **t,
+            "amortised_vs_ref_ci": vs["ratio_ci"] if vs else [1.0, 1.0],
             "ordinary_vs_ref": t["ordinary_s"] / ref_t["ordinary_s"],
             "curvature_vs_ref": (t["curvature_s"] / ref_t["ordinary_s"]) if t["curvature_s"] else None,
-            "amortised_vs_ref": t["amortised_s"] / ref_t["amortised_s"],
+            "amortised_vs_ref": vs["ratio"] if vs else 1.0,
             "curvature_vs_ordinary": (t["curvature_s"] / t["ordinary_s"]) if t["curvature_s"] else None,
             "state_bytes": state_bytes[n],
             "state_vs_ref": state_bytes[n] / ref_state if ref_state else None,
@@ -245,7 +251,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": args.model, "batch_size": args.batch_size, "input_shape": list(input_shape),
         "device": str(device), "threads": torch.get_num_threads(), "precision": args.precision,
-        "rounds": args.rounds, "warmup": args.warmup, "reference": reference, "timing_period": TIMING_PERIOD,
+        "blocks": args.blocks, "steps": args.steps, "warmup": args.warmup, "reference": reference,
+        "method": measured["method"], "order": measured["order"], "load_avg": measured["load_avg"],
+        "channels_last": args.channels_last, "compile": args.compile, "memory_period": MEMORY_PERIOD,
         "memory_method": meter.note if not args.skip_memory else None,
         "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
@@ -260,10 +268,11 @@ def markdown(result: dict[str, Any]) -> str:
     ref = result["reference"]
     lines = [
         f"{result['model']}, batch {result['batch_size']}, {result['device']}, {result['threads']} threads, "
-        f"{result['precision']}, {result['rounds']} interleaved rounds (medians); ratios to `{ref}`.",
+        f"{result['precision']}, {result['blocks']} ABBA blocks (engine.calibrate.measure, the WCT protocol's "
+        f"measurement); ratios to `{ref}` (amortised: per-block geometric mean, 95% CI).",
         "",
         f"| optimizer | ordinary step ms | curvature step ms | curvature / ordinary | amortised ms (period) "
-        f"| ordinary × {ref} | curvature × {ref} | amortised × {ref} | state MB | state × {ref} "
+        f"| ordinary × {ref} | curvature × {ref} | amortised × {ref} (95% CI) | state MB | state × {ref} "
         "| peak MB ordinary | peak MB curvature | peak curvature / ordinary |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -273,6 +282,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['optimizer']} | {r['ordinary_s'] * 1e3:.0f} | {f(r['curvature_s'] and r['curvature_s'] * 1e3, '.0f')} "
             f"| {f(r['curvature_vs_ordinary'])} | {r['amortised_s'] * 1e3:.0f} ({r['period'] or 1}) "
             f"| {r['ordinary_vs_ref']:.3f} | {f(r['curvature_vs_ref'], '.3f')} | {r['amortised_vs_ref']:.3f} "
+            f"({r['amortised_vs_ref_ci'][0]:.3f}–{r['amortised_vs_ref_ci'][1]:.3f}) "
             f"| {r['state_bytes'] * mb:.1f} | {f(r['state_vs_ref'], '.3f')} "
             f"| {f(r['peak_ordinary_bytes'] and r['peak_ordinary_bytes'] * mb, '.0f')} "
             f"| {f(r['peak_curvature_bytes'] and r['peak_curvature_bytes'] * mb, '.0f')} "
@@ -296,15 +306,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--rounds", type=int, default=20, help="interleaved rounds (2 steps per arm each)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first")
+    p.add_argument("--blocks", type=int, default=3, help="at least this many ABBA blocks (>= 2; budgets use >= 3)")
+    p.add_argument("--steps", type=int, default=120,
+                   help="timed steps per arm (at least; periods are whole curvature periods)")
+    p.add_argument("--rounds", type=int, default=None, dest="blocks_alias",
+                   help="(old name) sets --blocks; timing now follows engine.calibrate.measure")
+    p.add_argument("--min-period-steps", type=int, default=None,
+                   help="shortest run of consecutive steps per arm (default: 32 on CUDA, 1 on CPU)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first (at least one period + 1)")
+    p.add_argument("--channels-last", action="store_true", help="model and batches in NHWC memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile each arm's model (hook-free optimizers)")
     p.add_argument("--set", action="append", metavar="[CONFIG.]KEY=VALUE",
                    help="override an option in every config that has it, or in one config "
                         "(e.g. --set adafisher.implementation=compiled)")
     p.add_argument("--skip-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--json", default=None, help="also write the full result here")
     p.add_argument("--verbose", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.blocks_alias is not None:
+        print("bench_optimizers: --rounds is the old name of --blocks (ABBA blocks of engine.calibrate.measure)",
+              file=sys.stderr)
+        args.blocks = max(2, args.blocks_alias)
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> None:

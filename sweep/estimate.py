@@ -131,11 +131,10 @@ def estimate(spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path, npr
                     break
             if epochs is None:
                 calib = cal.lookup(r.config)
-                if calib is not None:
-                    data_s = calib["data_s_per_step"]
-                    t_ref = calib["arms"]["reference"]["amortised_s"] + data_s
-                    t_cand = calib["arms"]["candidate"]["amortised_s"] + data_s
-                    epochs = float(max(1, math.floor(float(b["reference_epochs"]) * t_ref / t_cand + 1e-9)))
+                if calib is not None and calib.get("steps_per_epoch"):
+                    from engine.calibrate import epochs_from_calibration  # the formula the runs use
+
+                    epochs = epochs_from_calibration(calib, float(b["reference_epochs"]), int(calib["steps_per_epoch"]))
                     e_src = "calibration"
                     if calib.get("steps_per_epoch"):
                         steps_by_data.setdefault(data_key(r.config), int(calib["steps_per_epoch"]))

@@ -97,11 +97,19 @@ def test_run_identity_ignores_logging_but_not_seed(run_train, tmp_path):
     assert c.summary["final_params_sha256"] != a.summary["final_params_sha256"]
 
 
-def test_diverged_run_is_recorded_within_one_step(run_train):
+def test_diverged_run_records_the_exact_first_non_finite_step(run_train, tmp_path):
     r = run_train("optimizer=sgd", "optimizer.lr=1.0e+12", "budget=steps", "budget.steps=50")
     s = r.summary
     assert s["status"] == "diverged"
-    assert s["diverged"]["step"] == s["steps"] < 50  # stopped at the first non-finite loss
+    # the host looks at the losses every check_every (16) steps without a sync: it may run on for fewer than
+    # 2 x 16 steps, but the step recorded is the first non-finite one, as a run that checks every step finds
+    eager = run_train("optimizer=sgd", "optimizer.lr=1.0e+12", "budget=steps", "budget.steps=50", "check_every=1",
+                      f"results_dir={tmp_path / 'eager'}")
+    assert eager.summary["diverged"]["step"] == eager.summary["steps"] < 50  # every step checked: stops there
+    assert s["diverged"]["step"] == eager.summary["diverged"]["step"]
+    assert s["diverged"]["step"] <= s["steps"] < s["diverged"]["step"] + 2 * 16
+    assert s["diverged"]["detected_at_step"] == s["steps"]
+    assert not math.isfinite(s["diverged"]["loss"])
     assert s["stop_reason"] == "non-finite training loss"
     rows = RunDir(r.run_dir).metrics()
     assert rows and rows[-1]["step"] == s["steps"]
@@ -116,22 +124,25 @@ def test_deterministic_same_seed_same_params(run_train, tmp_path):
     assert RunDir(a.run_dir).meta()["deterministic"] is True
 
 
-def test_reference_budget_records_derived_epochs(run_train):
+def test_reference_budget_records_derived_steps(run_train):
     r = run_train("optimizer=sgd", "budget=reference", "budget.reference_optimizer=adamw",
                   "budget.reference_epochs=2", "budget.calibration_steps=4", "budget.calibration_warmup=1")
     s = r.summary
     ref = s["reference_budget"]
+    assert ref["method"] == "calibration"
     assert ref["reference_optimizer"] == "adamw" and ref["reference_epochs"] == 2
-    expected = max(1, math.floor(2 * ref["reference_step_s"] / ref["candidate_step_s"] + 1e-9))
-    assert ref["derived_epochs"] == expected
-    assert s["budget"]["epochs"] == expected and s["epochs_done"] == expected
-    assert s["budget"]["source"]["derived_epochs"] == expected
-    # the calibration is cached per machine/model/data/optimizers and reused
+    expected = max(1, math.floor(2 * s["steps_per_epoch"] / ref["ratio"] + 1e-9))
+    assert ref["derived_steps"] == expected and ref["derived_epochs"] == expected / s["steps_per_epoch"]
+    assert ref["ratio_ci"][0] <= ref["ratio"] <= ref["ratio_ci"][1]
+    assert len(ref["blocks"]["reference"]) == len(ref["blocks"]["candidate"]) == 3
+    assert s["budget"]["steps"] == expected and s["steps"] == expected
+    assert s["budget"]["source"]["derived_steps"] == expected
+    # the calibration is cached per machine/model/data/optimizers/settings and reused
     again = run_train("optimizer=sgd", "budget=reference", "budget.reference_optimizer=adamw",
                       "budget.reference_epochs=2", "budget.calibration_steps=4", "budget.calibration_warmup=1",
                       "seed=1")
     assert again.summary["reference_budget"]["from_cache"] is True
-    assert again.summary["reference_budget"]["derived_epochs"] == expected
+    assert again.summary["reference_budget"]["derived_steps"] == expected
 
 
 def test_reference_budget_for_the_reference_itself_is_exact(run_train):

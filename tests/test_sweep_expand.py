@@ -105,7 +105,8 @@ wct: {reference: {cnn: adam}, epochs: 10, paper_epochs: {Other: 7}}
     # reference 0.03 s/step, candidate 0.01 s/step, no data time: floor(10 * 3) = 30 epochs of 16 steps
     (tmp_path / "_calibration" / f"{key}.json").write_text(json.dumps({
         "data_s_per_step": 0.0, "steps_per_epoch": 16, "steps": 20,
-        "arms": {"reference": {"amortised_s": 0.03}, "candidate": {"amortised_s": 0.01}}}))
+        "arms": {"reference": {"amortised_s": 0.03, "block_step_s": [0.03] * 3},
+                 "candidate": {"amortised_s": 0.01, "block_step_s": [0.01] * 3}}}))
     est = {(e.run.cell.column, e.run.seed): e for e in estimate(spec, runs, tmp_path)}
     assert (est[("Other", 0)].epochs, est[("Other", 0)].epochs_source) == (30, "calibration")
     assert est[("Other", 0)].hours == pytest.approx(30 * 16 * 0.01 / 3600)
