@@ -435,13 +435,21 @@ def describe(derived: dict[str, Any], candidate: str) -> str:
     return line
 
 
+def reference_options(name: str) -> dict[str, Any]:
+    """The resolved config of the reference optimizer option `name`; UserError when there is no such option."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return load_group_option("optimizer", name)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(f"budget.reference_optimizer={name!r}: {str(exc).splitlines()[0]}") from None
+
+
 def reference_budget(cfg: DictConfig, bundle: DataBundle, build_model: Callable[[], nn.Module],
                      device: torch.device, log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Derive (or read from the calibration cache) the step budget of a `budget=reference` run."""
-    try:
-        reference_opts = load_group_option("optimizer", cfg.budget.reference_optimizer)
-    except Exception as exc:  # noqa: BLE001 - Hydra raises several types for a missing option
-        raise UserError(f"budget.reference_optimizer={cfg.budget.reference_optimizer!r}: {exc}") from None
+    reference_opts = reference_options(cfg.budget.reference_optimizer)
     loss = get_task(bundle.task).loss
     derived = derive_reference_budget(cfg, reference_opts, build_model, bundle, loss, device,
                                       autocast_factory(cfg, device), log=log)
@@ -476,7 +484,7 @@ def find_reference_run(cfg: DictConfig, root: Path | str) -> Optional[RunDir]:
     else:
         if not b.reference_optimizer or b.reference_epochs is None:
             return None
-        reference_opts = load_group_option("optimizer", b.reference_optimizer)
+        reference_opts = reference_options(b.reference_optimizer)
         candidates = [run_id(identity) for identity in reference_identities(cfg, reference_opts)]
     for rid in candidates:
         rd = RunDir(root / rid)
@@ -490,7 +498,7 @@ def match_budget(cfg: DictConfig, root: Path | str, device: torch.device,
     """The `budget=match` plan source: the measured train_s of the reference run, checked for comparability."""
     b = cfg.budget
     if not b.get("match_run") and b.reference_optimizer:
-        reference_opts = load_group_option("optimizer", b.reference_optimizer)
+        reference_opts = reference_options(b.reference_optimizer)
         if _as_dict(cfg.optimizer) == reference_opts:
             return {"method": "identity", "reference_optimizer": b.reference_optimizer,
                     "reference_epochs": float(b.reference_epochs), "derived_epochs": max(1, int(b.reference_epochs)),

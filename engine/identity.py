@@ -45,7 +45,24 @@ def identity_of_resolved(resolved: dict[str, Any]) -> dict[str, Any]:
         if isinstance(node, dict) and node.get("name") in registry:
             drop = set(not_identity_fields(registry.get(node["name"]).schema))
             identity[group] = {k: v for k, v in node.items() if k not in drop}
+    budget = identity.get("budget")
+    if isinstance(budget, dict) and budget.get("mode") in BUDGET_FIELDS:
+        # a budget's identity is the fields its mode reads: a 200-epoch run is the same run whatever the
+        # (unused) calibration or reference settings say, so an equal-time run can find its reference run
+        keep = ("mode", "warmup_steps", *BUDGET_FIELDS[budget["mode"]])
+        identity["budget"] = {k: v for k, v in budget.items() if k in keep}
     return identity
+
+
+# the budget fields each mode reads (besides `mode` and `warmup_steps`)
+BUDGET_FIELDS = {
+    "epochs": ("epochs",),
+    "steps": ("steps",),
+    "seconds": ("seconds",),
+    "reference": ("reference_optimizer", "reference_epochs", "reference_method", "calibration_steps",
+                  "calibration_blocks", "calibration_warmup"),
+    "match": ("match_run", "reference_optimizer", "reference_epochs"),
+}
 
 
 def run_id_of(cfg: DictConfig, world_size: int = 1) -> str:

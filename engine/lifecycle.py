@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from engine.build import autocast_factory, build_components, make_adapter, run_meta
-from engine.calibrate import describe, match_budget, reference_budget
+from engine.calibrate import describe, find_reference_run, match_budget, reference_budget
 from engine.identity import resolved_dict, run_id_of
 from engine.loggers import make_logger
 from engine.summary import flat, make_summary, utc_now
@@ -204,7 +204,11 @@ class _Run:
                 if split == "val" else ""
             raise UserError(f"selection.metric={cfg.selection.metric}: data '{cfg.data.name}' has no '{split}' "
                             f"split; it evaluates {', '.join(bundle.evals)}{hint}")
-        if cfg.budget.mode == "reference":
+        if cfg.budget.mode == "reference" and broadcast_object(info.is_main and self._match_reference(), info):
+            derived = match_budget(cfg, self.root, device, log=lambda m: _log(m, info)) if info.is_main else None
+            self.derived = broadcast_object(derived, info)
+            _log(describe(self.derived, cfg.optimizer.name), info)
+        elif cfg.budget.mode == "reference":
             self.derived = broadcast_object(
                 reference_budget(cfg, bundle, parts.build_model, device, log=lambda m: _log(m, info)), info)
         elif cfg.budget.mode == "match":  # the measured train_s of a finished reference run (engine/calibrate.py)
@@ -222,6 +226,24 @@ class _Run:
         trainer.guard = self.guard
         self._bundle = bundle
         return trainer, param_count
+
+    def _match_reference(self) -> bool:
+        """Whether a `budget=reference` run takes the measured time of its finished reference run (see
+        `budget.reference_method`) rather than a calibration. A resumed run keeps the method it started with."""
+        b = self.cfg.budget
+        if b.reference_method == "calibration":
+            return False
+        if b.reference_method == "match":
+            return True
+        if not self.cfg.overwrite and self.final_dir.path.exists():
+            try:
+                plan = (self.final_dir.meta() or {}).get("budget_plan") or {}
+            except CorruptRunError:
+                plan = {}
+            started_with = (plan.get("source") or {}).get("method") if isinstance(plan, dict) else None
+            if started_with in ("calibration", "match"):
+                return started_with == "match"
+        return find_reference_run(self.cfg, self.root) is not None
 
     def _place(self, trainer: Trainer, param_count: int) -> bool:
         """Resume from a checkpoint or start a fresh run directory. Returns whether it resumed."""

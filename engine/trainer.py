@@ -152,12 +152,21 @@ class LossWindow:
 
 
 class Progress:
-    """A tqdm bar on a TTY (or when forced); silent otherwise. Updated when the host learns step losses."""
+    """What a run prints while it trains (`logger.progress`).
 
-    def __init__(self, mode: str, plan: BudgetPlan, initial_step: int, is_main: bool) -> None:
-        show = is_main and (mode == "always" or (mode == "auto" and sys.stderr.isatty()))
+    `auto`: a tqdm bar on a terminal; without one (SLURM, `tee`, `nohup`) one plain line per evaluation, which
+    reads well in a log file. `always`: the bar; `lines`: the plain lines; `never`: nothing. Only the main rank
+    prints. The bar is updated when the host learns step losses (a window late), never with a device sync.
+    """
+
+    def __init__(self, mode: str, plan: BudgetPlan, initial_step: int, is_main: bool,
+                 select_key: str = "") -> None:
+        if mode == "auto":
+            mode = "always" if sys.stderr.isatty() else "lines"
+        self.lines = is_main and mode == "lines"
+        self.select_key = select_key
         self.bar = None
-        if show:
+        if is_main and mode == "always":
             from tqdm import tqdm
 
             total = plan.total_steps
@@ -168,6 +177,18 @@ class Progress:
         if self.bar is not None and steps:
             self.bar.update(steps)
             self.bar.set_postfix_str(f"epoch {epoch} loss {loss:.4f}", refresh=False)
+
+    def evaluation(self, row: dict[str, Any]) -> None:
+        """One line per evaluation in `lines` mode: where the run is, its budget clock, the selection metric."""
+        if not self.lines:
+            return
+        parts = [f"eval {row['eval']}", f"epoch {row['epoch']:.2f}", f"step {row['step']}",
+                 f"train {row['train_s']:.1f}s"]
+        for key in dict.fromkeys([self.select_key, "train/loss", "test/acc1", "val/acc1", "val/ppl"]):
+            value = row.get(key)
+            if key and isinstance(value, (int, float)):
+                parts.append(f"{key} {value:.4f}")
+        print("[fisherbench] " + " · ".join(parts), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -218,7 +239,7 @@ class Trainer:
     def fit(self) -> TrainState:
         st, plan, cfg = self.state, self.plan, self.cfg
         self.model.train()
-        self.progress = Progress(cfg.logger.progress, plan, st.step, self.dist.is_main)
+        self.progress = Progress(cfg.logger.progress, plan, st.step, self.dist.is_main, self.selection[0])
         self.window = LossWindow(self.check_every, self.device)
         self._exact = False
         with _StopSignals() as signals:
@@ -494,6 +515,8 @@ class Trainer:
                 self.guard()
                 self.run_dir.append_metrics(row)
                 self.logger.log(row, step=st.step)
+            if getattr(self, "progress", None) is not None:  # evaluations outside fit() print nothing
+                self.progress.evaluation(row)
             if self.on_eval is not None:
                 self.on_eval(row)
         return row

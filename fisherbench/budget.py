@@ -71,6 +71,8 @@ def plan_budget(budget_cfg: Any, steps_per_epoch: int, derived: Optional[dict[st
         return BudgetPlan("seconds", steps_per_epoch, seconds=float(budget_cfg.seconds))
     if derived is not None:  # the plan keeps the result, not the raw calibration record (that is cached)
         derived = {k: v for k, v in derived.items() if k != "calibration"}
+    if mode == "reference" and derived is not None and derived.get("method") == "match":
+        mode = "match"  # the reference run was in the store: its measured time, as budget=match
     if mode == "reference":
         if derived is None:
             raise ValueError("a reference budget needs its calibration (engine.calibrate) first")

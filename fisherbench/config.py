@@ -49,6 +49,11 @@ class BudgetConfig:
     # machine kind: `match_run` names it (a run id); without it, the reference run of this cell is looked up
     # (this config with `reference_optimizer` for `reference_epochs` epochs, same seed). No estimate involved.
     match_run: Optional[str] = None
+    # How a `reference` budget is made equal: `auto` (default) takes the measured train_s of the cell's finished
+    # reference run when the store has it (budget=match, no estimate), else calibrates; `calibration` always
+    # calibrates; `match` requires the reference run. The method used is recorded (reference_budget.method),
+    # and a resumed run keeps the method it started with.
+    reference_method: str = "auto"
     # Calibration effort. Part of the run identity (a derived budget depends on them) and of the calibration
     # cache key: at least `calibration_steps` timed steps per arm, in at least `calibration_blocks` (>= 3) ABBA
     # blocks of whole curvature periods (engine/calibrate.py says how they are laid out).
@@ -101,7 +106,8 @@ class LoggerConfig:
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
-    progress: str = "auto"  # auto (progress bar on a TTY) | always | never
+    # auto: a progress bar on a terminal, else one plain line per evaluation | always (bar) | lines | never
+    progress: str = "auto"
 
 
 @dataclass
@@ -213,6 +219,8 @@ def validate(cfg: Any) -> None:
         raise UserError(f"budget.mode={b.mode} needs budget.{need} (e.g. `budget.{need}=10`)")
     if value <= 0:
         raise UserError(f"budget.{need} must be positive, got {value}")
+    if b.reference_method not in ("auto", "calibration", "match"):
+        raise UserError(f"budget.reference_method must be auto, calibration or match; got {b.reference_method!r}")
     if b.mode == "reference" and not b.reference_optimizer:
         raise UserError("budget.mode=reference needs budget.reference_optimizer (an optimizer config, e.g. adafisher)")
     if b.calibration_steps < 2 or b.calibration_warmup < 0 or b.warmup_steps < 0:
@@ -253,8 +261,8 @@ def validate(cfg: Any) -> None:
         raise UserError(f"logger.name must be none|wandb, got {cfg.logger.name!r}")
     if cfg.logger.mode not in ("auto", "online", "offline", "disabled"):
         raise UserError(f"logger.mode must be auto|online|offline|disabled, got {cfg.logger.mode!r}")
-    if cfg.logger.progress not in ("auto", "always", "never"):
-        raise UserError(f"logger.progress must be auto|always|never, got {cfg.logger.progress!r}")
+    if cfg.logger.progress not in ("auto", "always", "lines", "never"):
+        raise UserError(f"logger.progress must be auto|always|lines|never, got {cfg.logger.progress!r}")
     c = cfg.checkpoint
     if c.every_epochs is not None and c.every_epochs < 1:
         raise UserError("checkpoint.every_epochs must be >= 1 or null")

@@ -24,7 +24,7 @@ from fisherbench.store import CorruptRunError, RunDir, canonical, iter_run_dirs
 MATCH_IGNORE = (
     "data.root", "data.num_workers", "data.download", "data.verify", "data.cache", "data.loader",
     "data.tokenizer_dir", "deterministic", "budget.calibration_steps", "budget.calibration_warmup",
-    "budget.warmup_steps", "budget.recalibrate",
+    "budget.calibration_blocks", "budget.warmup_steps", "budget.recalibrate", "budget.reference_method",
 )
 OK_STATUSES = tuple(s.value for s in Status if s.is_success)  # completed, budget_exhausted
 
@@ -263,6 +263,13 @@ def run_epochs(run: StoredRun) -> Optional[float]:
 def run_train_seconds(run: StoredRun) -> Optional[float]:
     """Budget-clock seconds the run trained (evaluation, logging and checkpoints excluded)."""
     return as_number(((run.summary or {}).get("ledger") or {}).get("train_s"))
+
+
+def run_budget_method(run: StoredRun) -> Optional[str]:
+    """How a run's equal-time budget was set: `match` (the measured time of the reference run), `calibration`
+    (interleaved step timing), `identity` (the run is the reference), or None (a plain budget)."""
+    method = ((run.summary or {}).get("reference_budget") or {}).get("method")
+    return str(method) if method else None
 
 
 def run_epoch_seconds(run: StoredRun) -> Optional[float]:

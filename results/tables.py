@@ -16,7 +16,7 @@ from results.report import (
     RULE, TABLE6_NOTE, TTEST, VALIDATION_COUNTERPART, CellResult, TableResult, run_epoch_seconds, run_epochs,
     run_peak_memory,
 )
-from results.runs import run_curvature_range
+from results.runs import run_budget_method, run_curvature_range
 
 CSV_FIELDS = ("table", "metric", "row", "column", "arm_set", "mean", "std", "seeds_found", "seeds_expected",
               "diverged", "incomplete", "duplicates", "paper_mean", "paper_std", "delta", "sigma", "p_value",
@@ -134,11 +134,23 @@ def _epochs_text(v: Optional[float]) -> str:
     return f"{v:.0f}" if abs(v - round(v)) < 0.05 else f"{v:.1f}"
 
 
+METHOD_MARKS = {"match": "ᵐ", "calibration": "ᶜ"}
+METHOD_NOTE = ("How each equal-time budget was set: ᵐ the measured training time of the cell's reference run "
+               "(budget=match), ᶜ an interleaved calibration of step times (budget=reference); unmarked cells "
+               "trained a fixed budget (the reference arm itself).")
+
+
+def _method_mark(c: CellResult) -> str:
+    methods = sorted({m for s in c.seeds if (m := run_budget_method(s.run)) in METHOD_MARKS})
+    return "".join(METHOD_MARKS[m] for m in methods)
+
+
 def epochs_markdown(t: TableResult) -> str:
     """Epochs reached under the budget per cell (Table 6 from the runs), with the paper's counts."""
     body = []
     for r in t.rows:
-        body.append([r, *[_epochs_text(c.mean_of(run_epochs)) if (c := t.cell(r, col)) else "" for col in t.columns]])
+        body.append([r, *[_epochs_text(c.mean_of(run_epochs)) + _method_mark(c) if (c := t.cell(r, col)) else ""
+                          for col in t.columns]])
     paper = [t.spec.paper_epochs_of(col) for col in t.columns]
     if any(p is not None for p in paper):
         body.append(["paper (Table 6)", *[str(p) if p is not None else "" for p in paper]])
@@ -235,6 +247,8 @@ def markdown(tables: Sequence[TableResult]) -> str:
             epochs_markdown(t0), ""]
     if t0.spec.wct:
         out += [TABLE6_NOTE, ""]
+    if any(_method_mark(c) for c in t0.cells):
+        out += [METHOD_NOTE, ""]
     out += ["## Cost per epoch", "", "Budget-clock seconds: evaluation, logging and checkpoints excluded.", "",
             cost_markdown(t0), ""]
     curvature = curvature_markdown(t0)

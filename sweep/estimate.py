@@ -8,7 +8,6 @@ the calibrated step times; where neither exists the run's time is unknown and th
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -125,8 +124,12 @@ def estimate(spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path, npr
         else:
             for other in [r, *[o for o in by_cell[_cell_key(r)] if o is not r]]:
                 plan = _plan(metas[other.run_id])
-                if plan.get("epochs"):
-                    epochs = float(plan["epochs"])
+                # a derived budget is a step count (fractional epochs); a match budget is seconds (no epochs yet)
+                planned = plan.get("epochs") or (
+                    plan["total_steps"] / plan["steps_per_epoch"]
+                    if isinstance(plan.get("total_steps"), int) and plan.get("steps_per_epoch") else None)
+                if planned:
+                    epochs = float(planned)
                     e_src = "run" if other is r else f"seed {other.seed}"
                     break
             if epochs is None:

@@ -190,6 +190,13 @@ def _metric_text(summary: dict[str, Any]) -> str:
     return ""
 
 
+def _budget_mode(run: PlannedRun) -> str:
+    try:
+        return str(run.config.budget.mode)
+    except Exception:  # noqa: BLE001 - a planned run without a composed budget keeps its place
+        return ""
+
+
 class LocalRunner:
     """Serve the runs of a sweep from a queue to the workers; print one line per finished run.
 
@@ -222,7 +229,10 @@ class LocalRunner:
         self.results_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         todo: "queue.Queue[tuple[int, PlannedRun]]" = queue.Queue()
-        for i, r in enumerate(runs):
+        # runs with a fixed budget (the reference arms) are served first: an equal-time run that starts after
+        # its cell's reference run has finished takes that run's measured time (budget.reference_method=auto)
+        # instead of an estimate; outcomes keep the planned order
+        for i, r in sorted(enumerate(runs), key=lambda ir: _budget_mode(ir[1]) in ("reference", "match")):
             todo.put((i, r))
         outcomes: list[Optional[Outcome]] = [None] * len(runs)
         self._total, self._done, self._t0 = len(runs), 0, time.time()

@@ -79,3 +79,22 @@ def test_match_needs_a_run_or_a_cell():
 
     with pytest.raises(UserError, match="match_run"):
         validate(compose_config(["budget=match"]))
+
+
+def test_reference_budget_uses_the_finished_reference_run_when_the_store_has_it(run_train):
+    """budget=reference (reference_method=auto): no calibration when the cell's reference run is finished; the
+    method is recorded; reference_method=calibration still calibrates; a run keeps its method on resume."""
+    wct = ("budget=reference", "budget.reference_optimizer=adam", "budget.reference_epochs=2",
+           "budget.calibration_steps=8", "budget.calibration_blocks=3")
+    before = run_train("optimizer=sgd", "optimizer.lr=0.05", *wct)
+    assert before.summary["reference_budget"]["method"] == "calibration"  # no reference run yet
+    ref = run_train(*REF)
+    after = run_train("optimizer=sgd", "optimizer.lr=0.02", *wct)
+    rb = after.summary["reference_budget"]
+    assert rb["method"] == "match" and rb["match_run"] == ref.run_dir.name
+    assert after.summary["budget"]["mode"] == "seconds"
+    assert after.summary["budget"]["seconds"] == ref.summary["ledger"]["train_s"]
+    forced = run_train("optimizer=sgd", "optimizer.lr=0.03", *wct, "budget.reference_method=calibration")
+    assert forced.summary["reference_budget"]["method"] == "calibration"
+    with pytest.raises(UserError, match="reference_method"):
+        run_train("optimizer=sgd", *wct, "budget.reference_method=guess")

@@ -100,3 +100,15 @@ def test_debug_preset_smoke_tests_any_combination(tmp_path, combo):
     p = train("experiment=debug", *combo, f"results_dir={tmp_path / 'runs'}", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "(4 steps)" in p.stdout
+
+
+def test_without_a_terminal_a_run_prints_one_line_per_evaluation(tmp_path):
+    p = train("experiment=debug", "budget.steps=6", "eval.every_fraction=0.5", f"results_dir={tmp_path / 'runs'}",
+              cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("[fisherbench] eval ")]
+    assert [line.split(" · ")[0] for line in lines] == ["[fisherbench] eval 0", "[fisherbench] eval 1"]
+    assert "step 3" in lines[0] and "test/acc1" in lines[0]
+    quiet = train("experiment=debug", "budget.steps=6", "seed=1", "logger.progress=never",
+                  f"results_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert "[fisherbench] eval" not in quiet.stderr

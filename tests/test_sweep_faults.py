@@ -261,3 +261,34 @@ def test_a_signal_stops_the_runs_and_the_sweep_says_so(tmp_path, sig):
     from sweep.local import store_state
 
     assert store_state(root, run_dir.name) == "resume"
+
+
+def test_fixed_budget_runs_are_served_before_equal_time_runs(tmp_path, monkeypatch):
+    """Reference arms first: an equal-time run that starts after its reference run finished takes that run's
+    measured time instead of an estimate. Outcomes stay in the planned order."""
+    import sweep.local as local
+    from sweep.expand import expand
+    from sweep.spec import load_spec
+
+    spec = tmp_path / "order.yaml"
+    spec.write_text("""
+title: order
+seeds: [0]
+overrides: [model=small_cnn, model.width=4, model.hidden=16, data=synthetic_image, 'data.shape=[3,8,8]',
+            data.num_train=64, data.num_test=32, data.batch_size=16, logger=none, budget.calibration_steps=8]
+rows:
+  tiny: {}
+arms:
+  main:
+    SGD: [optimizer=sgd, budget=reference, budget.reference_optimizer=adam, budget.reference_epochs=1]
+    Adam: [optimizer=adam, budget=epochs, budget.epochs=1]
+""")
+    runs = expand(load_spec(spec), ("main",))
+    assert [str(r.config.budget.mode) for r in runs] == ["reference", "epochs"]
+    served = []
+    monkeypatch.setattr(local.LocalRunner, "_one", lambda self, worker, run: served.append(run) or
+                        local.Outcome(run, "completed"))
+    runner = local.LocalRunner(tmp_path / "runs", [local.Worker("cpu0", (), 1)], "order", out=open(os.devnull, "w"))
+    outcomes = runner.run(runs)
+    assert [str(r.config.budget.mode) for r in served] == ["epochs", "reference"]
+    assert [o.run.run_id for o in outcomes] == [r.run_id for r in runs]

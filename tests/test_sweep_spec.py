@@ -151,8 +151,9 @@ def test_paper_tables_have_the_papers_shape():
     assert t5.metric == "test_ppl" and t5.paper_value("GPT-1 (4 blocks)", "AdaFisherW").mean == 152.72
     t4 = load_spec("table4_transfer_cifar10")
     assert t4.paper_epochs("Shampoo") == 18 and t4.wct["epochs"] == 50
-    # every table has the fixed arms: AdaFisher as the paper's equations, F = λ, SGD-momentum
+    # every table has the fixed arms: AdaFisher as the paper's equations, F = λ, SGD-momentum, bias-corrected SGD
     for name in ("table2_cifar10", "table3_imagenet", "table4_transfer_cifar100", "table5_wikitext2",
                  "table11_tiny_imagenet", "quick"):
         assert [c for _, c in load_spec(name).columns(("fixed",))] == [
-            "AdaFisher (paper eqs.)", "AdaFisher (F = λ)", "SGD-momentum"], name
+            "AdaFisher (paper eqs.)", "AdaFisher (F = λ)", "SGD-momentum",
+            "SGD, bias-corrected (= F = λ, exact from step 1)"], name
