@@ -85,6 +85,7 @@ class ReportSpec:
     best: str = "row"  # mark the best cell per "row" (the paper's bold), per "column" (grids), or "none"
     best_label: str = ""  # what the mark means, e.g. "the best optimizer.lr of each column"
     select: Optional[str] = None  # the metric that picks the best cell (default: see TableResult.selection)
+    baseline: Optional[tuple[str, str]] = None  # (row, column) of the cell every other cell is compared with
 
     @property
     def metric(self) -> str:
@@ -344,6 +345,49 @@ class TableResult:
             top = max(sign * values[k] for k in keys)
             marked |= {k for k in keys if sign * values[k] == top}
         return marked
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One cell against the spec's baseline cell: Δ of the means and whether it exceeds 2σ of run-to-run spread
+    (σ = √(std² + std_baseline²), the verdict rule), with Welch's p where both have ≥ 2 seeds."""
+
+    cell: CellResult
+    delta: float
+    sigma: float
+    p_value: Optional[float]
+
+    @property
+    def differs(self) -> bool:
+        return abs(self.delta) > 2 * self.sigma if self.sigma > 0 else self.delta != 0
+
+
+def compare_with_baseline(t: TableResult) -> tuple[Optional[CellResult], list[Comparison]]:
+    """Every complete cell against the baseline cell (`spec.baseline`), in table order. ([], None) without one."""
+    if t.spec.baseline is None:
+        return None, []
+    base = t.cell(*t.spec.baseline)
+    if base is None or not base.complete or base.mean is None:
+        return base, []
+    out = []
+    for c in t.cells:
+        if c is base or not c.complete or c.mean is None:
+            continue
+        sigma = math.sqrt((c.std or 0.0) ** 2 + (base.std or 0.0) ** 2)
+        out.append(Comparison(c, c.mean - base.mean, sigma, _welch(c, base)))
+    return base, out
+
+
+def _welch(a: CellResult, b: CellResult) -> Optional[float]:
+    if a.n < 2 or b.n < 2:
+        return None
+    from scipy.stats import ttest_ind_from_stats  # lazy: scipy is slow to import; only comparisons need it
+
+    # population stds (ddof=0, as the tables show) -> sample stds
+    sa, sb = (c.std * math.sqrt(c.n / (c.n - 1)) for c in (a, b))
+    if sa == 0 and sb == 0:
+        return None if a.mean == b.mean else 0.0
+    return float(ttest_ind_from_stats(a.mean, sa, a.n, b.mean, sb, b.n, equal_var=False).pvalue)
 
 
 def collect(spec: ReportSpec, index: StoreIndex, seeds: Optional[Sequence[int]] = None) -> list[TableResult]:

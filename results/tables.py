@@ -13,8 +13,8 @@ import io
 from typing import Any, Optional, Sequence
 
 from results.report import (
-    RULE, TABLE6_NOTE, TTEST, VALIDATION_COUNTERPART, CellResult, TableResult, run_epoch_seconds, run_epochs,
-    run_peak_memory,
+    RULE, TABLE6_NOTE, TTEST, VALIDATION_COUNTERPART, CellResult, TableResult, compare_with_baseline,
+    run_epoch_seconds, run_epochs, run_peak_memory,
 )
 from results.runs import run_budget_method, run_curvature_range
 
@@ -214,6 +214,34 @@ def curvature_markdown(t: TableResult) -> Optional[str]:
     return _md_table(["F/λ over training · at the end", *t.columns], body)
 
 
+def baseline_markdown(t: TableResult) -> Optional[str]:
+    """Every cell against the spec's baseline cell, and one sentence per column: the first row (in table order)
+    from which the column differs from the baseline beyond 2σ of run-to-run spread, if any."""
+    base, comparisons = compare_with_baseline(t)
+    if base is None:
+        return None
+    label = f"{base.row} × {base.column}"
+    if not comparisons:
+        return f"The baseline {label} has no complete result yet: nothing is compared."
+    d = t.metric.digits
+    body = [[c.cell.row, c.cell.column, _f(c.delta, d, sign=True), _f(2 * c.sigma, d),
+             "" if c.p_value is None else f"{c.p_value:.3g}", "yes" if c.differs else "no"] for c in comparisons]
+    sentences = []
+    for col in dict.fromkeys(c.cell.column for c in comparisons):
+        mine = [c for c in comparisons if c.cell.column == col]
+        first = next((c for c in mine if c.differs), None)
+        if first is None:
+            sentences.append(f"**{col}** does not differ from {label} beyond 2σ at any row.")
+        else:
+            sentences.append(f"**{col}** differs from {label} beyond 2σ from row **{first.cell.row}** on "
+                             f"(Δ {_f(first.delta, d, sign=True)}; "
+                             f"{sum(c.differs for c in mine)} of {len(mine)} rows differ).")
+    table = _md_table([f"vs {label}", "column", "Δ mean", "2σ", "Welch p", "beyond 2σ"], body)
+    return "\n".join([f"Baseline: {label}, {_f(base.mean, d)} over {base.n} seeds. Rule: |Δ| > 2σ, "
+                      "σ = √(std² + std_baseline²) (run-to-run spread, as the verdicts).", "", table, "",
+                      *sentences])
+
+
 def rule_text(t: TableResult) -> str:
     seeds = t.cells[0].seeds_expected if t.cells else []
     parts = [f"Ours: mean ± population std (ddof=0) over seeds {seeds}; one finished seed is shown as `(n=1)`; "
@@ -251,6 +279,9 @@ def markdown(tables: Sequence[TableResult]) -> str:
         out += [METHOD_NOTE, ""]
     out += ["## Cost per epoch", "", "Budget-clock seconds: evaluation, logging and checkpoints excluded.", "",
             cost_markdown(t0), ""]
+    baseline = baseline_markdown(t0)
+    if baseline is not None:
+        out += ["## Against the baseline", "", baseline, ""]
     curvature = curvature_markdown(t0)
     if curvature is not None:
         out += ["## F/λ over training", "", "The range of F/λ over the preconditioned entries, logged at every "

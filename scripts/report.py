@@ -99,7 +99,7 @@ def report_input(spec, arm_sets: Sequence[str], overrides: Sequence[str] = (), w
     return ReportSpec(name=spec.name, title=spec.title, seeds=list(spec.seeds), metrics=spec.metrics(),
                       cells=inputs, paper=paper, paper_epochs=paper_epochs, wct=bool(spec.wct),
                       notes=list(spec.notes), best="column" if grid else "row", best_label=label,
-                      select=getattr(spec, "select", None))
+                      select=getattr(spec, "select", None), baseline=getattr(spec, "baseline", None))
 
 
 # ----------------------------------------------------------------------------------------------- output

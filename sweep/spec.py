@@ -159,6 +159,7 @@ class SweepSpec:
     path: Optional[Path] = None
     grid: bool = False
     select: Optional[str] = None
+    baseline: Optional[tuple[str, str]] = None  # (row, column): reports compare every cell with it
 
     # ---------------------------------------------------------------------------------------- families
     def family_chain(self, family: str) -> list[str]:
@@ -329,7 +330,7 @@ def load_spec(name_or_path: str | Path, spec_dir: Path = SPEC_DIR) -> SweepSpec:
         raise SpecError(f"no sweep spec {name_or_path!r} (looked for {path}); available: {names}")
     raw = _load_raw(path)
     known = {"title", "preset", "seeds", "metric", "overrides", "families", "rows", "arms", "cells", "scale",
-             "wct", "paper", "extra_metrics", "notes", "search", "grid", "select"}
+             "wct", "paper", "extra_metrics", "notes", "search", "grid", "select", "baseline"}
     unknown = set(raw) - known
     if unknown:
         raise SpecError(f"sweep spec {path}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
@@ -357,9 +358,19 @@ def load_spec(name_or_path: str | Path, spec_dir: Path = SPEC_DIR) -> SweepSpec:
         path=path,
         grid=bool(raw.get("grid", False)),
         select=str(raw["select"]) if raw.get("select") else None,
+        baseline=_baseline(raw.get("baseline"), path),
     )
     _validate(spec)
     return spec
+
+
+def _baseline(value: Any, path: Path) -> Optional[tuple[str, str]]:
+    """`baseline: {row: R, column: C}`: the cell every other cell is compared with (reports)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"row", "column"}:
+        raise SpecError(f"sweep spec {path}: baseline must be {{row: <row>, column: <column>}}, got {value!r}")
+    return str(value["row"]), str(value["column"])
 
 
 def _validate(spec: SweepSpec) -> None:
@@ -377,6 +388,10 @@ def _validate(spec: SweepSpec) -> None:
                 if col not in all_cols:
                     raise SpecError(f"{where}: {table_name}.{row} names column {col!r}, which no arm set has")
                 parse_paper_value(value)
+    if spec.baseline is not None:
+        row, col = spec.baseline
+        if row not in spec.rows or col not in {c for arm in spec.arms.values() for c in arm}:
+            raise SpecError(f"{where}: baseline names the cell {row!r} × {col!r}, which the spec does not have")
     if spec.wct:
         if "epochs" not in spec.wct or "reference" not in spec.wct:
             raise SpecError(f"{where}: wct needs `reference` and `epochs`")

@@ -200,3 +200,32 @@ def test_best_cell_is_chosen_on_validation_when_the_runs_have_it(tmp_path):
     spec.select = "best_acc1"
     (t,) = collect(spec, StoreIndex(tmp_path))
     assert t.best_cells() == {("lr 0.01", "Adam")}
+
+
+def test_comparison_with_a_baseline_cell_names_the_first_row_that_differs(tmp_path):
+    """The damping study's sentence: from which row on a column differs from the baseline beyond 2σ."""
+    from scipy.stats import ttest_ind
+
+    from results import tables as render
+    from results.report import CellInput, ReportSpec, compare_with_baseline
+
+    accs = {("lo", "A"): [0.90, 0.91, 0.92], ("hi", "A"): [0.80, 0.81, 0.82], ("lo", "B"): [0.905, 0.915, 0.91],
+            ("hi", "B"): [0.90, 0.92, 0.91], ("base", "C"): [0.90, 0.91, 0.92]}
+    cells = []
+    for i, ((row, col), values) in enumerate(accs.items()):
+        cfg = config(optimizer__lr=0.001 * (i + 1))
+        for seed, acc in enumerate(values):
+            fabricate(tmp_path, cfg, seed, "completed", [acc])
+        cells.append(CellInput(row, col, "main", cfg))
+    spec = ReportSpec("b", "B", [0, 1, 2], ["best_acc1"], cells, best="none", baseline=("base", "C"))
+    (t,) = collect_one(spec, tmp_path)
+    base, comparisons = compare_with_baseline(t)
+    assert base.row == "base" and [(c.cell.row, c.cell.column, c.differs) for c in comparisons] == [
+        ("lo", "A", False), ("hi", "A", True), ("lo", "B", False), ("hi", "B", False)]
+    hi_a = comparisons[1]
+    assert hi_a.delta == pytest.approx(-10.0)
+    assert hi_a.p_value == pytest.approx(ttest_ind([80, 81, 82], [90, 91, 92], equal_var=False).pvalue)
+    text = render.baseline_markdown(t)
+    assert "**A** differs from base × C beyond 2σ from row **hi** on (Δ -10.00; 1 of 2 rows differ)." in text
+    assert "**B** does not differ from base × C beyond 2σ at any row." in text
+    assert "## Against the baseline" in render.markdown([t])

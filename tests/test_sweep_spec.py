@@ -157,3 +157,16 @@ def test_paper_tables_have_the_papers_shape():
         assert [c for _, c in load_spec(name).columns(("fixed",))] == [
             "AdaFisher (paper eqs.)", "AdaFisher (F = λ)", "SGD-momentum",
             "SGD, bias-corrected (= F = λ, exact from step 1)"], name
+
+
+def test_baseline_names_a_cell_of_the_spec(tmp_path):
+    from sweep.spec import SpecError, load_spec
+
+    assert load_spec("damping_study").baseline == ("no curvature", "F = λ")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rows: {a: {}}\narms: {main: {X: [optimizer=adam]}}\nbaseline: {row: a, column: Y}\n")
+    with pytest.raises(SpecError, match="baseline names the cell 'a' × 'Y'"):
+        load_spec(bad)
+    bad.write_text("rows: {a: {}}\narms: {main: {X: [optimizer=adam]}}\nbaseline: a\n")
+    with pytest.raises(SpecError, match="baseline must be"):
+        load_spec(bad)
