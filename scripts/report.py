@@ -124,10 +124,8 @@ def write_tables(name: str, tables: list[TableResult], index: StoreIndex, out: P
         from results import figures as fig
 
         fig_dir = out / "figures" / name
-        if tables[0].spec.has_paper or tables[0].spec.wct:
-            files += fig.all_figures(tables[0], fig_dir)
-        else:
-            files += fig.cost(tables[0], fig_dir)
+        # curves over time and epochs, cost, and where the runs allow it the stability panels and F/λ spread
+        files += fig.all_figures(tables[0], fig_dir)
         key = target.key if target is not None else tables[0].metric.key
         if key:
             files += fig.over_time(tables[0], key, fig_dir, target)
