@@ -15,14 +15,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from engine.compose import attach_choices, register_configs
+from engine.compose import TRAIN_GROUPS, attach_choices, compose_config, group_options, register_configs
 from engine.lifecycle import run
 from engine.summary import summary_line
 from fisherbench.distributed import shutdown as shutdown_distributed
@@ -104,13 +105,7 @@ running the same command). Docs: docs/running.md. The composed config{which}:
 
 def _print_help(argv: list[str]) -> None:
     """`--help`: only the groups train.py accepts (Hydra's own lists internal schema groups and sweep specs)."""
-    from omegaconf import OmegaConf
-
-    from engine.compose import TRAIN_GROUPS, compose_config, group_options
-
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    import textwrap
-
     groups = "\n".join(textwrap.fill(", ".join(group_options(g)), width=110, initial_indent=f"  {g + ':':<12} ",
                                       subsequent_indent=" " * 15) for g in TRAIN_GROUPS)
     try:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from analysis.diagnostics import Block
+from optim.adafisher_stats import kind_of
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 GRAD_SCALES = ("batch", "mean")
@@ -295,8 +296,6 @@ def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def adafisher_order(model: nn.Module) -> list[str]:
     """Names of the layers AdaFisher tracks (Linear, Conv2d, BatchNorm2d, LayerNorm), in model order: the
     paper counts ResNet-18's layers this way (37th = layer4.1.conv1, 41st = the classifier)."""
-    from optim.adafisher_stats import kind_of
-
     return [n for n, m in model.named_modules() if n and kind_of(m) is not None]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from analysis.diagnostics import LayerAnalysis
+from engine.loggers import resolve_wandb_mode
 
 FACTOR_COLUMNS = (
     "dim", "analysed_dim", "diag_energy_ratio", "snr_db", "snr_db_noise_free", "snr_db_notebook",
@@ -92,13 +93,11 @@ def log_wandb(out_dir: Path, figures: Sequence[Path], rows: Sequence[dict[str, A
     With `run_id` (a fisherbench run) the figures go to that run (resumed). Returns the W&B run directory,
     or None when disabled or failed (a failure is reported and never raises: the files are the result).
     """
-    from engine.loggers import resolve_wandb_mode
-
     resolved = resolve_wandb_mode(mode)
     if resolved == "disabled":
         return None
     try:
-        import wandb
+        import wandb  # lazy: W&B is opt-in (--wandb), ~0.5 s to import
 
         run = wandb.init(project=project, entity=entity, id=run_id, resume="allow" if run_id else None,
                          dir=str(out_dir), mode=resolved, job_type="fisher_analysis", config=config or {},

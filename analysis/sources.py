@@ -13,9 +13,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
+import yaml
 from torch import Tensor, nn
 
+import data as data_pkg
+import models as models_pkg
+import optim as optim_pkg
 from fisherbench import checkpoint
+from fisherbench.env import resolve_device
+from fisherbench.modules import unwrap
+from fisherbench.tasks import get_task
 
 from analysis.diagnostics import DEFAULT_DAMPING
 from analysis.factors import DEFAULT_MAX_DIM, LayerFactors, Log, collect_factors
@@ -58,11 +65,6 @@ class Setup:
 
 
 def setup_from_config(cfg: dict[str, Any], device: Optional[str] = None) -> Setup:
-    import data as data_pkg
-    import models as models_pkg
-    from fisherbench.env import resolve_device
-    from fisherbench.tasks import get_task
-
     dev = resolve_device(device or str(cfg.get("device", "auto")))
     seed = int(cfg.get("seed", 0))
     bundle = data_pkg.build_data(dict(cfg["data"]), data_pkg.BuildContext(seed=seed, device=dev))
@@ -87,8 +89,6 @@ class Snapshot:
 # ------------------------------------------------------------------------------------------- run dirs
 def load_run(run_dir: Path | str, device: Optional[str] = None) -> tuple[Setup, list[Path]]:
     """The run's setup (from `config.yaml`) and its checkpoint files (none is an error with advice)."""
-    import yaml
-
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
@@ -153,8 +153,6 @@ def checkpoint_snapshots(setup: Setup, paths: Sequence[Path], steps: Optional[Se
 def training_snapshots(setup: Setup, steps: Sequence[int], log: Log = _stderr) -> Iterator[Snapshot]:
     """Train with the config's optimizer (base lr, no schedule) and yield the model after each of `steps`
     optimizer steps (0 = at initialisation)."""
-    import optim as optim_pkg
-
     wanted = sorted(set(int(s) for s in steps))
     if not wanted or wanted[0] < 0:
         raise ValueError(f"--steps must be non-negative step counts, got {list(steps)}")
@@ -206,7 +204,5 @@ class FactorCallback:
         step = int(row["step"])
         if (self.steps is not None and step not in self.steps) or step in self.factors:
             return
-        from fisherbench.modules import unwrap
-
         self.factors[step] = collect_factors(unwrap(self.model), self.batches(), self.loss_fn, self.layers,
                                              **self.kwargs)

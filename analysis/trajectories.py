@@ -14,10 +14,23 @@ import contextlib
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy.interpolate import griddata  # noqa: E402
+from sklearn.datasets import load_iris  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from analysis.plotting import save_figure as save  # noqa: E402
+from analysis.plotting import series_color as _color  # noqa: E402
+from engine.compose import load_group_option  # noqa: E402
+from optim import BuildContext, build_optimizer  # noqa: E402
 
 OPTIMIZERS = (("Adam", "adam"), ("AdaHessian", "adahessian"), ("K-FAC", "kfac"), ("Shampoo", "shampoo"),
               ("AdaFisher", "adafisher"))
@@ -25,10 +38,6 @@ EPOCHS, LR, BATCH, HIDDEN, GRID = 20, 1.0e-3, 16, 16, 200
 
 
 def iris_2d() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_iris
-    from sklearn.decomposition import PCA
-    from sklearn.preprocessing import StandardScaler
-
     data = load_iris()
     x = PCA(n_components=2, random_state=0).fit_transform(StandardScaler().fit_transform(data.data))
     return torch.tensor(x, dtype=torch.float32), torch.tensor(data.target, dtype=torch.long)
@@ -42,9 +51,6 @@ def mlp(seed: int = 0) -> nn.Module:
 def train_trajectory(option: str, x: torch.Tensor, y: torch.Tensor, init: dict, epochs: int = EPOCHS,
                      lr: float = LR, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """First-layer weights (flattened) and full-batch training loss after each step, starting at `init`."""
-    from engine.compose import load_group_option
-    from optim import BuildContext, build_optimizer
-
     model = mlp()
     model.load_state_dict(init)
     opts = {**load_group_option("optimizer", option), "lr": lr}
@@ -72,16 +78,6 @@ def train_trajectory(option: str, x: torch.Tensor, y: torch.Tensor, init: dict, 
 def figure1(out_stem: Path, optimizers: Sequence[tuple[str, str]] = OPTIMIZERS, epochs: int = EPOCHS,
             grid: int = GRID) -> tuple[list[Path], dict[str, float]]:
     """Draw Figure 1; returns the files written and each optimizer's final training loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from scipy.interpolate import griddata
-    from sklearn.decomposition import PCA
-
-    from analysis.plotting import save_figure as save
-    from analysis.plotting import series_color as _color
-
     x, y = iris_2d()
     init = {k: v.clone() for k, v in mlp().state_dict().items()}
     trajectories = {}

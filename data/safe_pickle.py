@@ -15,6 +15,7 @@ The plain types themselves have pickle opcodes of their own and need no global a
 """
 from __future__ import annotations
 
+import importlib
 import io
 import pickle
 from pathlib import Path
@@ -30,8 +31,6 @@ class UnsafePickleError(DatasetNotFoundError):
 
 
 def _numpy_core(module: str) -> Any:
-    import importlib
-
     try:  # numpy 2 (numpy.core is a deprecated alias of numpy._core there)
         return importlib.import_module(f"numpy._core.{module}")
     except ImportError:  # numpy 1

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -29,7 +30,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import tokenizers
 import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers.models import BPE
 
 from fisherbench.config import not_identity
 from fisherbench.errors import UserError
@@ -117,9 +121,6 @@ class HFTokenizer:
 
 def byte_level_bpe(vocab: Optional[Path] = None, merges: Optional[Path] = None) -> Any:
     """GPT-2's byte-level BPE pipeline: from vocab.json + merges.txt, or untrained (vocab=None)."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import BPE
-
     model = BPE.from_file(str(vocab), str(merges)) if vocab is not None else BPE()
     tokenizer = Tokenizer(model)
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -152,8 +153,6 @@ def folder_tokenizer(folder: Path) -> HFTokenizer:
 
 def train_bpe(text: str, vocab_size: int, min_frequency: int) -> Any:
     """A byte-level BPE trained on `text` (every byte is in the initial alphabet: no unknown tokens)."""
-    from tokenizers import pre_tokenizers, trainers
-
     tokenizer = byte_level_bpe()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -163,9 +162,6 @@ def train_bpe(text: str, vocab_size: int, min_frequency: int) -> Any:
 
 def trained_tokenizer(text: str, text_sha: str, opts: TextFilesOptions, cache_dir: Path) -> tuple[HFTokenizer, str]:
     """(tokenizer, where it came from): loaded from the cache, or trained on `text` (and cached)."""
-    import tokenizers
-    from tokenizers import Tokenizer
-
     if opts.vocab_size < 256:
         raise UserError(f"text_files: data.vocab_size must be >= 256 (the byte alphabet) for tokenizer=train, "
                          f"got {opts.vocab_size}")
@@ -243,8 +239,6 @@ def token_ids(tokenizer: Any, text: str, text_sha: str, cache: bool, cache_dir: 
             pass
     ids = tokenizer.encode(text)
     if cache:
-        import io
-
         buffer = io.BytesIO()
         np.save(buffer, ids)
         _write_atomic(path, buffer.getvalue())

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 
 from fisherbench.config import not_identity
 from fisherbench.errors import UserError
@@ -62,9 +65,6 @@ HF_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 
 def gpt1_tokenizer(folder: Path | str) -> Any:
     """GPT-1's BPE tokeniser from `folder/vocab.json` + `folder/merges.txt` (a `tokenizers.Tokenizer`)."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
-
     folder = Path(folder)
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     model = BPE.from_file(str(vocab), str(merges), unk_token="<unk>", end_of_word_suffix="</w>", fuse_unk=False)
@@ -83,7 +83,7 @@ def tokenizer_dir(opts_dir: Optional[str], root: Path) -> Path:
 
 def _from_hf_cache(name: str) -> Optional[Path]:
     """GPT-1's `name` from the local Hugging Face cache (a transformers user often has it), or None."""
-    try:
+    try:  # lazy: huggingface_hub is not a declared dependency; without it there is no cache to read
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
@@ -98,8 +98,6 @@ def ensure_tokenizer(folder: Path, *, download_missing: bool) -> Path:
     """Make sure GPT-1's vocab.json and merges.txt are in `folder`: copied from the local Hugging Face cache
     when it has them, else downloaded if allowed. HF_HUB_OFFLINE (and FISHERBENCH_OFFLINE) forbid contacting
     the Hub, as they do for huggingface_hub itself."""
-    import shutil
-
     missing = [name for name in GPT1_FILES if not (folder / name).is_file()]
     if not missing:
         return folder
@@ -149,7 +147,7 @@ def write_from_hf(root: Path, variant: str) -> dict[str, Path]:
     """Write the text files of `variant` from the HF `datasets` copy (rows are the original lines)."""
     if not downloads_allowed():
         raise DownloadError("downloads are disabled (FISHERBENCH_OFFLINE=1)")
-    import datasets
+    import datasets  # lazy: ~1 s to import; only the Hugging Face fallback uses it
 
     _, suffix, config = VARIANTS[variant]
     try:

@@ -17,6 +17,7 @@ import optim as optim_pkg
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fisherbench.distributed import DistInfo
 from fisherbench.env import compile_model, device_info, git_state, prepare_model, runtime_settings, versions
@@ -70,8 +71,6 @@ def build_components(cfg: DictConfig, device: torch.device, info: DistInfo) -> C
     check_compile(cfg, opt_entry)
     model = prepare_model(build_model().to(device), bool(cfg.get("channels_last", False)))
     if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.get("compile", False):
         model = compile_model(model)

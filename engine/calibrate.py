@@ -46,7 +46,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from data.registry import DataBundle
@@ -437,9 +439,6 @@ def describe(derived: dict[str, Any], candidate: str) -> str:
 
 def reference_options(name: str) -> dict[str, Any]:
     """The resolved config of the reference optimizer option `name`; UserError when there is no such option."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         return load_group_option("optimizer", name)
     except (HydraException, OmegaConfBaseException) as exc:

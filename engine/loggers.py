@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 
 class NullLogger:
     name = "none"
@@ -66,9 +69,6 @@ def run_name(config: dict[str, Any]) -> str:
 def multirun_group() -> Optional[str]:
     """`multirun/<sweep dir name>` inside a Hydra multirun job (`train.py -m`), else None."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         if not HydraConfig.initialized():
             return None
         hc = HydraConfig.get()
@@ -98,7 +98,7 @@ class WandbLogger:
         if self.mode == "disabled":
             return
         try:
-            import wandb
+            import wandb  # lazy: optional (logger=none needs no W&B), ~0.5 s to import
 
             self.run = wandb.init(
                 project=self.cfg.project,

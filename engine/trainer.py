@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from data.registry import DataBundle
 from fisherbench import checkpoint as ckpt
@@ -167,8 +168,6 @@ class Progress:
         self.select_key = select_key
         self.bar = None
         if is_main and mode == "always":
-            from tqdm import tqdm
-
             total = plan.total_steps
             self.bar = tqdm(total=total, initial=initial_step if total else 0, unit="step", dynamic_ncols=True,
                             leave=False, file=sys.stderr)

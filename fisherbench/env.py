@@ -180,7 +180,7 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     try:
-        import resource
+        import resource  # lazy: POSIX-only module (the ImportError below covers Windows)
 
         rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss_kb * 1024) if sys.platform != "darwin" else int(rss_kb)

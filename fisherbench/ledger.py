@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Optional
 
+import torch
+
 PARTS = ("train_s", "eval_s", "log_s", "ckpt_s", "warmup_s")
 
 
@@ -53,8 +55,6 @@ class Ledger:
 
 
 def _cuda_sync() -> None:
-    import torch
-
     torch.cuda.synchronize()
 
 
@@ -156,8 +156,6 @@ class Clock:
         self._known = (step, 0.0)
         self._events.clear()
         if self.cuda:
-            import torch
-
             self._start_event = torch.cuda.Event(enable_timing=True)
             self._start_event.record()
 
@@ -166,8 +164,6 @@ class Clock:
         if self._seg_start is None:
             return
         if self.cuda:
-            import torch
-
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             self._events.append((step, event))

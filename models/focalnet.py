@@ -13,6 +13,7 @@ stride-2 patch stem instead of timm's fixed stride 4, so a 32x32 image gives the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional
 
 import torch
@@ -210,8 +211,7 @@ class FocalNetOptions(ModelOptions):
 )
 def build_focalnet(opts: FocalNetOptions, *, num_classes: int, input_shape: Optional[tuple],
                    double_backward: bool) -> nn.Module:
-    from functools import partial
-
+    # lazy: timm takes ~1 s to import; only the timm variants need it
     from timm.layers import LayerNorm2d
     from timm.models.focalnet import Downsample, FocalNet, _init_weights
 

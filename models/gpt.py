@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -113,7 +114,7 @@ class EmbeddingsUnavailable(UserError):
 
 def fetch_gpt1_embeddings() -> tuple[torch.Tensor, torch.Tensor]:
     """OpenAI GPT-1's token (40478 x 768) and position (512 x 768) embeddings from the Hugging Face hub."""
-    try:
+    try:  # lazy: not declared dependencies (timm brings them); a missing one is reported like an offline hub
         from huggingface_hub import hf_hub_download
         from safetensors.torch import load_file
 
@@ -137,8 +138,6 @@ def _pick(state: dict[str, torch.Tensor], suffix: str) -> torch.Tensor:
 
 
 def load_npz_embeddings(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    import numpy as np
-
     if not os.path.isfile(path):
         raise EmbeddingsUnavailable(f"embeddings file {path!r} does not exist (expected an .npz with arrays "
                                     f"'tokens' and 'position', like the official data/embeddings.npz)")

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import mobilenet_v3_large
+from torchvision.models.mobilenetv3 import InvertedResidual
 
 from models import pretrained as pt
 from models.common import disable_inplace, image_shape, require_min_size
@@ -186,8 +188,6 @@ def build_mobilenetv3_official(opts: OfficialMobileNetV3Options, *, num_classes:
 
 
 def _hook_safe_inverted_residual():
-    from torchvision.models.mobilenetv3 import InvertedResidual
-
     class HookSafeInvertedResidual(InvertedResidual):
         """torchvision's block with `result + input` instead of `result += input` (an in-place add on a hooked
         BatchNorm's output breaks full backward hooks, which the official AdaFisher registers). Same parameters
@@ -218,8 +218,6 @@ class MobileNetV3Options(ModelOptions):
 )
 def build_mobilenetv3(opts: MobileNetV3Options, *, num_classes: int, input_shape: Optional[tuple],
                       double_backward: bool) -> nn.Module:
-    from torchvision.models import mobilenet_v3_large
-
     c, h, w = image_shape(input_shape, (3, 32, 32))
     require_min_size(opts.name, (c, h, w), 8, "it downsamples 8x below 128x128 (32x above)")
     if c != 3:

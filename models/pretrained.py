@@ -14,6 +14,8 @@ from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
+from torchvision.models import get_weight
+
 from fisherbench.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,6 @@ def fetch_torchvision_state_dict(weights_name: str) -> dict[str, torch.Tensor]:
 
     Downloads once into torch's hub cache (`$TORCH_HOME/hub/checkpoints`); later calls read the cache.
     """
-    from torchvision.models import get_weight
-
     weights = get_weight(weights_name)
     try:
         return weights.get_state_dict(progress=True, check_hash=True)

@@ -8,6 +8,7 @@ from typing import Optional
 
 from torch import nn
 from torchvision.models import resnet as tv_resnet
+from torchvision.models import resnet50
 
 from models import pretrained as pt
 from models.common import disable_inplace, image_shape, require_min_size
@@ -46,8 +47,6 @@ class ResNet50Options(ModelOptions):
 )
 def build_resnet50(opts: ResNet50Options, *, num_classes: int, input_shape: Optional[tuple],
                    double_backward: bool) -> nn.Module:
-    from torchvision.models import resnet50
-
     c, h, w = image_shape(input_shape, (3, 224, 224))
     require_min_size(opts.name, (c, h, w), 32, "its stride-2 stem, max-pool and three stride-2 stages downsample 32x")
     model = resnet50(weights=None, num_classes=num_classes)

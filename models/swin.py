@@ -294,7 +294,7 @@ class TimmSwinOptions(ModelOptions):
 )
 def build_swin_tiny(opts: TimmSwinOptions, *, num_classes: int, input_shape: Optional[tuple],
                     double_backward: bool) -> nn.Module:
-    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.swin_transformer import SwinTransformer  # lazy: timm takes ~1 s to import
 
     c, h, w = image_shape(input_shape, (3, 32, 32))
     if h != w or h % (opts.patch_size * 2 ** (len(opts.depths) - 1)):

@@ -30,7 +30,7 @@ class TinyViTOptions(ModelOptions):
 )
 def build_tiny_vit(opts: TinyViTOptions, *, num_classes: int, input_shape: Optional[tuple],
                    double_backward: bool) -> nn.Module:
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import VisionTransformer  # lazy: timm takes ~1 s to import
 
     c, h, w = image_shape(input_shape, (3, 32, 32))
     if h % opts.patch_size or w % opts.patch_size:

@@ -175,7 +175,7 @@ class AsdlAdapter(OptimizerAdapter):
 
 
 def _preconditioning_config(opts: AsdlOptions, ignore_modules: list[Any]) -> Any:
-    from asdl import PreconditioningConfig  # asdl is imported on first use: heavy, and warns on import
+    from asdl import PreconditioningConfig  # lazy: asdl warns on import; only the ASDL rows use it
 
     return PreconditioningConfig(
         data_size=1,  # set per step to the number of loss terms (see AsdlAdapter.forward_backward)
@@ -207,7 +207,7 @@ class KfacAdapter(AsdlAdapter):
     reads = (*AsdlAdapter.reads, "fisher_type", "n_mc_samples")
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, model: nn.Module, options: KfacOptions) -> None:
-        from asdl import KfacGradientMaker  # asdl is imported on first use: heavy, and warns on import
+        from asdl import KfacGradientMaker  # lazy: asdl warns on import; only the ASDL rows use it
 
         super().__init__(optimizer, model=model, options=options)
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -268,7 +268,7 @@ class KfacAdapter(AsdlAdapter):
         return {**super().grad_maker_state(), "factors": factors}
 
     def load_grad_maker_state(self, state: dict[str, Any]) -> None:
-        from asdl.symmatrix import SymMatrix  # asdl is imported on first use: heavy, and warns on import
+        from asdl.symmatrix import SymMatrix  # lazy: asdl warns on import; only the ASDL rows use it
 
         super().load_grad_maker_state(state)
         attr = self.grad_maker.fisher_maker.config.fisher_attr
@@ -298,7 +298,7 @@ class ShampooAdapter(AsdlAdapter):
     """Shampoo: statistics and inverse roots live in ASDL `Preconditioner` objects, one per matrix."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, model: nn.Module, options: ShampooOptions) -> None:
-        from asdl import ShampooGradientMaker  # asdl is imported on first use: heavy, and warns on import
+        from asdl import ShampooGradientMaker  # lazy: asdl warns on import; only the ASDL rows use it
 
         super().__init__(optimizer, model=model, options=options)
         inner = unwrap(model)

@@ -18,18 +18,20 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from fisherbench.config import TrainConfig
 from fisherbench.errors import UserError
 from fisherbench.scores import as_number, get_metric
 from fisherbench.status import EXIT_USER_ERROR
+from results import trials
+from results.adhoc import _identity_items, default_metric
 from results.runs import (
     StoredRun, StoreIndex, filter_runs, flatten, parse_where, progress_printer, run_epochs, value_text,
 )
 from results.tables import format_columns
+from results.wandb_offline import print_run, resolve_run_files
 
 
 def default_store() -> Path:
-    from fisherbench.config import TrainConfig
-
     return Path(TrainConfig.results_dir)
 
 
@@ -70,8 +72,6 @@ LS_COLUMNS = ("id", "model", "data", "optimizer", "seed", "status", "best", "tra
 def differing_keys(runs: Sequence[StoredRun], limit: int = 3) -> list[str]:
     """Config keys (of the run identity) whose values differ between runs of the same model, data and
     optimizer (the seed aside): what tells apart two rows that would otherwise look the same."""
-    from results.adhoc import _identity_items
-
     groups: dict[tuple, list[dict[str, str]]] = {}
     for r in runs:
         if not r.signature.startswith("corrupt:"):
@@ -217,8 +217,6 @@ def cmd_show(args) -> int:
 
 # ----------------------------------------------------------------------------------------------- best
 def cmd_best(args) -> int:
-    from results.adhoc import default_metric
-
     index = open_store(args.store)
     runs = filter_runs(index.runs, [parse_where(w) for w in args.where or []])
     metric = get_metric(args.metric or default_metric(runs))
@@ -248,8 +246,6 @@ def cmd_best(args) -> int:
 
 # --------------------------------------------------------------------------------------------- trials
 def cmd_trials(args) -> int:
-    from results import trials
-
     index = open_store(args.store)
     studies, problems = trials.from_store(index.root, index)
     for p in problems:
@@ -263,8 +259,6 @@ def cmd_trials(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- wandb
 def cmd_wandb(args) -> int:
-    from results.wandb_offline import print_run, resolve_run_files
-
     files = resolve_run_files(args.file, args.store)
     for f in files:
         try:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -58,8 +59,6 @@ def band(series: Sequence[tuple[np.ndarray, np.ndarray]], points: int = 100):
         inside = (grid >= x[0]) & (grid <= x[-1])
         stack[i, inside] = np.interp(grid[inside], x, y)
     with np.errstate(all="ignore"):
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             mean, std = np.nanmean(stack, axis=0), np.nanstd(stack, axis=0)

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 from fisherbench.scores import Target, time_to_target
 from results.report import CellResult, TableResult
+from results.tables import format_columns
 
 INF = math.inf
 TAU_MAX = 4.0
@@ -151,8 +152,6 @@ def profile_markdown(p: Profile) -> str:
 
 
 def console(p: Profile) -> str:
-    from results.tables import format_columns
-
     out = [format_columns(*times_rows(p)), "",
            f"Performance profile: fraction of problems within τ × the fastest optimizer's median time; "
            f"score = normalised area under ρ on [1, {p.tau_max:g}]",

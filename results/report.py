@@ -223,7 +223,7 @@ class CellResult:
         s_paper = p.std * math.sqrt(self.paper_seeds / (self.paper_seeds - 1))
         if s_ours == 0 and s_paper == 0:
             return None  # no spread on either side: the test is undefined
-        from scipy.stats import ttest_ind_from_stats  # scipy is slow to import; only reports with a paper need it
+        from scipy.stats import ttest_ind_from_stats  # lazy: scipy.stats takes ~1 s; only paper columns need it
 
         result = ttest_ind_from_stats(self.mean, s_ours, self.n, p.mean, s_paper, self.paper_seeds, equal_var=False)
         return float(result.pvalue)

@@ -19,7 +19,10 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from fisherbench.errors import UserError
+from fisherbench.scores import VALIDATION_COUNTERPART, get_metric
+from results.adhoc import default_metric
 from results.runs import StoreIndex
+from results.tables import format_columns
 
 
 @dataclass
@@ -66,7 +69,7 @@ def load_studies(db: Path | str, index: Optional[StoreIndex] = None,
     db = Path(db)
     if not db.is_file():
         raise UserError(f"no Optuna storage at {db} (a search writes <results_dir>/_optuna/<spec>.db)")
-    import optuna  # a heavy import, needed only for reports of searches
+    import optuna  # lazy: ~0.3 s to import; only stores with Optuna studies need it
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{db.resolve()}"
@@ -157,8 +160,6 @@ def markdown(study: StudyReport) -> str:
 
 
 def console(study: StudyReport) -> str:
-    from results.tables import format_columns
-
     header, body = trials_rows(study)
     objective = f"{study.direction} {study.metric}" if study.metric else study.direction
     return f"Optuna study {study.name} ({objective}; ★ best)\n" + format_columns(header, body)
@@ -167,6 +168,7 @@ def console(study: StudyReport) -> str:
 def figure(study: StudyReport, out_dir: Path, name: Optional[str] = None) -> list[Path]:
     """One panel per parameter: the trial values against it (log axis where searched on a log scale), the best
     trial as a star, failed trials as crosses along the bottom."""
+    # lazy: matplotlib takes ~0.5 s to import; only the figure needs it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,9 +261,6 @@ def from_run_tags(index: StoreIndex, metric: Optional[str] = None) -> list[Study
     """Studies rebuilt from the runs of a store that carry trial tags: each trial's value is `metric`'s mean
     over its runs (default: the validation counterpart of the runs' metric where they have it, as searches
     optimise); state complete when every run finished, pruned when one diverged, else failed or running."""
-    from fisherbench.scores import VALIDATION_COUNTERPART, get_metric
-    from results.adhoc import default_metric
-
     by_trial: dict[str, dict[int, tuple[dict[str, Any], list]]] = {}
     for run in index.runs:
         tagged = trial_tags(run.config)

@@ -12,11 +12,15 @@ To upload offline runs to a W&B server: `wandb sync runs/*/wandb/offline-run-*` 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import struct
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
+
+from fisherbench.config import TrainConfig
+from fisherbench.errors import UserError
 
 FILE_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
 BLOCK = 32 * 1024
@@ -53,7 +57,7 @@ def raw_records(path: Path | str) -> Iterator[bytes]:
 
 def read_run(path: Path | str) -> dict[str, Any]:
     """{"history": [ {key: value, ...} per log call ], "config": {...}, "summary": {...}, "run_id": str}."""
-    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.proto import wandb_internal_pb2 as pb  # lazy: wandb takes ~0.5 s to import
 
     out: dict[str, Any] = {"history": [], "config": {}, "summary": {}, "run_id": None}
     for blob in raw_records(path):
@@ -82,15 +86,11 @@ def find_run_files(run_dir: Path | str) -> list[Path]:
 
 def resolve_run_files(ref: str, store: Optional[str] = None) -> list[Path]:
     """The run files named by `ref`: a run-*.wandb file, a run directory, or a run id in `store`."""
-    from fisherbench.errors import UserError
-
     p = Path(ref)
     if p.is_file():
         return [p]
     candidates = [p] if p.is_dir() else []
     if store is not None or not candidates:
-        from fisherbench.config import TrainConfig
-
         candidates.append(Path(store or TrainConfig.results_dir) / ref)
     for d in candidates:
         files = find_run_files(d)
@@ -125,8 +125,6 @@ def print_run(path: Path | str, history: int = 5, out=None) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="results/wandb_offline.py", description="Print an offline W&B run file.")
     p.add_argument("file", help="a run-*.wandb file, a run directory, or a run id (with --store)")
     p.add_argument("--store", default=None)

@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import optim  # noqa: E402
+from optim.registry import describe  # noqa: E402
+
 DOC = ROOT / "docs" / "optimizers.md"
 CONFIG_DIR = ROOT / "configs" / "optimizer"
 START, END = "<!-- capabilities:start -->", "<!-- capabilities:end -->"
@@ -67,9 +70,6 @@ def defaults_of(schema: type) -> dict[str, object]:
 
 def render() -> str:
     """The Markdown tables for every registered optimizer, sorted by name."""
-    import optim
-    from optim.registry import describe
-
     configs = configs_by_entry()
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for name in optim.OPTIMIZERS.names():

@@ -88,6 +88,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _compose(args: argparse.Namespace) -> dict:
+    # lazy: these pull in torch and hydra (~3.5 s); --help and usage errors answer at once
     from engine.compose import compose_config
     from engine.identity import resolved_dict
     from fisherbench.errors import UserError
@@ -103,7 +104,7 @@ def _compose(args: argparse.Namespace) -> dict:
 
 
 def _figure_layers(args: argparse.Namespace, model, layers: list[str]) -> list[str]:
-    from analysis.factors import default_layers, select_layers
+    from analysis.factors import default_layers, select_layers  # lazy: pulls in torch (~3.5 s), as above
 
     if args.figure_layers:
         chosen = select_layers(model, args.figure_layers)
@@ -118,6 +119,7 @@ def _figure_layers(args: argparse.Namespace, model, layers: list[str]) -> list[s
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
+    # lazy: these pull in torch and hydra (~3.5 s); --help and usage errors answer at once
     from analysis import sources
     from analysis.diagnostics import analyse_layer
     from analysis.factors import collect_factors, describe_layers, select_layers
@@ -194,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     written = write_tables(rows, out, notes)
     for name in figure_layers:
         _log(f"figures for {name}")
-        from analysis.figures import write_layer_figures
+        from analysis.figures import write_layer_figures  # lazy: matplotlib, ~0.5 s; --no-figures skips it
 
         written += write_layer_figures(name, for_figures[name], out)
     if args.wandb:

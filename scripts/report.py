@@ -26,13 +26,18 @@ from typing import Optional, Sequence
 if __name__ == "__main__":  # run as a file: the checkout goes first on sys.path (a `results/` folder in the
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # working directory must not shadow it)
 
+from fisherbench.config import TrainConfig  # noqa: E402
 from fisherbench.errors import UserError  # noqa: E402
-from fisherbench.scores import Target, parse_target  # noqa: E402
+from fisherbench.scores import Target, get_metric, parse_target  # noqa: E402
+from results import profiles, trials  # noqa: E402
 from results import tables as render  # noqa: E402
+from results.adhoc import AdhocRequest, build, parse_key_values  # noqa: E402
 from results.report import (  # noqa: E402
     CellInput, PaperValue, ReportSpec, StoreIndex, TableResult, collect, grid_key, reproduction_summary,
 )
 from results.runs import parse_where, progress_printer  # noqa: E402
+from sweep.expand import compose_cell, hydra_context  # noqa: E402
+from sweep.spec import SpecError, available_specs, load_spec  # noqa: E402
 
 FIGURE_ONLY = ("fig1_iris",)
 
@@ -52,11 +57,7 @@ def report_input(spec, arm_sets: Sequence[str], overrides: Sequence[str] = (), w
                  rows: Optional[Sequence[str]] = None, columns: Optional[Sequence[str]] = None,
                  progress=None) -> ReportSpec:
     """A sweep spec's cells composed exactly as the sweep launches them, as the report's plain input."""
-    from engine.identity import resolved_dict
-    from sweep.expand import compose_cell, hydra_context
-    from sweep.spec import SpecError
-
-    from fisherbench.scores import get_metric
+    from engine.identity import resolved_dict  # lazy: engine pulls in torch (~4 s); --group-by reports need none
 
     for metric in spec.metrics():  # a metric name is checked before anything is composed
         try:
@@ -109,8 +110,6 @@ def write_tables(name: str, tables: list[TableResult], index: StoreIndex, out: P
     md = render.markdown(tables)
     prof = None
     if target is not None:
-        from results import profiles
-
         prof = profiles.profile(tables[0], target, tau_max=tau_max)
         md += "\n" + profiles.markdown(prof)
     corrupt = index.corrupt_runs()
@@ -121,7 +120,7 @@ def write_tables(name: str, tables: list[TableResult], index: StoreIndex, out: P
              _write(out / "tables" / f"{name}.csv", render.csv_text(tables)),
              _write(out / "tables" / f"{name}.tex", render.latex(tables))]
     if figures and any(c.seeds for c in tables[0].cells):
-        from results import figures as fig
+        from results import figures as fig  # lazy: matplotlib takes ~0.5 s; --no-figures skips it
 
         fig_dir = out / "figures" / name
         # curves over time and epochs, cost, and where the runs allow it the stability panels and F/λ spread
@@ -138,8 +137,6 @@ def write_tables(name: str, tables: list[TableResult], index: StoreIndex, out: P
             print(render.console_table(t))
             print()
         if prof is not None:
-            from results import profiles
-
             print(profiles.console(prof) + "\n")
     else:
         found = sum(c.n for c in tables[0].cells)
@@ -159,8 +156,6 @@ def write_tables(name: str, tables: list[TableResult], index: StoreIndex, out: P
 def write_trials(name: str, results_dir: Path, index: StoreIndex, out: Path, figures: bool,
                  only: Optional[Sequence[str]] = None) -> None:
     """The Optuna studies of the store (those of `only` databases), as tables with the best trial and a plot."""
-    from results import trials
-
     studies, problems = trials.from_store(results_dir, index, only)
     for p in problems:
         print(f"[report] {p}", file=sys.stderr)
@@ -180,8 +175,6 @@ def write_trials(name: str, results_dir: Path, index: StoreIndex, out: Path, fig
 # -------------------------------------------------------------------------------------------- commands
 def report_spec(name: str, index: StoreIndex, out: Path, args, overrides: Sequence[str], verbose: bool,
                 target: Optional[Target]) -> list[TableResult]:
-    from sweep.spec import SpecError, load_spec
-
     try:
         spec = load_spec(name)
     except SpecError as exc:  # some of the spec loader's messages do not say which file they are about
@@ -199,8 +192,6 @@ def report_spec(name: str, index: StoreIndex, out: Path, args, overrides: Sequen
 
 
 def report_store(index: StoreIndex, out: Path, args, target: Optional[Target]) -> int:
-    from results.adhoc import AdhocRequest, build, parse_key_values
-
     rows, row_values = [], {}
     for text in args.rows_keys or []:
         key, values = parse_key_values(text)
@@ -220,8 +211,6 @@ def _results_dir(args) -> Path:
     results_dir = args.results_dir or next(
         (o.split("=", 1)[1] for o in args.overrides if o.startswith("results_dir=")), None)
     if results_dir is None:
-        from fisherbench.config import TrainConfig
-
         results_dir = TrainConfig.results_dir
     path = Path(results_dir)
     if not path.is_dir():
@@ -273,6 +262,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if args.spec is None:
         raise UserError("give a sweep spec (e.g. quick), `all`, or --store DIR --group-by KEY (see --help)")
     if args.spec in FIGURE_ONLY or args.spec == "all":
+        # lazy: Figure 1 alone needs torch, scikit-learn and scipy (~5 s to import)
         from analysis.trajectories import figure1
 
         if args.spec == "fig1_iris" or not args.no_figures:
@@ -282,8 +272,6 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             print(f"[report] wrote {files[0]}")
         if args.spec in FIGURE_ONLY:
             return 0
-
-    from sweep.spec import available_specs, load_spec
 
     overrides = [o for o in args.overrides if not o.startswith("results_dir=")]
     index = StoreIndex(_results_dir(args), progress=True)
@@ -310,8 +298,6 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`run`, with anything the user can fix (a bad spec, key, metric, target or path) as a message and exit 2."""
-    from sweep.spec import SpecError
-
     try:
         return run(argv)
     except (UserError, SpecError) as exc:

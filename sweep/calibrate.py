@@ -11,15 +11,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from omegaconf import OmegaConf
+
+from engine.lifecycle import calibrate
+from fisherbench.errors import UserError
 from sweep.expand import PlannedRun
 
 
 def calibrate_cells(runs: Sequence[PlannedRun], results_dir: Path) -> list[dict]:
-    from omegaconf import OmegaConf
-
-    from engine.lifecycle import calibrate
-    from fisherbench.errors import UserError
-
     seen, out = set(), []
     cells = [r for r in runs if r.config.budget.mode == "reference"]
     for r in cells:

@@ -25,8 +25,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fisherbench.config import TrainConfig
 from fisherbench.errors import UserError
 from fisherbench.status import EXIT_USER_ERROR
+from sweep.expand import expand
+from sweep.overrides import override, parse_override_value, shell_line
 from sweep.spec import ARM_SETS, SPEC_DIR, WCT_MODES, SpecError, available_specs, load_spec
 
 
@@ -80,8 +83,6 @@ def _results_dir(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, 
     The override is read as Hydra reads it (`results_dir='/data/my runs'` is the path without the quotes);
     the sweep passes the directory on to every run quoted again (`sweep.overrides`).
     """
-    from sweep.overrides import parse_override_value
-
     rest, found = [], args.results_dir
     for ov in overrides:
         if ov.startswith("results_dir="):
@@ -90,8 +91,6 @@ def _results_dir(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, 
         else:
             rest.append(ov)
     if found is None:
-        from fisherbench.config import TrainConfig
-
         found = TrainConfig.results_dir
     if not str(found).strip():
         raise UserError("the results directory is empty; give one, e.g. --results-dir runs")
@@ -100,8 +99,6 @@ def _results_dir(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, 
 
 def _group_override(spec_name: str, overrides: list[str]) -> list[str]:
     """Runs of one sweep share a W&B group (the spec's name) unless the user chose one."""
-    from sweep.overrides import override
-
     if any(o.startswith(("logger.group=", "+logger.group=")) for o in overrides):
         return []
     return [override("logger.group", spec_name)]
@@ -117,8 +114,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from sweep.overrides import shell_line
-
     if args.list or not args.spec:
         for name in available_specs():
             spec = load_spec(name)
@@ -132,14 +127,12 @@ def _main(args: argparse.Namespace) -> int:
     group = _group_override(spec.name, overrides)
 
     if args.optuna:
-        from sweep.search import run_search
+        from sweep.search import run_search  # lazy: pulls in torch (2-4 s); --list and --help start without it
 
         return run_search(spec, results_dir, overrides, trials=args.trials, storage=args.storage,
                           workers_gpus=args.gpus, cpu_workers=args.workers, wct_mode=args.wct,
                           reclaim=args.reclaim, threads=args.threads, in_process=args.in_process,
                           max_retries=args.max_retries)
-
-    from sweep.expand import expand
 
     def progress(i: int, n: int) -> None:
         if sys.stderr.isatty() or i == n:
@@ -158,11 +151,12 @@ def _main(args: argparse.Namespace) -> int:
           f"-> {results_dir}")
 
     if args.calibrate:
-        from sweep.calibrate import calibrate_cells
+        from sweep.calibrate import calibrate_cells  # lazy: pulls in torch (2-4 s); --list and --help start without it
 
         calibrate_cells(runs, results_dir)
         args.dry_run = True
     if args.dry_run:
+        # lazy: pulls in torch (2-4 s); --list and --help start without it
         from sweep.estimate import estimate, format_plan
         from sweep.local import train_command
 
@@ -175,7 +169,7 @@ def _main(args: argparse.Namespace) -> int:
         return 0
 
     if args.launcher != "local":
-        from sweep.launchers import launch
+        from sweep.launchers import launch  # lazy: pulls in torch (2-4 s); --list and --help start without it
 
         outcomes = launch(runs, results_dir, args.launcher, launcher_overrides, spec.name, extra=group)
         counts: dict[str, int] = {}
@@ -187,6 +181,7 @@ def _main(args: argparse.Namespace) -> int:
                 print(f"  {o.get('status')} {o.get('run_id')}" + (f": {o['error']}" if o.get("error") else ""))
         return 0 if all(o.get("status") in ("completed", "budget_exhausted", "diverged") for o in outcomes) else 1
 
+    # lazy: pulls in torch (2-4 s); --list and --help start without it
     from sweep.local import LocalRunner, exit_code, make_workers, summarize
 
     try:
@@ -198,7 +193,7 @@ def _main(args: argparse.Namespace) -> int:
     runner = LocalRunner(results_dir, workers, spec.name, overwrite=args.overwrite, extra_args=group)
     outcomes = runner.run(runs)
     print(summarize(outcomes, results_dir, runner.interrupted))
-    from sweep.selection import grid_choice_lines
+    from sweep.selection import grid_choice_lines  # lazy: pulls in torch (2-4 s); --list and --help start without it
 
     for line in grid_choice_lines(spec, outcomes, results_dir):
         print(line)

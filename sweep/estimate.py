@@ -14,6 +14,9 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from engine.calibrate import calibration_key, epochs_from_calibration  # the runs' own cache key and formula
+from engine.compose import load_group_option
+from fisherbench.env import resolve_device
 from fisherbench.store import CorruptRunError, RunDir, read_json
 from sweep.expand import PlannedRun
 from sweep.spec import SweepSpec
@@ -48,10 +51,6 @@ class _Calibrations:
     def lookup(self, cfg) -> Optional[dict[str, Any]]:
         if not self.dir.is_dir():
             return None
-        from engine.calibrate import calibration_key
-        from fisherbench.env import resolve_device
-        from engine.compose import load_group_option
-
         ref = cfg.budget.reference_optimizer
         if ref not in self._refs:
             self._refs[ref] = load_group_option("optimizer", ref)
@@ -135,8 +134,6 @@ def estimate(spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path, npr
             if epochs is None:
                 calib = cal.lookup(r.config)
                 if calib is not None and calib.get("steps_per_epoch"):
-                    from engine.calibrate import epochs_from_calibration  # the formula the runs use
-
                     epochs = epochs_from_calibration(calib, float(b["reference_epochs"]), int(calib["steps_per_epoch"]))
                     e_src = "calibration"
                     if calib.get("steps_per_epoch"):

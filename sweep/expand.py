@@ -11,8 +11,12 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from fisherbench.config import CONFIG_DIR
 from sweep.spec import Cell, SweepSpec, merge_overrides, override_key
 
 
@@ -44,11 +48,8 @@ def _format_value(value: float) -> float:
 @contextlib.contextmanager
 def hydra_context() -> Iterator[None]:
     """One Hydra initialisation for many compositions (composing is the slow part of expanding)."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
+    # lazy: engine pulls in torch and every model (~4 s); every sweep command, --list too, imports this module
     from engine.compose import register_configs
-    from fisherbench.config import CONFIG_DIR
 
     if GlobalHydra.instance().is_initialized():
         yield
@@ -76,8 +77,7 @@ def cell_overrides(spec: SweepSpec, cell: Cell, wct_mode: str = "measured",
 def compose(overrides: Sequence[str]) -> DictConfig:
     """`fisherbench.runner.compose_config` inside `hydra_context()`, without re-registering the schemas on
     every call (a third of the time of a composition)."""
-    from hydra import compose as hydra_compose
-
+    # lazy: engine pulls in torch and every model (~4 s); every sweep command, --list too, imports this module
     from engine.compose import attach_choices
 
     with hydra_context():
@@ -132,6 +132,7 @@ def expand(
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> list[PlannedRun]:
     """The runs of a sweep, cell by cell (spec order), seeds innermost."""
+    # lazy: engine pulls in torch and every model (~4 s); every sweep command, --list too, imports this module
     from engine.identity import run_id_of
 
     cells = spec.cells(arm_sets, rows, columns)

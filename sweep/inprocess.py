@@ -22,10 +22,14 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
 from omegaconf import OmegaConf
 
 from engine.compose import unlocked
-from fisherbench.store import CorruptRunError, RunDir
+from engine.lifecycle import RUNNING_ELSEWHERE
+from engine.lifecycle import run as run_one
+from fisherbench.errors import UserError
+from fisherbench.store import CorruptRunError, LockLostError, RunDir
 from sweep.expand import PlannedRun
 from sweep.local import DONE, STOP_SIGNALS, SWEEP_SUBDIR, EventLog, Outcome, store_state
 
@@ -75,8 +79,6 @@ class InProcessRunner:
 
     # --------------------------------------------------------------------------------------------- run
     def run(self, runs: Sequence[PlannedRun]) -> list[Outcome]:
-        import torch
-
         if self.threads:
             torch.set_num_threads(self.threads)
         in_main = threading.current_thread() is threading.main_thread()
@@ -105,11 +107,6 @@ class InProcessRunner:
         return cfg
 
     def _one(self, run: PlannedRun) -> Outcome:
-        from engine.lifecycle import RUNNING_ELSEWHERE
-        from engine.lifecycle import run as run_one
-        from fisherbench.errors import UserError
-        from fisherbench.store import LockLostError
-
         rd = RunDir(self.results_dir / run.run_id)
         try:
             state = store_state(self.results_dir, run.run_id)
@@ -162,8 +159,6 @@ def _release_memory() -> None:
     """Many runs in one process: drop the last run's objects and cached device memory before the next."""
     gc.collect()
     try:
-        import torch
-
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001 - best effort

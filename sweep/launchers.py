@@ -14,9 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobStatus
+from hydra.types import HydraContext, RunMode
 from omegaconf import DictConfig
 
-from sweep.expand import PlannedRun
+from engine.compose import attach_choices
+from engine.lifecycle import run as run_one
+from fisherbench.errors import UserError
+from sweep.expand import PlannedRun, hydra_context
 from sweep.overrides import override
 
 LAUNCHERS = ("submitit_slurm", "submitit_local")
@@ -24,15 +32,9 @@ LAUNCHERS = ("submitit_slurm", "submitit_local")
 
 def hydra_task(cfg: DictConfig) -> dict[str, Any]:
     """What each launched job runs: the `train.py` task (compose -> run -> store); returns the outcome."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from engine.compose import attach_choices
-    from engine.lifecycle import run
-    from fisherbench.errors import UserError
-
     cfg = attach_choices(cfg, dict(HydraConfig.get().runtime.choices))
     try:
-        result = run(cfg)
+        result = run_one(cfg)
     except UserError as exc:
         return {"status": "config_error", "error": str(exc)}
     return {"run_id": result.summary.get("run_id"), "status": result.status, "skipped": result.skipped,
@@ -41,9 +43,6 @@ def hydra_task(cfg: DictConfig) -> dict[str, Any]:
 
 def launcher_config(launcher: str, launcher_overrides: Sequence[str], sweep_dir: Path) -> DictConfig:
     """The composed primary config with `hydra/launcher=<launcher>` (MULTIRUN mode), as Hydra would build it."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.types import RunMode
-
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}; got {launcher!r}")
     loader = GlobalHydra.instance().config_loader()
@@ -59,15 +58,7 @@ def launcher_config(launcher: str, launcher_overrides: Sequence[str], sweep_dir:
 def launch(runs: Sequence[PlannedRun], results_dir: Path, launcher: str, launcher_overrides: Sequence[str] = (),
            sweep_name: str = "sweep", extra: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Submit every run as one job of the launcher; returns each job's outcome (blocks until they end)."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.core.plugins import Plugins
-    from hydra.core.utils import JobStatus
-    from hydra.types import HydraContext
-
-    from sweep.expand import hydra_context
-
-    try:
+    try:  # lazy: a private Hydra module, absent from some versions
         from hydra._internal.callbacks import Callbacks
     except ImportError:  # pragma: no cover - older Hydra
         Callbacks = None  # type: ignore[assignment]

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+
 from fisherbench.status import EXIT_OK, EXIT_PREEMPTED, EXIT_RUN_FAILED, FINAL
 from fisherbench.store import CorruptRunError, RunDir, lock_is_held
 from sweep.expand import PlannedRun
@@ -91,8 +93,6 @@ def cpu_threads(workers: int) -> int:
 
 
 def visible_gpus() -> list[str]:
-    import torch
-
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 

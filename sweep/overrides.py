@@ -14,7 +14,11 @@ import re
 import shlex
 from typing import Any, Sequence
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Quote, QuotedString
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from fisherbench.errors import UserError
 
@@ -58,11 +62,6 @@ def parse_override_value(text: str) -> Any:
 
     Raises UserError for an override that does not parse or resolve on its own, with the reason.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         parsed = OverridesParser.create().parse_override(text)
     except HydraException as exc:  # OverrideParseException and the grammar's token errors

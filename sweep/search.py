@@ -44,9 +44,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import optuna
+
+from engine.identity import run_id_of
 from fisherbench.errors import UserError
 from fisherbench.status import EXIT_OK, EXIT_RUN_FAILED
 from sweep.expand import PlannedRun, compose_cell, hydra_context
+from sweep.inprocess import InProcessRunner
+from sweep.local import LocalRunner, make_workers
 from sweep.overrides import override
 from sweep.selection import has_validation_split, score_run, selection_for
 from sweep.spec import SpecError, SweepSpec, merge_overrides
@@ -59,8 +64,6 @@ EXIT_INTERRUPTED = 4
 
 
 def _distribution(name: str, spec: dict[str, Any]):
-    import optuna
-
     if not isinstance(spec, dict):
         raise SpecError(f"search.params.{name} must be a mapping with `choices` or `low`/`high`")
     if "choices" in spec:
@@ -106,8 +109,6 @@ def _retry(study, trial: Any, max_retries: int, counts: bool = True) -> bool:
 def reclaim_stale_trials(study, reclaim_other_hosts: bool = False, max_retries: int = 2) -> tuple[int, int]:
     """Fail trials whose sweep process is gone and queue their parameters again (at most `max_retries` times
     per parameter set). Returns (retried, given up)."""
-    import optuna
-
     host = socket.gethostname()
     retried = given_up = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -127,8 +128,6 @@ def reclaim_stale_trials(study, reclaim_other_hosts: bool = False, max_retries: 
 
 def _finished(study) -> int:
     """Trials that count toward the target: complete, pruned, or failed for good (not the ones retried)."""
-    import optuna
-
     retried = {int(k.split("_", 1)[1]) for k in study.user_attrs if k.startswith(("retried_", "reclaimed_"))}
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
     return sum(1 for t in study.get_trials(deepcopy=False, states=done) if t.number not in retried)
@@ -141,8 +140,6 @@ def _format(value: Any) -> Any:
 def trial_runs(spec: SweepSpec, cell, params: dict[str, Any], seeds: Sequence[int], user_overrides: Sequence[str],
                wct_mode: str, search_overrides: Sequence[str] = ()) -> list[PlannedRun]:
     """The runs of one trial: the cell with the search's overrides, the user's, then the trial's parameters."""
-    from engine.identity import run_id_of
-
     param_ovs = [override(k, _format(v)) for k, v in params.items()]
     with hydra_context():
         composed = compose_cell(spec, cell, wct_mode, merge_overrides(search_overrides, user_overrides, param_ovs))
@@ -180,8 +177,6 @@ class _Executor:
 
     def __init__(self, results_dir: Path, name: str, workers_gpus: Optional[str], cpu_workers: int,
                  threads: Optional[int], in_process: Optional[bool]) -> None:
-        from sweep.local import make_workers
-
         try:
             self.workers = make_workers(workers_gpus, cpu_workers, 1, threads)
         except ValueError as exc:
@@ -195,9 +190,6 @@ class _Executor:
         self.results_dir, self.name = results_dir, name
 
     def runner(self, tags: list[str], group: str):
-        from sweep.inprocess import InProcessRunner
-        from sweep.local import LocalRunner
-
         if self.in_process:
             w = self.workers[0]
             device = f"cuda:{w.gpus[0]}" if w.gpus else ("cpu" if w.hide_gpus else None)
@@ -225,8 +217,6 @@ def run_search(spec: SweepSpec, results_dir: Path, user_overrides: Sequence[str]
 
     Raises UserError / SpecError for problems the user can fix (exit 2).
     """
-    import optuna
-
     out = out or sys.stdout
     search = _search_section(spec)
     cells = spec.cells(list(spec.arms), rows=[search["row"]], columns=[search["column"]])

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+import data
 from fisherbench.scores import VALIDATION_COUNTERPART, Metric, get_metric
 from fisherbench.store import CorruptRunError, RunDir
 
@@ -25,8 +26,6 @@ SUCCESS = ("completed", "budget_exhausted")
 
 def has_validation_split(cfg: DictConfig) -> bool:
     """Whether runs of `cfg` evaluate a `val` split (known from the config, before anything is built)."""
-    import data
-
     name = OmegaConf.select(cfg, "data.name")
     if name in data.DATASETS and data.DATASETS.get(name).capabilities.task == "language_model":
         return True

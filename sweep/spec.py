@@ -47,6 +47,7 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from fisherbench.config import CONFIG_DIR
+from fisherbench.scores import METRICS
 
 SPEC_DIR = CONFIG_DIR / "sweep"
 ARM_SETS = ("main", "fixed")
@@ -398,8 +399,6 @@ def _validate(spec: SweepSpec) -> None:
         e = float(spec.wct["epochs"])
         if not math.isfinite(e) or e <= 0:
             raise SpecError(f"{where}: wct.epochs must be positive")
-    from fisherbench.scores import METRICS
-
     for key, name in (("metric", spec.metric), ("select", spec.select),
                       ("search.metric", (spec.search or {}).get("metric"))):
         if name is not None and name not in METRICS:
