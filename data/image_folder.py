@@ -78,6 +78,39 @@ def list_images(root: Path | str, classes: Sequence[str]) -> list[tuple[str, int
                         allow_empty=True)
 
 
+def labelled_folders_bundle(name: str, train_set: "LabelledImageFiles", test_set: "LabelledImageFiles",
+                            train_tf: Callable, eval_tf: Callable, opts: Any, ctx: BuildContext,
+                            image_size: int, description: str) -> DataBundle:
+    """The bundle of a dataset published as labelled train/ and val/ folders (Tiny ImageNet, ImageNet): the
+    labelled val/ folder is the test split, as in the paper; `data.val_fraction` holds a validation split out
+    of train/ (seeded by the run seed, evaluated with the evaluation transform)."""
+    classes = train_set.classes
+    fingerprint = f"{name}:classes={len(classes)}:train={len(train_set)}:val={len(test_set)}"
+    evals = {"test": test_set}
+    split = hold_out(train_set.targets, len(train_set), opts.val_fraction, ctx.seed,
+                     what=f"the {name} training set")
+    extras: dict[str, Any] = {"loader": "torch", "classes": classes}
+    if split is not None:
+        evals = {"val": train_set.subset(split.val, eval_tf), **evals}
+        train_set = train_set.subset(split.train, train_tf)
+        fingerprint += ":" + split.tag
+        extras["split"] = split.record()
+    common: dict[str, Any] = dict(device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
+                                  num_workers=opts.num_workers)
+    eval_bs = opts.eval_batch_size or opts.batch_size
+    return DataBundle(
+        train=TorchLoaderSource(train_set, opts.batch_size, shuffle=True, seed=ctx.seed, **common),
+        evals={k: TorchLoaderSource(v, eval_bs, shuffle=False, **common) for k, v in evals.items()},
+        task="classification",
+        num_classes=len(classes),
+        input_shape=(3, image_size, image_size),
+        num_train=len(train_set),
+        fingerprint=fingerprint,
+        description=description,
+        extras=extras,
+    )
+
+
 def class_folders(root: Path) -> list[str]:
     """Sorted sub-folder names of `root` (ImageFolder's class order)."""
     return sorted(p.name for p in Path(root).iterdir() if p.is_dir())

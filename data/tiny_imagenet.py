@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from data.download import DatasetNotFoundError, DownloadError, download, extract, missing_message
-from data.image_folder import LabelledImageFiles, check_counts, imagenet_style_transforms
-from data.loaders import TorchLoaderSource, resolve_loader
+from data.image_folder import LabelledImageFiles, check_counts, imagenet_style_transforms, labelled_folders_bundle
+from data.loaders import resolve_loader
 from data.registry import DATASETS, BuildContext, ClassificationOptions, DataBundle, DataCapabilities, resolve_root
-from data.splits import hold_out
 from fisherbench.config import not_identity
 
 FOLDER = "tiny-imagenet-200"
@@ -103,27 +101,5 @@ def build_tiny_imagenet(opts: TinyImageNetOptions, ctx: BuildContext) -> DataBun
     if len(train_set) == 0 or len(val_set) == 0:
         raise DatasetNotFoundError(f"tiny_imagenet at {base}: no images in train/ or val/ for the classes in "
                                    f"wnids.txt. Delete it and run `python scripts/prepare_data.py tiny_imagenet`.")
-    fingerprint = f"tiny_imagenet:classes={len(classes)}:train={len(train_set)}:val={len(val_set)}"
-    evals = {"test": val_set}  # the labelled val/ folder is the test split (as in the paper)
-    split = hold_out(train_set.targets, len(train_set), opts.val_fraction, ctx.seed,
-                     what="the tiny_imagenet training set")
-    extras: dict[str, Any] = {"loader": "torch", "classes": classes}
-    if split is not None:  # a validation split from train/, with the evaluation transform
-        evals = {"val": train_set.subset(split.val, eval_tf), **evals}
-        train_set = train_set.subset(split.train, train_tf)
-        fingerprint += ":" + split.tag
-        extras["split"] = split.record()
-    common: dict[str, Any] = dict(device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
-                                  num_workers=opts.num_workers)
-    eval_bs = opts.eval_batch_size or opts.batch_size
-    return DataBundle(
-        train=TorchLoaderSource(train_set, opts.batch_size, shuffle=True, seed=ctx.seed, **common),
-        evals={k: TorchLoaderSource(v, eval_bs, shuffle=False, **common) for k, v in evals.items()},
-        task="classification",
-        num_classes=len(classes),
-        input_shape=(3, IMAGE_SIZE, IMAGE_SIZE),
-        num_train=len(train_set),
-        fingerprint=fingerprint,
-        description="Tiny ImageNet-200 (test = labelled val split)",
-        extras=extras,
-    )
+    return labelled_folders_bundle("tiny_imagenet", train_set, val_set, train_tf, eval_tf, opts, ctx, IMAGE_SIZE,
+                                   "Tiny ImageNet-200 (test = labelled val split)")

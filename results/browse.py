@@ -211,7 +211,7 @@ def cmd_show(args) -> int:
     err = r.run_dir.error_path
     if err.exists():
         lines = err.read_text(errors="replace").strip().splitlines()
-        print(f"\nerror.txt (last lines):\n  " + "\n  ".join(lines[-5:]))
+        print("\nerror.txt (last lines):\n  " + "\n  ".join(lines[-5:]))
     return 0
 
 

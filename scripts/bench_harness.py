@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from engine.build import autocast_factory, build_components, make_adapter  # noqa: E402
+from engine.build import build_components, make_adapter  # noqa: E402
 from engine.compose import compose_config  # noqa: E402
 from engine.trainer import Trainer, TrainState  # noqa: E402
 from fisherbench.budget import BudgetPlan  # noqa: E402

@@ -5,7 +5,6 @@ Each test is one case of the store-hardening table in docs/results-store.md ("Wh
 import json
 import os
 import pickle
-import signal
 import stat
 import subprocess
 import sys
