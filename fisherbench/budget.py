@@ -71,18 +71,12 @@ def plan_budget(budget_cfg: Any, steps_per_epoch: int, derived: Optional[dict[st
         return BudgetPlan("seconds", steps_per_epoch, seconds=float(budget_cfg.seconds))
     if derived is not None:  # the plan keeps the result, not the raw calibration record (that is cached)
         derived = {k: v for k, v in derived.items() if k != "calibration"}
-    if mode == "reference" and derived is not None and derived.get("method") == "match":
-        mode = "match"  # the reference run was in the store: its measured time, as budget=match
-    if mode == "reference":
+    if mode in ("reference", "match"):
         if derived is None:
-            raise ValueError("a reference budget needs its calibration (engine.calibrate) first")
-        if derived.get("derived_steps") is None:  # the candidate is the reference: its own epoch count
+            raise ValueError(f"a {mode} budget needs its derivation (engine.calibrate) first")
+        if derived["method"] == "identity":  # the candidate is the reference: its own epoch count
             return BudgetPlan("epochs", steps_per_epoch, epochs=int(derived["derived_epochs"]), source=derived)
+        if derived["method"] == "match":  # the reference run's measured time (budget=match, or reference found it)
+            return BudgetPlan("seconds", steps_per_epoch, seconds=float(derived["seconds"]), source=derived)
         return BudgetPlan("steps", steps_per_epoch, steps=int(derived["derived_steps"]), source=derived)
-    if mode == "match":
-        if derived is None:
-            raise ValueError("a match budget needs its reference run (engine.calibrate.match_budget) first")
-        if derived.get("seconds") is None:  # the candidate is the reference: its own epoch count
-            return BudgetPlan("epochs", steps_per_epoch, epochs=int(derived["derived_epochs"]), source=derived)
-        return BudgetPlan("seconds", steps_per_epoch, seconds=float(derived["seconds"]), source=derived)
     raise ValueError(f"unknown budget mode {mode!r}")

@@ -94,7 +94,7 @@ def test_sigterm_checkpoints_and_stops_as_preempted_then_resumes(tmp_path):
     (a,) = list(iter_run_dirs(tmp_path / "a"))
     s = a.summary()
     assert s["status"] == "preempted" and s["steps"] == 6 and "signal" in s["stop_reason"]
-    payload = torch.load(a.checkpoint_path, weights_only=False)
+    payload = torch.load(a.checkpoint_path, weights_only=True)
     assert payload["state"]["step"] == 6 and payload["state"]["batch"] == 2  # mid-epoch position
     again = subprocess.run([*args, f"results_dir={tmp_path / 'a'}"], capture_output=True, text=True)
     assert again.returncode == 0 and "resuming run" in again.stderr
@@ -228,8 +228,8 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
     s = d.summary()
     assert s["world_size"] == 2 and len(set(s["rank_params_sha256"])) == 1  # replicas identical
     assert d.run_id != single.run_dir.name  # a data-parallel run is a different run
-    a = torch.load(d.checkpoint_path, weights_only=False)["model"]
-    b = torch.load(RunDir(single.run_dir).checkpoint_path, weights_only=False)["model"]
+    a = torch.load(d.checkpoint_path, weights_only=True)["model"]
+    b = torch.load(RunDir(single.run_dir).checkpoint_path, weights_only=True)["model"]
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     rows_ddp, rows_single = RunDir(d.path).metrics(), RunDir(single.run_dir).metrics()

@@ -143,7 +143,7 @@ def test_stop_signal_at_k_step_checks_checkpoints_there_and_resumes_bitwise(tmp_
     monkeypatch.delenv("FISHERBENCH_SIGNAL_AT_STEP")
     s = stopped.summary
     assert s["status"] == "preempted" and s["steps"] == 6 and str(int(signal.SIGUSR1)) in s["stop_reason"]
-    payload = torch.load(RunDir(stopped.run_dir).checkpoint_path, weights_only=False)
+    payload = torch.load(RunDir(stopped.run_dir).checkpoint_path, weights_only=True)
     assert payload["state"]["step"] == 6 and payload["state"]["batch"] == 2
     resumed = _run(tmp_path, "a", *base, hook=every_k)
     clean = _run(tmp_path, "b", *base)
