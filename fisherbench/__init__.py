@@ -1,7 +1,10 @@
-"""fisherbench core: the pieces every run shares (registry base, config schemas, budget clock, trainer).
+"""fisherbench: reproduce, sweep and compare second-order and Fisher-based optimizers under honest budgets.
 
-The component packages (`optim`, `models`, `data`, `results`, `sweep`) each own one job; this package holds
-only what they need in common, so that no fact lives in two places.
+One import name for the whole suite. Layers run one way (``lint-imports`` checks it):
+``fisherbench.core`` → ``fisherbench.optim | .models | .data`` → ``fisherbench.engine`` →
+``fisherbench.analysis`` → ``fisherbench.sweep`` → ``fisherbench.results``. The command-line entry points
+(``fisherbench.train``, ``fisherbench.report``, ``fisherbench.prepare_data`` and ``python -m fisherbench``) sit
+above every layer. Configs ship inside the package (``fisherbench/configs``).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it from here)

@@ -8,19 +8,16 @@ batched crop/flip/Cutout). Uses the real CIFAR-10 files when present under --roo
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from data import cifar  # noqa: E402
-from data.augment import BatchAugment  # noqa: E402
-from data.loaders import TensorBatchSource, TorchLoaderSource  # noqa: E402
-from data.registry import default_root  # noqa: E402
+from fisherbench.data import cifar
+from fisherbench.data.augment import BatchAugment
+from fisherbench.data.loaders import TensorBatchSource, TorchLoaderSource
+from fisherbench.data.registry import default_root
 
 
 def epoch_seconds(source, device: torch.device, epoch: int) -> tuple[float, int]:

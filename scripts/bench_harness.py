@@ -46,23 +46,28 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import torch
+
+from fisherbench.core.budget import BudgetPlan
+from fisherbench.core.config import validate
+from fisherbench.core.distributed import DistInfo
+from fisherbench.core.env import (
+    configure_runtime,
+    load_average,
+    resolve_device,
+    runtime_settings,
+    seed_everything,
+    to_channels_last,
+)
+from fisherbench.core.ledger import Clock, Ledger
+from fisherbench.core.tasks import get_task
+from fisherbench.engine.build import build_components, make_adapter
+from fisherbench.engine.compose import compose_config
+from fisherbench.engine.loggers import NullLogger
+from fisherbench.engine.trainer import Trainer, TrainState
+from fisherbench.optim.registry import OptimizerAdapter
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from engine.build import build_components, make_adapter  # noqa: E402
-from engine.compose import compose_config  # noqa: E402
-from engine.trainer import Trainer, TrainState  # noqa: E402
-from fisherbench.budget import BudgetPlan  # noqa: E402
-from fisherbench.config import validate  # noqa: E402
-from fisherbench.distributed import DistInfo  # noqa: E402
-from fisherbench.env import configure_runtime, load_average, resolve_device, runtime_settings, seed_everything, to_channels_last  # noqa: E402
-from fisherbench.ledger import Clock, Ledger  # noqa: E402
-from fisherbench.tasks import get_task  # noqa: E402
-from engine.loggers import NullLogger  # noqa: E402
-from optim.registry import OptimizerAdapter  # noqa: E402
-
 _SELF = str(Path(__file__).resolve())
 
 

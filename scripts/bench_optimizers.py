@@ -3,7 +3,7 @@
     python scripts/bench_optimizers.py --model resnet18_cifar --batch-size 32 --threads 2 \\
         --optimizers adam,adamw,adafisher,adafisher_official,adafisher_paper,adafisher_constf --json bench.json
 
-Every name is an option of the `optimizer` config group (`configs/optimizer/<name>.yaml`), composed with
+Every name is an option of the `optimizer` config group (`fisherbench/configs/optimizer/<name>.yaml`), composed with
 Hydra exactly as a training run would and built through `optim.build_optimizer`; nothing here knows any
 particular optimizer.
 
@@ -37,16 +37,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-import models  # noqa: E402
-import optim  # noqa: E402
-from engine import calibrate as cal  # noqa: E402
-from engine.compose import load_group_option  # noqa: E402
-from fisherbench.env import compile_model, prepare_model, to_channels_last  # noqa: E402
-from fisherbench.tasks import get_task  # noqa: E402
+from fisherbench import models, optim
+from fisherbench.core.env import compile_model, prepare_model, to_channels_last
+from fisherbench.core.tasks import get_task
+from fisherbench.engine import calibrate as cal
+from fisherbench.engine.compose import load_group_option
 
 MEMORY_PERIOD = 2  # the memory pass runs periodic arms with every other step a curvature step
 
@@ -221,7 +218,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(2):
                 kind = arm.next_kind()
                 base = arm.live_bytes()
-                growth = meter.growth(lambda: arm.step(batches[0], task.loss, autocast, sync))
+                growth = meter.growth(lambda arm=arm: arm.step(batches[0], task.loss, autocast, sync))
                 peaks[kind] = max(peaks[kind] or 0, base + growth)
             memory[n] = peaks
             del arm
@@ -298,7 +295,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small_cnn", help="registered model name (default small_cnn)")
     p.add_argument("--optimizers", default="adam,adamw,adafisher",
-                   help="comma-separated optimizer config options (configs/optimizer/<name>.yaml)")
+                   help="comma-separated optimizer config options (fisherbench/configs/optimizer/<name>.yaml)")
     p.add_argument("--reference", default=None, help="config the ratios are relative to (default adam, else adamw)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--input-shape", type=int, nargs="+", default=None, help="per-example shape (default 3 32 32 / 256)")

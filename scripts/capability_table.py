@@ -1,4 +1,4 @@
-"""Render the optimizer tables of docs/optimizers.md from the registry and configs/optimizer/*.yaml.
+"""Render the optimizer tables of docs/optimizers.md from the registry and fisherbench/configs/optimizer/*.yaml.
 
 Two tables, between markers: what each registered optimizer is (class, source, capabilities, configs) and its
 schema defaults. They hold only what the registry and the YAML files say (no installed versions), so
@@ -17,15 +17,13 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from fisherbench import optim
+from fisherbench.optim.registry import describe
 
-import optim  # noqa: E402
-from optim.registry import describe  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 DOC = ROOT / "docs" / "optimizers.md"
-CONFIG_DIR = ROOT / "configs" / "optimizer"
+CONFIG_DIR = ROOT / "fisherbench" / "configs" / "optimizer"
 START, END = "<!-- capabilities:start -->", "<!-- capabilities:end -->"
 
 COLUMNS = (
@@ -54,7 +52,7 @@ def _value(v: object) -> str:
 
 
 def configs_by_entry() -> dict[str, list[str]]:
-    """Registry name -> the config files (configs/optimizer/<file>.yaml) that select it."""
+    """Registry name -> the config files (fisherbench/configs/optimizer/<file>.yaml) that select it."""
     out: dict[str, list[str]] = {}
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         name = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("name")
@@ -85,7 +83,7 @@ def render() -> str:
             ", ".join(f"`{c}`" for c in configs.get(name, [])) or "-", r.summary.replace("|", "\\|"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| name | schema defaults (= its plain config; `configs/optimizer/<name>.yaml`) |", "|---|---|"]
+    lines += ["", "| name | schema defaults (= its plain config; `fisherbench/configs/optimizer/<name>.yaml`) |", "|---|---|"]
     for name in optim.OPTIMIZERS.names():
         defaults = defaults_of(optim.row(name).schema)
         shown = [f"{k} {_value(v)}" for k, v in defaults.items()

@@ -25,8 +25,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def _log(msg: str) -> None:
     print(f"[fisher_analysis] {msg}", file=sys.stderr, flush=True)
@@ -89,9 +87,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def _compose(args: argparse.Namespace) -> dict:
     # lazy: these pull in torch and hydra (~3.5 s); --help and usage errors answer at once
-    from engine.compose import compose_config
-    from engine.identity import resolved_dict
-    from fisherbench.errors import UserError
+    from fisherbench.core.errors import UserError
+    from fisherbench.engine.compose import compose_config
+    from fisherbench.engine.identity import resolved_dict
 
     overrides = [f"model={args.model}", f"data={args.data}", f"optimizer={args.optimizer}", "logger=none",
                  *args.overrides]
@@ -104,7 +102,7 @@ def _compose(args: argparse.Namespace) -> dict:
 
 
 def _figure_layers(args: argparse.Namespace, model, layers: list[str]) -> list[str]:
-    from analysis.factors import default_layers, select_layers  # lazy: pulls in torch (~3.5 s), as above
+    from fisherbench.analysis.factors import default_layers, select_layers  # lazy: pulls in torch (~3.5 s), as above
 
     if args.figure_layers:
         chosen = select_layers(model, args.figure_layers)
@@ -120,10 +118,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     # lazy: these pull in torch and hydra (~3.5 s); --help and usage errors answer at once
-    from analysis import sources
-    from analysis.diagnostics import analyse_layer
-    from analysis.factors import collect_factors, describe_layers, select_layers
-    from analysis.report import layer_row, log_wandb, markdown_table, write_tables
+    from fisherbench.analysis import sources
+    from fisherbench.analysis.diagnostics import analyse_layer
+    from fisherbench.analysis.factors import collect_factors, describe_layers, select_layers
+    from fisherbench.analysis.report import layer_row, log_wandb, markdown_table, write_tables
 
     steps = _steps(args.steps)
     try:
@@ -196,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     written = write_tables(rows, out, notes)
     for name in figure_layers:
         _log(f"figures for {name}")
-        from analysis.figures import write_layer_figures  # lazy: matplotlib, ~0.5 s; --no-figures skips it
+        from fisherbench.analysis.figures import write_layer_figures  # lazy: matplotlib, ~0.5 s; --no-figures skips it
 
         written += write_layer_figures(name, for_figures[name], out)
     if args.wandb:

@@ -4,9 +4,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("FISHERBENCH_OFFLINE", "1")  # data/download.py refuses to download
+os.environ.setdefault("FISHERBENCH_OFFLINE", "1")  # fisherbench/data/download.py refuses to download
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("FISHERBENCH_DATA", os.path.join(os.path.dirname(__file__), "_no_data_here"))
+# subprocesses (`python -m fisherbench ...` from a temporary folder) import the checkout under test, whether or
+# not it is installed: the environment says where, nothing edits sys.path
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join([_REPO, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 import ipaddress  # noqa: E402
 import socket  # noqa: E402
@@ -71,8 +75,8 @@ def run_train(tmp_path):
 
     Starts from a tiny CNN on tiny synthetic images writing to a per-test results dir; later overrides win.
     """
-    from engine.compose import compose_config
-    from engine.lifecycle import run
+    from fisherbench.engine.compose import compose_config
+    from fisherbench.engine.lifecycle import run
 
     def _run(*overrides: str, base=TINY):
         cfg = compose_config([*base, f"results_dir={tmp_path / 'runs'}", *overrides])

@@ -72,7 +72,7 @@ def make_tiny_imagenet(root: Path, wnids=("n01443537", "n01629819", "n01641577")
             boxes.append(f"{name}\t0\t0\t{size - 1}\t{size - 1}\n")
         (base / "train" / w / f"{w}_boxes.txt").write_text("".join(boxes))
     annotations, k = [], 0
-    for i in range(val_per_class):
+    for _ in range(val_per_class):
         for w in wnids:
             name = f"val_{k}.JPEG"
             _save_image(base / "val" / "images" / name, rng, size)

@@ -1,0 +1,130 @@
+"""The dataset registry: config name -> builder returning a `DataBundle` of deterministic batch sources."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Protocol, runtime_checkable
+
+import torch
+
+from fisherbench.core.config import not_identity
+from fisherbench.core.errors import UserError
+from fisherbench.core.registry import Registry, options_from
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """Batches of one split. `iterate(epoch, start_batch)` is deterministic given the run seed, the epoch and
+    the batch index (order *and* augmentation), so a resumed run sees exactly the batches it would have seen."""
+
+    batch_size: int
+
+    def __len__(self) -> int:  # batches per epoch (on this rank)
+        ...
+
+    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        ...
+
+
+@dataclass(frozen=True)
+class DataCapabilities:
+    input_kind: str = "image"  # image | tokens
+    task: str = "classification"  # classification | language_model
+    offline: bool = False  # available with no network (shipped in a package, or synthetic)
+    downloadable: bool = False  # `python -m fisherbench prepare-data` can fetch it
+
+
+@dataclass
+class DataOptions:
+    """Options every dataset config has; entries subclass it."""
+
+    name: str = "???"
+    batch_size: int = 256  # global batch (split across ranks under DDP)
+    eval_batch_size: Optional[int] = None  # None = batch_size
+    # where the files are and how many processes read them do not change the data (meta.json records the
+    # data's fingerprint; order and augmentation are seeded per sample): not part of the run identity
+    root: Optional[str] = not_identity(None)  # None = $FISHERBENCH_DATA or ~/.cache/fisherbench/data
+    num_workers: int = not_identity(0)
+    loader: str = "auto"  # auto | torch | resident (whole set as tensors on the run's device)
+
+
+@dataclass
+class ClassificationOptions(DataOptions):
+    """Options of every classification dataset."""
+
+    # share of the training set held out (stratified, seeded by the run seed) as the eval split `val`;
+    # 0 = no validation split (the paper's protocol)
+    val_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass
+class DataBundle:
+    """Everything the trainer needs about a dataset."""
+
+    train: BatchSource
+    evals: dict[str, BatchSource]  # "test" always; "val" where the protocol selects on it (WikiText-2)
+    task: str  # classification | language_model
+    num_classes: int  # classes, or vocabulary size for language modelling
+    input_shape: tuple[int, ...]  # per example: (C, H, W) or (seq_len,)
+    num_train: int
+    fingerprint: str  # identifies the exact data (name, sizes, checksums) for meta.json
+    description: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+DATASETS: Registry = Registry("data")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("FISHERBENCH_DATA", Path.home() / ".cache" / "fisherbench" / "data")).expanduser()
+
+
+def resolve_root(root: Optional[str]) -> Path:
+    return Path(root).expanduser() if root else default_root()
+
+
+def cache_root(cache_dir: Optional[str]) -> Path:
+    """Where derived files (normalisation statistics, trained tokenizers, token ids) go: `data.cache_dir`,
+    else `<data root default>/cache` ($FISHERBENCH_DATA/cache or ~/.cache/fisherbench/data/cache)."""
+    return Path(cache_dir).expanduser() if cache_dir else default_root() / "cache"
+
+
+def build_data(options: Any, context: Optional[BuildContext] = None) -> DataBundle:
+    """Build the bundle for `options` (schema dataclass, mapping or DictConfig with a `name`)."""
+    name = options["name"] if not hasattr(options, "name") else options.name
+    entry = DATASETS.get(str(name))
+    opts = options_from(entry.schema, options)
+    if opts.batch_size < 1:
+        raise UserError(f"data.batch_size must be >= 1, got {opts.batch_size}")
+    if opts.loader not in ("auto", "torch", "resident"):
+        raise UserError(f"data.loader must be auto|torch|resident, got {opts.loader!r}")
+    bundle = entry.builder(opts, context or BuildContext())
+    check_batch_size(str(name), opts.batch_size, bundle.num_train)
+    return bundle
+
+
+def check_batch_size(name: str, batch_size: int, num_train: int) -> None:
+    """Refuse a training batch larger than the training set.
+
+    A loader would silently use batches of `num_train` examples (every step the whole set), so the run would
+    train with another batch size than the one its config records, and the batch size sets the optimizers'
+    gradient/curvature noise and the steps per epoch. An error (exit 2) rather than a warning: the result
+    would be stored under a wrong configuration, and the fix is one override.
+    """
+    if batch_size > num_train:
+        raise UserError(
+            f"data.batch_size={batch_size} is larger than the {num_train} training examples of '{name}' (after "
+            f"any validation hold-out), so every batch would be the whole training set and the run would not "
+            f"use the batch size it records. Set data.batch_size to at most {num_train} (or use more data / a "
+            f"smaller data.val_fraction).")

@@ -1,0 +1,91 @@
+"""What a finished run records (`summary.json`) and the one line `train.py` prints about it."""
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any, Optional
+
+from fisherbench.core.distributed import all_gather_object
+from fisherbench.core.env import peak_memory_bytes
+from fisherbench.core.modules import params_sha256
+from fisherbench.core.status import Status
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level with dotted keys (W&B summaries)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def make_summary(cfg: Any, trainer: Any, status: Status, rid: str, param_count: int, error: Optional[str],
+                 device: Any, derived: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The content of `summary.json` for a run that stopped with `status` (`trainer` is an engine Trainer)."""
+    st, task = trainer.state, trainer.task
+    select, higher_is_better = trainer.selection
+    summary: dict[str, Any] = {
+        "run_id": rid,
+        "status": str(status),
+        "stop_reason": st.stop_reason,
+        "choices": dict(cfg.get("_choices", {}) or {}),
+        "experiment": cfg.experiment,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "optimizer": cfg.optimizer.name,
+        "seed": int(cfg.seed),
+        "task": task.name,
+        "select_metric": select,
+        "higher_is_better": higher_is_better,
+        "best": st.best,
+        "final": st.last_eval,
+        "epochs_done": st.epoch + st.batch / max(1, trainer.steps_per_epoch),
+        "steps": st.step,
+        "steps_per_epoch": trainer.steps_per_epoch,
+        "ledger": trainer.ledger.as_dict(),
+        "budget": trainer.plan.as_dict(),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "optimizer_state_bytes": trainer.adapter.state_bytes(),
+        "param_count": param_count,
+        "final_params_sha256": params_sha256(trainer.model),
+        "diverged": st.diverged,
+        "error": error.strip().splitlines()[-1] if error else None,
+        "finished_at": utc_now(),
+    }
+    if derived is not None:
+        summary["reference_budget"] = {k: v for k, v in derived.items() if k != "calibration"}
+    if trainer.dist.enabled:  # replicas must agree; record every rank's parameter hash to prove it
+        summary["world_size"] = trainer.dist.world_size
+        summary["rank_params_sha256"] = all_gather_object(summary["final_params_sha256"], trainer.dist)
+    return summary
+
+
+def summary_line(result: Any) -> str:
+    """The one line `train.py` prints at the end of a run (`result` is an engine RunResult)."""
+    s = result.summary
+    if result.skipped:
+        return f"[fisherbench] skipped (already {s.get('status')}) · {result.run_dir}"
+    metric = s.get("select_metric", "")
+    best = (s.get("best") or {}).get(metric)
+    final = (s.get("final") or {}).get(metric)
+    led = s.get("ledger", {})
+    fmt = (lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "n/a")
+    parts = [
+        f"[fisherbench] {s.get('status')}",
+        f"best {metric} {fmt(best)}",
+        f"final {fmt(final)}",
+        f"epochs {s.get('epochs_done', 0):.2f} ({s.get('steps')} steps)",
+        "time " + " ".join(f"{k[:-2]} {led.get(k, 0):.1f}s" for k in
+                           ("train_s", "eval_s", "log_s", "ckpt_s", "warmup_s", "wall_s")),
+        str(result.run_dir),
+    ]
+    if s.get("stop_reason") and s.get("status") not in (Status.COMPLETED, Status.BUDGET_EXHAUSTED):
+        parts.insert(1, f"({s['stop_reason']})")
+    return " · ".join(parts)

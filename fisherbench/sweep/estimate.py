@@ -1,0 +1,198 @@
+"""What a sweep will cost before it runs (`python -m fisherbench sweep <spec> --dry-run`).
+
+Epoch counts of `budget=reference` runs come, in order of preference, from the run itself (its `meta.json`
+holds the budget plan once it started), from another seed of the same cell, from the calibration cache of
+this machine (`<results_dir>/_calibration/`, written by the first run of each cell or by `--calibrate`),
+and otherwise from the paper's Table 6 counts. Times come from runs of the same cell in the store, or from
+the calibrated step times; where neither exists the run's time is unknown and the total says how many are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from fisherbench.core.env import resolve_device
+from fisherbench.core.store import CorruptRunError, RunDir, read_json
+from fisherbench.engine.calibrate import calibration_key, epochs_from_calibration  # the runs' own cache key and formula
+from fisherbench.engine.compose import load_group_option
+from fisherbench.sweep.expand import PlannedRun
+from fisherbench.sweep.spec import SweepSpec
+
+
+@dataclass
+class Estimate:
+    run: PlannedRun
+    store: str  # status in the store, `unfinished`, or `-` (not started)
+    epochs: Optional[float]
+    epochs_source: str  # budget | run | seed N | calibration | paper | ?
+    hours: Optional[float]  # estimated wall-clock hours of the whole run (per GPU group)
+    hours_source: str
+
+
+def _budget(cfg) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg.budget, resolve=True)  # type: ignore[return-value]
+
+
+def _cell_key(run: PlannedRun) -> tuple:
+    return (run.cell.arm_set, run.cell.row, run.cell.column)
+
+
+class _Calibrations:
+    """Cached calibrations of this machine, found by the runner's own cache key."""
+
+    def __init__(self, results_dir: Path) -> None:
+        self.dir = results_dir / "_calibration"
+        self._refs: dict[str, dict[str, Any]] = {}
+        self._device = None
+
+    def lookup(self, cfg) -> Optional[dict[str, Any]]:
+        if not self.dir.is_dir():
+            return None
+        ref = cfg.budget.reference_optimizer
+        if ref not in self._refs:
+            self._refs[ref] = load_group_option("optimizer", ref)
+        if self._device is None:
+            try:
+                self._device = resolve_device(cfg.device)
+            except ValueError:
+                return None
+        return read_json(self.dir / f"{calibration_key(cfg, self._refs[ref], self._device)}.json")
+
+
+def _epoch_seconds_from_run(rd: RunDir) -> Optional[float]:
+    """Wall-clock seconds per epoch of a run in the store (finished: its ledger; unfinished: its last row).
+    None when unknown, and for a corrupt run directory (the plan lists it as `corrupt`)."""
+    try:
+        s = rd.summary()
+        if s and s.get("epochs_done") and isinstance((s.get("ledger") or {}).get("wall_s"), (int, float)):
+            return float(s["ledger"]["wall_s"]) / float(s["epochs_done"])
+        rows = rd.metrics()
+        if rows and isinstance(rows[-1].get("epoch"), (int, float)) and rows[-1]["epoch"] \
+                and isinstance(rows[-1].get("wall_s"), (int, float)):
+            return float(rows[-1]["wall_s"]) / float(rows[-1]["epoch"])
+    except CorruptRunError:
+        pass
+    return None
+
+
+def _plan(meta: Optional[dict[str, Any]]) -> dict[str, Any]:
+    plan = (meta or {}).get("budget_plan")
+    return plan if isinstance(plan, dict) else {}
+
+
+def _meta(rd: RunDir) -> Optional[dict[str, Any]]:
+    try:
+        return rd.meta()
+    except CorruptRunError:
+        return None
+
+
+def estimate(spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path, nproc: int = 1) -> list[Estimate]:
+    results_dir = Path(results_dir)
+    cal = _Calibrations(results_dir)
+    by_cell: dict[tuple, list[PlannedRun]] = {}
+    for r in runs:
+        by_cell.setdefault(_cell_key(r), []).append(r)
+    metas = {r.run_id: _meta(RunDir(results_dir / r.run_id)) for r in runs}
+    # steps per epoch per data config, from any run of the sweep that has started or any calibration
+    steps_by_data: dict[str, int] = {}
+
+    def data_key(cfg) -> str:
+        return str(OmegaConf.to_container(cfg.data, resolve=True))
+
+    for r in runs:
+        plan = _plan(metas[r.run_id])
+        if plan.get("steps_per_epoch"):
+            steps_by_data.setdefault(data_key(r.config), int(plan["steps_per_epoch"]))
+
+    out = []
+    for r in runs:
+        b = _budget(r.config)
+        rd = RunDir(results_dir / r.run_id)
+        store = ("corrupt" if rd.problem() is not None else str(rd.status())) if rd.path.exists() else "-"
+        epochs, e_src, calib = None, "?", None
+        if b["mode"] == "epochs":
+            epochs, e_src = float(b["epochs"]), "budget"
+        elif b["mode"] == "steps":
+            e_src = f"{b['steps']} steps"
+        elif b["mode"] == "seconds":
+            e_src = f"{b['seconds']:g} s"
+        else:
+            for other in [r, *[o for o in by_cell[_cell_key(r)] if o is not r]]:
+                plan = _plan(metas[other.run_id])
+                # a derived budget is a step count (fractional epochs); a match budget is seconds (no epochs yet)
+                planned = plan.get("epochs") or (
+                    plan["total_steps"] / plan["steps_per_epoch"]
+                    if isinstance(plan.get("total_steps"), int) and plan.get("steps_per_epoch") else None)
+                if planned:
+                    epochs = float(planned)
+                    e_src = "run" if other is r else f"seed {other.seed}"
+                    break
+            if epochs is None:
+                calib = cal.lookup(r.config)
+                if calib is not None and calib.get("steps_per_epoch"):
+                    epochs = epochs_from_calibration(calib, float(b["reference_epochs"]), int(calib["steps_per_epoch"]))
+                    e_src = "calibration"
+                    if calib.get("steps_per_epoch"):
+                        steps_by_data.setdefault(data_key(r.config), int(calib["steps_per_epoch"]))
+            if epochs is None:
+                paper = spec.paper_epochs(r.cell.column)
+                if paper is not None:
+                    epochs, e_src = float(paper), "paper"
+
+        hours, h_src = None, "?"
+        if b["mode"] == "seconds":
+            hours, h_src = float(b["seconds"]) / 3600, "budget"
+        else:
+            per_epoch = None
+            for other in [r, *[o for o in by_cell[_cell_key(r)] if o is not r]]:
+                per_epoch = _epoch_seconds_from_run(RunDir(results_dir / other.run_id))
+                if per_epoch:
+                    h_src = "store"
+                    break
+            if per_epoch is None:
+                calib = calib or (cal.lookup(r.config) if b["mode"] == "reference" else None)
+                steps = steps_by_data.get(data_key(r.config))
+                if calib is not None and steps:
+                    per_epoch = (calib["arms"]["candidate"]["amortised_s"] + calib["data_s_per_step"]) * steps
+                    h_src = "calibration"
+            if per_epoch and epochs:
+                hours = per_epoch * epochs / 3600
+        out.append(Estimate(r, store, epochs, e_src, hours, h_src))
+    return out
+
+
+def format_plan(estimates: Sequence[Estimate], nproc: int = 1) -> str:
+    """The dry-run listing and its totals."""
+    lines = []
+    w_row = max([len(e.run.cell.row) for e in estimates] + [4])
+    w_col = max([len(e.run.cell.column) for e in estimates] + [6])
+    header = (f"{'#':>4}  {'row':<{w_row}}  {'column':<{w_col}}  {'seed':>4}  {'run id':<16}  {'store':<16}  "
+              f"{'epochs':>7} {'(from)':<12}  {'est. h':>7}")
+    lines += [header, "-" * len(header)]
+    for i, e in enumerate(estimates, 1):
+        ep = f"{e.epochs:g}" if e.epochs is not None else ("?" if e.epochs_source == "?" else "-")
+        hrs = f"{e.hours:.3g}" if e.hours is not None else "?"
+        lines.append(f"{i:>4}  {e.run.cell.row:<{w_row}}  {e.run.cell.column:<{w_col}}  {e.run.seed:>4}  "
+                     f"{e.run.run_id:<16}  {e.store:<16}  {ep:>7} {'(' + e.epochs_source + ')':<12}  {hrs:>7}")
+    todo = [e for e in estimates if e.store not in ("completed", "budget_exhausted", "diverged")]
+    known = [e.hours for e in todo if e.hours is not None]
+    lines.append("-" * len(header))
+    sources = {}
+    for e in estimates:
+        sources[e.epochs_source] = sources.get(e.epochs_source, 0) + 1
+    lines.append(f"{len(estimates)} runs; {len(estimates) - len(todo)} finished in the store, {len(todo)} to run; "
+                 f"epoch counts from: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))
+    if known:
+        gpu_hours = sum(known) * nproc
+        lines.append(f"estimated GPU-hours to run: {gpu_hours:.1f} (known for {len(known)} of {len(todo)} runs"
+                     + (f"; the other {len(todo) - len(known)} have no calibration or stored run yet: "
+                        "`python -m fisherbench sweep <spec> --calibrate` measures them" if len(known) < len(todo) else "")
+                     + ")")
+    elif todo:
+        lines.append("estimated GPU-hours: unknown until calibrated on the target machine (`python -m fisherbench sweep <spec> "
+                     "--calibrate` on it, or run the first seed of each cell)")
+    return "\n".join(lines)

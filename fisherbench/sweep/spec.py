@@ -1,0 +1,405 @@
+"""Sweep specs: one YAML file per paper table/figure (`fisherbench/configs/sweep/<name>.yaml`) that says which runs make
+the table and what the paper reported for each cell. The sweep expands it into runs; the report reads the
+same spec to find those runs in the store, so every fact (grid, recipes, paper values) is written once.
+
+A spec (keys; `extends` merges other specs of the same folder first, later files win):
+
+    title:    "Table 2 - CIFAR-10 with Cutout"
+    preset:   table2_cifar10            # fisherbench/configs/experiment/<preset>.yaml: data, batch size, schedule, eval
+    seeds:    [0, 1, 2, 3, 4]
+    metric:   best_acc1                 # see results.report.METRICS
+    overrides: [...]                    # every run of this sweep (after the preset)
+    families:                           # recipe families; a family inherits its `base`'s overrides
+      cnn: {}
+      mobilenet: {base: cnn, overrides: [optimizer.weight_decay=1.0e-5]}
+    rows:                               # table rows (networks, batch sizes, learning rates, ...)
+      ResNet-18: {family: cnn, overrides: [model=resnet18_cifar], tags: {...}}
+    arms:                               # column sets; `main` = the paper's columns, `fixed` = ablation arms
+      main:
+        Adam: {cnn: [optimizer=adam], vit: [optimizer=adamw]}   # per family (nearest family in the chain)
+        SGD: [optimizer=sgd]                                     # or one list for every family
+    cells:    {ResNet-18: {Adam: [...]}}  # per-cell overrides, applied last
+    scale:    {ResNet-18: {optimizer.lr: 0.1}}  # multiply a composed value (per row; e.g. LR grids)
+    wct:                                # the wall-clock protocol (omit to keep the preset's budget)
+      reference: {cnn: adafisher, vit: adafisherw_vit}   # optimizer option whose time is the budget
+      epochs: 200                       # ... for this many epochs
+      paper_epochs: {Adam: 210, ...}    # the paper's resulting epoch counts (Table 6)
+    paper:    {ResNet-18: {Adam: "94.85±0.10", AdaHessian: "—"}}   # the paper's value per cell
+    extra_metrics: {best_acc5: {ResNet-50: {Adam: 88.37}}}         # further metrics with paper values
+    grid:     true                      # rows are values of one setting: name each column's best row
+    select:   best_val_acc1             # what picks that row / a search's objective (default: the validation
+                                        # counterpart of `metric` where a val split exists; fisherbench/sweep/selection.py)
+    search:   {...}                     # an Optuna search over one cell (fisherbench/sweep/search.py)
+
+Overrides are Hydra override strings; within a cell they are merged by key in the order preset, sweep,
+family chain, column, row, cell, WCT budget, user, so a later source wins on the same key: a column's recipe
+beats its family's defaults (e.g. its own weight decay), a row's setting beats the recipe (an LR-grid row
+sets `optimizer.lr`). A column or row set to `null` (e.g. in a spec that extends another) is dropped.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from fisherbench.core.config import CONFIG_DIR
+from fisherbench.core.scores import METRICS
+
+SPEC_DIR = CONFIG_DIR / "sweep"
+ARM_SETS = ("main", "fixed")
+WCT_MODES = ("measured", "paper")
+# Optimizer options that do not change the cost of a step: an arm that differs from the WCT reference only in
+# these *is* the reference (it trains the reference epochs); any other difference (e.g. `variant`) is timed.
+COST_NEUTRAL_OPTIONS = ("lr", "weight_decay")
+NO_RESULT = ("—", "-", "–", "n/a", None)
+
+
+class SpecError(ValueError):
+    """A sweep spec that cannot be used; the message names the file and what to fix."""
+
+
+# ------------------------------------------------------------------------------------------ overrides
+def override_key(override: str) -> str:
+    """`optimizer.lr=0.1` -> `optimizer.lr`; `+x=1` -> `x`; `~x` -> `x`."""
+    key = override.split("=", 1)[0].strip()
+    return key.lstrip("+~")
+
+
+def merge_overrides(*sources: Iterable[str]) -> list[str]:
+    """Merge override lists by key; a later source replaces an earlier value but keeps its position."""
+    merged: dict[str, str] = {}
+    for source in sources:
+        for ov in source or ():
+            merged[override_key(str(ov))] = str(ov)
+    return list(merged.values())
+
+
+def override_value(overrides: Iterable[str], key: str) -> Optional[str]:
+    for ov in overrides:
+        if override_key(ov) == key and "=" in ov:
+            return ov.split("=", 1)[1]
+    return None
+
+
+# -------------------------------------------------------------------------------------- paper values
+@dataclass(frozen=True)
+class PaperValue:
+    """A value as the paper prints it: mean, optional std; `mean is None` = the paper reports no result."""
+
+    mean: Optional[float]
+    std: Optional[float] = None
+    text: str = ""
+
+    @property
+    def no_result(self) -> bool:
+        return self.mean is None
+
+
+_PM = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*(?:±|\+-|\+/-)\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
+
+
+def parse_paper_value(raw: Any) -> PaperValue:
+    if raw is None or (isinstance(raw, str) and raw.strip() in NO_RESULT):
+        return PaperValue(None, None, "—")
+    if isinstance(raw, (int, float)):
+        return PaperValue(float(raw), None, str(raw))
+    text = str(raw).strip()
+    m = _PM.match(text)
+    if m:
+        return PaperValue(float(m.group(1)), float(m.group(2)), text)
+    try:
+        return PaperValue(float(text), None, text)
+    except ValueError:
+        raise SpecError(f"paper value {raw!r} is neither a number, 'mean±std', nor '—'") from None
+
+
+# ------------------------------------------------------------------------------------------- the spec
+@dataclass(frozen=True)
+class Cell:
+    """One table cell: a row x column of an arm set, with the overrides that define its runs."""
+
+    row: str
+    column: str
+    arm_set: str
+    family: str
+    overrides: tuple[str, ...]  # without experiment/seed/budget
+    scale: tuple[tuple[str, float], ...] = ()
+    tags: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.row, self.column)
+
+    @property
+    def optimizer_option(self) -> Optional[str]:
+        return override_value(self.overrides, "optimizer")
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    title: str
+    preset: Optional[str]
+    seeds: list[int]
+    metric: str
+    overrides: list[str]
+    families: dict[str, dict[str, Any]]
+    rows: dict[str, dict[str, Any]]
+    arms: dict[str, dict[str, Any]]
+    cells_overrides: dict[str, dict[str, list[str]]]
+    scale: dict[str, dict[str, float]]
+    wct: Optional[dict[str, Any]]
+    paper: dict[str, dict[str, Any]]
+    extra_metrics: dict[str, dict[str, dict[str, Any]]]
+    notes: list[str] = field(default_factory=list)
+    search: Optional[dict[str, Any]] = None
+    path: Optional[Path] = None
+    grid: bool = False
+    select: Optional[str] = None
+    baseline: Optional[tuple[str, str]] = None  # (row, column): reports compare every cell with it
+
+    # ---------------------------------------------------------------------------------------- families
+    def family_chain(self, family: str) -> list[str]:
+        """`focalnet` -> [vit, focalnet] (base first)."""
+        chain: list[str] = []
+        name: Optional[str] = family
+        while name is not None:
+            if name in chain:
+                raise SpecError(f"{self._where}: family cycle through {name!r}")
+            if name not in self.families:
+                raise SpecError(f"{self._where}: unknown family {name!r} (families: {', '.join(self.families)})")
+            chain.insert(0, name)
+            name = (self.families[name] or {}).get("base")
+        return chain
+
+    def columns(self, arm_sets: Iterable[str] = ("main",)) -> list[tuple[str, str]]:
+        """(arm set, column) in spec order."""
+        out = []
+        for arm_set in arm_sets:
+            if arm_set not in self.arms:
+                raise SpecError(f"{self._where}: no arm set {arm_set!r} (has: {', '.join(self.arms)})")
+            out.extend((arm_set, col) for col, entry in self.arms[arm_set].items() if entry is not None)
+        return out
+
+    def column_overrides(self, arm_set: str, column: str, family: str) -> Optional[list[str]]:
+        """The column's overrides for `family` (nearest family in its chain); None = not run for it."""
+        entry = self.arms[arm_set][column]
+        if isinstance(entry, list):
+            return [str(x) for x in entry]
+        if not isinstance(entry, dict):
+            raise SpecError(f"{self._where}: arms.{arm_set}.{column} must be a list or a family mapping")
+        for fam in reversed(self.family_chain(family)):
+            if fam in entry:
+                return None if entry[fam] is None else [str(x) for x in entry[fam]]
+        return None
+
+    # ------------------------------------------------------------------------------------------- cells
+    def cells(self, arm_sets: Iterable[str] = ("main",), rows: Optional[Iterable[str]] = None,
+              columns: Optional[Iterable[str]] = None) -> list[Cell]:
+        want_rows = list(rows) if rows is not None else None
+        want_cols = list(columns) if columns is not None else None
+        for r in want_rows or ():
+            if r not in self.rows:
+                raise SpecError(f"{self._where}: no row {r!r} (rows: {', '.join(self.rows)})")
+        out: list[Cell] = []
+        for row, rspec in self.rows.items():
+            if rspec is None or (want_rows is not None and row not in want_rows):
+                continue
+            rspec = rspec or {}
+            family = rspec.get("family", "default")
+            fam_ovs = [(self.families[f] or {}).get("overrides", []) for f in self.family_chain(family)]
+            for arm_set, column in self.columns(arm_sets):
+                if want_cols is not None and column not in want_cols:
+                    continue
+                col_ovs = self.column_overrides(arm_set, column, family)
+                if col_ovs is None:
+                    continue
+                cell_ovs = (self.cells_overrides.get(row) or {}).get(column)
+                if cell_ovs is None and column in (self.cells_overrides.get(row) or {}):
+                    continue  # explicitly excluded cell
+                ovs = merge_overrides(self.overrides, *fam_ovs, col_ovs, rspec.get("overrides", []), cell_ovs or [])
+                scale = {**(self.scale.get(row) or {}), **(rspec.get("scale") or {})}
+                out.append(Cell(row, column, arm_set, family, tuple(ovs), tuple(sorted(scale.items())),
+                                tuple(sorted((rspec.get("tags") or {}).items()))))
+        return out
+
+    # --------------------------------------------------------------------------------------------- WCT
+    def reference_option(self, family: str) -> Optional[str]:
+        if not self.wct:
+            return None
+        ref = self.wct.get("reference")
+        if isinstance(ref, dict):
+            for fam in reversed(self.family_chain(family)):
+                if fam in ref:
+                    return ref[fam]
+            return ref.get("default")
+        return ref
+
+    def is_reference_arm(self, cell: Cell) -> bool:
+        """The arm whose time defines the WCT budget: the reference option, modulo cost-neutral overrides."""
+        if cell.optimizer_option is None or cell.optimizer_option != self.reference_option(cell.family):
+            return False
+        tuned = [override_key(ov) for ov in cell.overrides if override_key(ov).startswith("optimizer.")]
+        return all(k.split(".", 1)[1] in COST_NEUTRAL_OPTIONS for k in tuned)
+
+    def paper_epochs(self, column: str) -> Optional[int]:
+        if not self.wct:
+            return None
+        value = (self.wct.get("paper_epochs") or {}).get(column)
+        return int(value) if value is not None else None
+
+    def budget_overrides(self, cell: Cell, mode: str = "measured") -> list[str]:
+        """Budget overrides of a cell under the WCT protocol (empty when the spec has no `wct`).
+
+        measured: the reference arm trains `epochs` epochs; every other arm gets `budget=reference` (its
+        epoch count is derived on the machine that runs it). paper: the paper's Table 6 count where it has
+        one (other arms fall back to measured).
+        """
+        if not self.wct:
+            return []
+        if mode not in WCT_MODES:
+            raise SpecError(f"wct mode must be one of {', '.join(WCT_MODES)}, got {mode!r}")
+        epochs = self.wct["epochs"]
+        if mode == "paper":
+            n = self.paper_epochs(cell.column)
+            if n is not None:
+                return ["budget=epochs", f"budget.epochs={n}"]
+        ref = self.reference_option(cell.family)
+        if ref is None:
+            raise SpecError(f"{self._where}: wct.reference has no entry for family {cell.family!r}")
+        if self.is_reference_arm(cell):
+            return ["budget=epochs", f"budget.epochs={int(epochs)}"]
+        return ["budget=reference", f"budget.reference_optimizer={ref}", f"budget.reference_epochs={epochs}"]
+
+    # ------------------------------------------------------------------------------------------- paper
+    def paper_value(self, row: str, column: str, metric: Optional[str] = None) -> Optional[PaperValue]:
+        table = self.paper if metric in (None, self.metric) else self.extra_metrics.get(metric, {})
+        row_values = table.get(row) or {}
+        if column not in row_values:
+            return None
+        return parse_paper_value(row_values[column])
+
+    def metrics(self) -> list[str]:
+        return [self.metric, *self.extra_metrics]
+
+    @property
+    def _where(self) -> str:
+        return f"sweep spec {self.path or self.name}"
+
+
+# ------------------------------------------------------------------------------------------- loading
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in seen:
+        raise SpecError(f"sweep spec {path}: `extends` cycle")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(f"sweep spec {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"sweep spec {path} must be a mapping")
+    merged: dict[str, Any] = {}
+    for parent in raw.pop("extends", None) or []:
+        merged = _deep_merge(merged, _load_raw(path.parent / f"{parent}.yaml", (*seen, path)))
+    return _deep_merge(merged, raw)
+
+
+def available_specs(spec_dir: Path = SPEC_DIR) -> list[str]:
+    """Spec names (files starting with `_` are shared parts, not sweeps)."""
+    return sorted(p.stem for p in spec_dir.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def load_spec(name_or_path: str | Path, spec_dir: Path = SPEC_DIR) -> SweepSpec:
+    path = Path(name_or_path)
+    if path.suffix != ".yaml":
+        path = spec_dir / f"{name_or_path}.yaml"
+    if not path.exists():
+        names = ", ".join(available_specs(spec_dir))
+        raise SpecError(f"no sweep spec {name_or_path!r} (looked for {path}); available: {names}")
+    raw = _load_raw(path)
+    known = {"title", "preset", "seeds", "metric", "overrides", "families", "rows", "arms", "cells", "scale",
+             "wct", "paper", "extra_metrics", "notes", "search", "grid", "select", "baseline"}
+    unknown = set(raw) - known
+    if unknown:
+        raise SpecError(f"sweep spec {path}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    if not raw.get("rows") or not raw.get("arms"):
+        raise SpecError(f"sweep spec {path} needs `rows` and `arms`")
+    families = raw.get("families") or {}
+    families.setdefault("default", {})
+    spec = SweepSpec(
+        name=path.stem,
+        title=str(raw.get("title", path.stem)),
+        preset=raw.get("preset"),
+        seeds=[int(s) for s in raw.get("seeds", [0])],
+        metric=str(raw.get("metric", "best_acc1")),
+        overrides=[str(x) for x in raw.get("overrides") or []],
+        families=families,
+        rows=raw["rows"],
+        arms=raw["arms"],
+        cells_overrides=raw.get("cells") or {},
+        scale=raw.get("scale") or {},
+        wct=raw.get("wct"),
+        paper=raw.get("paper") or {},
+        extra_metrics=raw.get("extra_metrics") or {},
+        notes=[str(n) for n in raw.get("notes") or []],
+        search=raw.get("search"),
+        path=path,
+        grid=bool(raw.get("grid", False)),
+        select=str(raw["select"]) if raw.get("select") else None,
+        baseline=_baseline(raw.get("baseline"), path),
+    )
+    _validate(spec)
+    return spec
+
+
+def _baseline(value: Any, path: Path) -> Optional[tuple[str, str]]:
+    """`baseline: {row: R, column: C}`: the cell every other cell is compared with (reports)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"row", "column"}:
+        raise SpecError(f"sweep spec {path}: baseline must be {{row: <row>, column: <column>}}, got {value!r}")
+    return str(value["row"]), str(value["column"])
+
+
+def _validate(spec: SweepSpec) -> None:
+    where = spec._where
+    spec.rows = {r: v for r, v in spec.rows.items() if v is not None}
+    for rspec in spec.rows.values():
+        spec.family_chain((rspec or {}).get("family", "default"))
+    extra = [(f"extra_metrics.{m}", t) for m, t in spec.extra_metrics.items()]
+    for table_name, table in [("paper", spec.paper), *extra]:
+        for row, values in table.items():
+            if row not in spec.rows:
+                raise SpecError(f"{where}: {table_name} names row {row!r}, which is not in `rows`")
+            all_cols = {c for arm in spec.arms.values() for c in arm}
+            for col, value in (values or {}).items():
+                if col not in all_cols:
+                    raise SpecError(f"{where}: {table_name}.{row} names column {col!r}, which no arm set has")
+                parse_paper_value(value)
+    if spec.baseline is not None:
+        row, col = spec.baseline
+        if row not in spec.rows or col not in {c for arm in spec.arms.values() for c in arm}:
+            raise SpecError(f"{where}: baseline names the cell {row!r} × {col!r}, which the spec does not have")
+    if spec.wct:
+        if "epochs" not in spec.wct or "reference" not in spec.wct:
+            raise SpecError(f"{where}: wct needs `reference` and `epochs`")
+        e = float(spec.wct["epochs"])
+        if not math.isfinite(e) or e <= 0:
+            raise SpecError(f"{where}: wct.epochs must be positive")
+    for key, name in (("metric", spec.metric), ("select", spec.select),
+                      ("search.metric", (spec.search or {}).get("metric"))):
+        if name is not None and name not in METRICS:
+            raise SpecError(f"{where}: {key} {name!r} is not a metric; known: {', '.join(METRICS)}")
