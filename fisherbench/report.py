@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -106,7 +107,39 @@ def report_input(spec, arm_sets: Sequence[str], overrides: Sequence[str] = (), w
     return ReportSpec(name=spec.name, title=spec.title, seeds=list(spec.seeds), metrics=spec.metrics(),
                       cells=inputs, paper=paper, paper_epochs=paper_epochs, wct=bool(spec.wct),
                       notes=list(spec.notes), best="column" if grid else "row", best_label=label,
-                      select=getattr(spec, "select", None), baseline=getattr(spec, "baseline", None))
+                      select=getattr(spec, "select", None), baseline=getattr(spec, "baseline", None),
+                      margin=dict(getattr(spec, "equivalence_margin", None) or {}))
+
+
+def with_search_result(data: ReportSpec, spec, index: StoreIndex) -> ReportSpec:
+    """A search spec's searched cell as the search left it: its runs are the best finished trial's.
+
+    Every trial overrides the searched parameters, so no run ever has the cell's composed (unsearched) config:
+    reporting that config would say `missing 0/1` after a successful search. The cell takes the best trial's
+    config (chosen by the study's objective, on validation) and its column says which trial and parameters; the
+    study's own table follows in `<name>_trials.md`. Without a finished trial the cell stays as composed."""
+    search = spec.search or {}
+    row, column = str(search.get("row")), str(search.get("column"))
+    try:
+        studies, _ = trials.from_store(index.root, index, [spec.name])
+    except UserError:
+        return data
+    mine = [s for s in studies if s.name == f"{spec.name}:{row}:{column}"] or studies  # the sweep's study name
+    best = next((s.best for s in mine if s.best is not None), None)
+    run = next((r for rid in (best.run_ids if best else []) if (r := index.find(rid)) is not None), None)
+    if best is None or run is None:
+        return data
+    params = ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                       for k, v in best.params.items())
+    finished = sum(t.state == "COMPLETE" for s in mine for t in s.trials)
+    label = f"{column} (Optuna best of {finished}: #{best.number}, {params})"
+    cells = [CellInput(c.row, label, c.arm_set, {**run.config, "seed": c.config.get("seed", 0)}, c.tags)
+             if (c.row, c.column) == (row, column) else c for c in data.cells]
+    note = (f"{row} × {column}: the runs of the search's best trial (#{best.number}, selected on "
+            f"{next((s.metric for s in mine if s.metric), 'the objective')}); its test value is the best of "
+            "several trials, so it is optimistic.")
+    paper = {(m, r, label if (r, c) == (row, column) else c): v for (m, r, c), v in data.paper.items()}
+    return replace(data, cells=cells, notes=[*data.notes, note], paper=paper)
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -118,6 +151,8 @@ def write_tables(name: str, tables: list[TableResult], index: StoreIndex, out: P
     if target is not None:
         prof = profiles.profile(tables[0], target, tau_max=tau_max)
         md += "\n" + profiles.markdown(prof)
+        if (warning := profiles.test_metric_warning(target)) is not None:
+            print(f"[report] {warning}", file=sys.stderr)
     corrupt = index.corrupt_runs()
     if corrupt:
         md += f"\n## Corrupt runs in the store ({len(corrupt)}: left out, listed by path)\n\n" + "\n".join(
@@ -189,6 +224,8 @@ def report_spec(name: str, index: StoreIndex, out: Path, args, overrides: Sequen
     rows = _csv(",".join(args.rows_keys)) if args.rows_keys else None
     data = report_input(spec, arm_sets, overrides, args.wct, rows, _csv(args.columns),
                         progress_printer(f"{spec.name}: composing cells"))
+    if spec.search:
+        data = with_search_result(data, spec, index)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     tables = collect(data, index, seeds)
     write_tables(spec.name, tables, index, out, not args.no_figures, verbose, target, args.tau_max)
@@ -296,7 +333,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[report] wrote {out / 'tables' / 'summary.md'} and {out / 'tables' / 'table6.md'}")
     if sum(len(v) for v in verdicts.values()):
         print("\n" + summary.split("\n")[0])
-    marks = {"reproduced": "✓", "not reproduced": "✗", "diverged": "÷", "incomplete": "…"}
+    marks = {"reproduced": "✓", "differs": "✗", "inconclusive": "?", "untested": "·", "mixed": "~",
+             "diverged": "÷", "incomplete": "…"}
     for k, mark in marks.items():
         for cell in verdicts.get(k, [])[:40]:
             print(f"  {mark} {cell}")

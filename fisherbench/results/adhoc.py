@@ -131,7 +131,9 @@ def build(index: StoreIndex, req: AdhocRequest) -> list[TableResult]:
     cells_in.sort(key=lambda rcm: order[(rcm[0], rcm[1])])  # row by row, as spec tables
     metrics = req.metrics or [default_metric(runs)]
     spec = ReportSpec(
-        name=req.name, title=req.title or f"{index.root}: by {req.group_by}", seeds=seeds, metrics=metrics,
+        # the title names what is compared, never the store's path (figures carry it; the path is machine-specific)
+        name=req.name, title=req.title or f"{_common_label(runs)}: runs by {req.group_by}", seeds=seeds,
+        metrics=metrics,
         cells=[CellInput(row, col, "store", members[0].config) for row, col, members in cells_in],
         best="row", best_label=f"best {req.group_by} per row",
     )

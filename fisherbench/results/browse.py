@@ -2,7 +2,7 @@
 
     python -m fisherbench results ls [--store runs] [--where optimizer.name=adam] [--status completed] [--sort KEY]
     python -m fisherbench results show RUN                # config, summary and the last metric rows of one run (id or prefix)
-    python -m fisherbench results best --group-by optimizer.name [--metric best_acc1]
+    python -m fisherbench results best [--group-by optimizer] [--metric best_acc1]   # optimizer: the option chosen
     python -m fisherbench results trials                  # Optuna studies of the store, the best trial marked
     python -m fisherbench results wandb FILE|RUN          # an offline W&B run file, read back without a server
 
@@ -31,6 +31,7 @@ from fisherbench.results.runs import (
     flatten,
     parse_where,
     progress_printer,
+    resolve_run,
     run_epochs,
     value_text,
 )
@@ -160,21 +161,7 @@ def cmd_ls(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- show
-def find_run(index: StoreIndex, ref: str) -> StoredRun | Path:
-    """A run by id, unique id prefix, or path; the path of an unreadable (corrupt) run directory."""
-    p = Path(ref)
-    name = p.name if (p.is_dir() or "/" in ref) else ref
-    exact = index.find(name)
-    if exact is not None:
-        return exact
-    matches = [r for r in index.runs if r.run_id.startswith(name)]
-    corrupt = [c.path for c in index.corrupt if c.path.name.startswith(name)]
-    if len(matches) + len(corrupt) == 1:
-        return matches[0] if matches else corrupt[0]
-    if len(matches) + len(corrupt) > 1:
-        ids = ", ".join([r.run_id for r in matches] + [c.name for c in corrupt])
-        raise UserError(f"run {ref!r} is ambiguous in {index.root}: {ids}")
-    raise UserError(f"no run {ref!r} in {index.root} (`python -m fisherbench results ls --store {index.root}` lists them)")
+find_run = resolve_run  # the one resolver of run ids, prefixes and paths (fisherbench.results.runs)
 
 
 def cmd_show(args) -> int:
@@ -266,7 +253,12 @@ def cmd_trials(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- wandb
 def cmd_wandb(args) -> int:
-    files = resolve_run_files(args.file, args.store)
+    ref = Path(args.file)
+    if ref.is_file() or ref.is_dir():
+        files = resolve_run_files(args.file)
+    else:  # a run id or a unique prefix of one, resolved as `show` resolves it
+        found = resolve_run(open_store(args.store), args.file)
+        files = resolve_run_files(str(found if isinstance(found, Path) else found.run_dir.path))
     for f in files:
         try:
             print_run(f, history=args.history)
@@ -305,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("best", help="the best finished run per group")
     common(q)
-    q.add_argument("--group-by", default="optimizer.name", help="config key(s), comma-separated")
+    q.add_argument("--group-by", default="optimizer",
+                   help="config key(s), comma-separated; a config group's name (optimizer, model) groups by the "
+                        "option chosen, e.g. adafisher_paper apart from adafisher (default: optimizer)")
     q.add_argument("--metric", default=None, help="metric (default: the paper's for the runs' selection metric)")
     q.add_argument("--where", action="append", metavar="KEY=VALUE")
     q.set_defaults(func=cmd_best)
@@ -316,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("wandb", help="print an offline W&B run file (run-*.wandb), a run directory's, or a run id's")
     common(q)
-    q.add_argument("file", help="a run-*.wandb file, a run directory, or a run id of --store")
+    q.add_argument("file", help="a run-*.wandb file, a run directory, or a run id (or unique prefix) of --store")
     q.add_argument("--history", type=int, default=5, help="how many of the last history rows to print")
     q.set_defaults(func=cmd_wandb)
     return p

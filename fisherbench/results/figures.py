@@ -1,8 +1,8 @@
 """Figures from the results store (matplotlib, Agg; each saved as PNG and PDF).
 
 - `curves`: test error (or perplexity) and training loss against training time and against epochs, one line
-  per optimizer with a band of ± one std over seeds (paper Figs. 10-15, the WCT figures). The time axis is
-  the budget clock (`train_s`: data, forward/backward, curvature work, steps; evaluation excluded), the
+  per optimizer with a band of ± one sample std (ddof=1) over seeds (paper Figs. 10-15, the WCT figures). The
+  time axis is the budget clock (`train_s`: data, forward/backward, curvature work, steps; evaluation excluded), the
   quantity the WCT protocol equalises.
 - `cost`: training seconds per epoch and peak memory per optimizer and network (Figs. 17-18).
 - `stability`: Figure 5's four panels, for specs whose rows are tagged with `panel: batch_size | lr`.
@@ -60,7 +60,10 @@ def band(series: Sequence[tuple[np.ndarray, np.ndarray]], points: int = 100):
     with np.errstate(all="ignore"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            mean, std = np.nanmean(stack, axis=0), np.nanstd(stack, axis=0)
+            mean = np.nanmean(stack, axis=0)
+            # sample std (ddof=1) where two or more seeds cover the point; 0 where only one does (no spread)
+            covered = np.sum(~np.isnan(stack), axis=0)
+            std = np.where(covered > 1, np.nanstd(stack, axis=0, ddof=1), 0.0)
     keep = ~np.isnan(mean)
     return grid[keep], mean[keep], std[keep]
 
@@ -74,7 +77,8 @@ def band_by_eval(series: Sequence[tuple[np.ndarray, np.ndarray]]):
         return None
     if len({len(x) for x, _ in series}) == 1:
         xs, ys = np.stack([x for x, _ in series]), np.stack([y for _, y in series])
-        return xs.mean(axis=0), ys.mean(axis=0), ys.std(axis=0)
+        std = ys.std(axis=0, ddof=1) if len(ys) > 1 else np.zeros(ys.shape[1])  # sample std, as every table
+        return xs.mean(axis=0), ys.mean(axis=0), std
     return band(series)
 
 
@@ -179,7 +183,7 @@ def stability(t: TableResult, out_dir: Path, name: str = "stability") -> list[Pa
         lr = sorted(((_config_value(c, "optimizer.lr"), c) for c in cells if "lr" in _panels(c)),
                     key=lambda p: p[0] or 0)
         if bs:
-            axes[0].errorbar([b for b, _ in bs], [c.mean for _, c in bs], [c.std for _, c in bs], color=color,
+            axes[0].errorbar([b for b, _ in bs], [c.mean for _, c in bs], [c.std or 0.0 for _, c in bs], color=color,
                              marker="o", label=col, capsize=2)
             for j, (b, c) in enumerate(bs):
                 sec = c.mean_of(run_epoch_seconds)
@@ -191,7 +195,7 @@ def stability(t: TableResult, out_dir: Path, name: str = "stability") -> list[Pa
             if default and default[0].mean_of(run_epoch_seconds) is not None:
                 axes[3].bar(k, default[0].mean_of(run_epoch_seconds), color=color)
         if lr:
-            axes[1].errorbar([x for x, _ in lr], [c.mean for _, c in lr], [c.std for _, c in lr], color=color,
+            axes[1].errorbar([x for x, _ in lr], [c.mean for _, c in lr], [c.std or 0.0 for _, c in lr], color=color,
                              marker="o", label=col, capsize=2)
     axes[0].set(xscale="log", xlabel="batch size", ylabel=t.metric.label, title="(A) batch size")
     axes[0].set_xscale("log", base=2)

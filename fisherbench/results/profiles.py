@@ -6,7 +6,14 @@ evaluation interval. A run counts whatever its status: a run that reached the ta
 failed did reach it. Seeds that never reached it, and expected seeds with no run, count as not reached (∞).
 
 Per cell: the median over the expected seeds (∞ when at least half did not reach it: "not reached"), with
-the min–max of the times that did, and how many seeds reached it.
+the min–max of the times that did, how many seeds reached it, and the evaluation spacing (the median
+budget-clock time between consecutive evaluations: the time resolution; a target reached at t was reached
+somewhere in the interval before t). Two cells of one problem whose times differ by less than that spacing
+are a tie within one evaluation: the report says so where such a tie decides who is fastest.
+
+A target on a test metric (`test/...`) is reported with a warning: which evaluation first reaches a test value
+is selection on the test set; targets belong on validation metrics, as AlgoPerf sets them. A target on a key
+that no run of the report logs is a user error (exit 2) listing the logged keys.
 
 Performance profile (Dolan & Moré 2002; the way AlgoPerf scores training algorithms): each table row is a
 problem (a model/dataset), each column a solver (an optimizer). With t[p, s] the cell's median time-to-target
@@ -22,8 +29,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from fisherbench.core.scores import Target, time_to_target
+from fisherbench.core.errors import UserError
+from fisherbench.core.scores import Target, as_number, time_to_target
 from fisherbench.results.report import CellResult, TableResult
+from fisherbench.results.runs import StoredRun
 from fisherbench.results.tables import format_columns
 
 INF = math.inf
@@ -36,6 +45,7 @@ class CellTime:
 
     cell: CellResult
     times: list[float]  # one per expected seed, ∞ = not reached (or no run)
+    spacing: Optional[float] = None  # median budget-clock seconds between consecutive evaluations
 
     @property
     def reached(self) -> int:
@@ -62,21 +72,70 @@ class CellTime:
 
     def text(self) -> str:
         seeds = f"{self.reached}/{self.expected} reached"
+        every = f"; evals every {self.spacing:.1f} s" if self.spacing is not None else ""
         if not math.isfinite(self.median):
-            return f"not reached ({seeds})"
+            return f"not reached ({seeds}{every})"
         lo, hi = self.spread  # type: ignore[misc]
         spread = f" [{lo:.1f}–{hi:.1f}]" if self.reached > 1 else ""
-        return f"{self.median:.1f} s{spread} ({seeds})"
+        return f"{self.median:.1f} s{spread} ({seeds}{every})"
+
+
+def eval_spacing(rows: list[dict], key: str, clock: str = "train_s") -> list[float]:
+    """Clock seconds between consecutive evaluations that logged `key`."""
+    times = [t for r in rows if as_number(r.get(key)) is not None and (t := as_number(r.get(clock))) is not None]
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def _median(xs: Sequence[float]) -> Optional[float]:
+    xs = sorted(xs)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
 def cell_time(cell: CellResult, target: Target, clock: str = "train_s") -> CellTime:
     by_seed = {s.seed: s for s in cell.seeds}
-    times = []
+    times, gaps = [], []
     for seed in cell.seeds_expected:
         s = by_seed.get(seed)
         t = time_to_target(s.run.rows(), target, clock) if s is not None else None
         times.append(INF if t is None else t)
-    return CellTime(cell, times)
+        if s is not None:
+            gaps += eval_spacing(s.run.rows(), target.key, clock)
+    return CellTime(cell, times, _median(gaps))
+
+
+def logged_keys(runs: Sequence[StoredRun]) -> set[str]:
+    """Every key some metric row of these runs holds."""
+    return {k for r in runs for row in r.rows() for k in row}
+
+
+def check_target(t: TableResult, target: Target) -> None:
+    """UserError when no run of the table logs the target's key (a typo would otherwise read 'not reached')."""
+    runs = [s.run for c in t.cells for s in c.seeds]
+    keys = logged_keys(runs)
+    if keys and target.key not in keys:
+        metrics = sorted(k for k in keys if "/" in k)
+        raise UserError(f"target {target.text!r}: no run of this report logs {target.key!r}; logged metrics: "
+                        f"{', '.join(metrics) or 'none'} (e.g. --target '{_suggest(target, metrics)}')")
+
+
+def _suggest(target: Target, metrics: Sequence[str]) -> str:
+    close = [m for m in metrics if m.startswith(target.key) or target.key.startswith(m)]
+    val = [m for m in metrics if m.startswith("val/")]
+    key = (close or val or list(metrics) or ["val/acc1"])[0]
+    return f"{key}{target.op}{target.threshold:g}"
+
+
+def test_metric_warning(target: Target) -> Optional[str]:
+    """The warning a report prints for a target on a test metric; None for validation/training keys."""
+    if not target.key.startswith("test/"):
+        return None
+    return (f"Warning: the target {target.text} is on a test metric. The first evaluation that reaches a test value "
+            "selects on the test set; targets belong on validation metrics (e.g. "
+            f"{target.key.replace('test/', 'val/', 1)}{target.op}{target.threshold:g}, with data.val_fraction > 0), "
+            "as AlgoPerf sets them.")
 
 
 @dataclass
@@ -110,6 +169,28 @@ class Profile:
                    if (r := self.ratio(p, solver)) <= self.tau_max)
         return area / ((self.tau_max - 1.0) * len(self.problems))
 
+    def ties(self) -> list[str]:
+        """Problems where the fastest optimizer's lead over another is less than one evaluation spacing: who is
+        fastest there (ρ(1), and the ratios near 1) is decided by a tie within one evaluation."""
+        out = []
+        for prob in self.problems:
+            done = sorted(((c.median, s, c.spacing) for (p, s), c in self.times.items()
+                           if p == prob and math.isfinite(c.median)), key=lambda x: x[0])
+            if len(done) < 2:
+                continue
+            t0, s0, g0 = done[0]
+            tied, spacing = [], 0.0
+            for t, s, g in done[1:]:
+                gaps = [x for x in (g0, g) if x is not None]
+                if gaps and t - t0 < max(gaps):
+                    tied.append((t, s))
+                    spacing = max(spacing, *gaps)
+            if tied:
+                names = ", ".join(f"{s} ({t:.1f} s)" for t, s in tied)
+                out.append(f"{prob}: {s0} ({t0:.1f} s) and {names} are within one evaluation interval "
+                           f"({spacing:.1f} s), so which is fastest is not resolved by the evaluations")
+        return out
+
     def unsolved(self) -> list[str]:
         """Problems no solver reached the target on."""
         return [p for p in self.problems if all(not math.isfinite(self.ratio(p, s)) for s in self.solvers)]
@@ -119,6 +200,7 @@ class Profile:
 
 
 def profile(t: TableResult, target: Target, clock: str = "train_s", tau_max: float = TAU_MAX) -> Profile:
+    check_target(t, target)
     times = {(c.row, c.column): cell_time(c, target, clock) for c in t.cells}
     return Profile(target, list(t.rows), list(t.columns), times, tau_max)
 
@@ -152,24 +234,31 @@ def profile_markdown(p: Profile) -> str:
 
 
 def console(p: Profile) -> str:
-    out = [format_columns(*times_rows(p)), "",
+    warning = test_metric_warning(p.target)
+    out = ([warning, ""] if warning else []) + [format_columns(*times_rows(p)), "",
            f"Performance profile: fraction of problems within τ × the fastest optimizer's median time; "
            f"score = normalised area under ρ on [1, {p.tau_max:g}]",
            format_columns(*profile_rows(p))]
+    out += [f"Tie within one evaluation: {x}." for x in p.ties()]
     if p.unsolved():
         out.append(f"No optimizer reached the target on: {', '.join(p.unsolved())}.")
     return "\n".join(out)
 
 
 def markdown(p: Profile) -> str:
-    out = [f"## Time to {p.target.text}", "",
+    warning = test_metric_warning(p.target)
+    out = [f"## Time to {p.target.text}", "", *([f"**{warning}**", ""] if warning else []),
            f"Budget-clock seconds (training only, evaluation excluded) of the first evaluation with "
            f"{p.target.text}; median over the expected seeds (not reached = ∞), [min–max] of the seeds that "
-           "reached it. The resolution is the evaluation interval.", "", times_markdown(p), "",
+           "reached it. The resolution is the evaluation spacing shown in each cell (`evals every … s`, the median "
+           "budget-clock time between evaluations): the target was reached somewhere in the interval before the "
+           "time shown.", "", times_markdown(p), "",
            "### Performance profile", "",
            f"ρ(τ): fraction of the {len(p.problems)} problem(s) (table rows) on which the optimizer reached the "
            f"target within τ × the fastest optimizer's median time; score: area under ρ on [1, {p.tau_max:g}], "
            "normalised (AlgoPerf-style).", "", profile_markdown(p), ""]
+    for x in p.ties():
+        out += [f"Tie within one evaluation: {x}; ρ(1) and the ratios near 1 there are decided by that tie.", ""]
     if p.unsolved():
         out += [f"No optimizer reached the target on: {', '.join(p.unsolved())}.", ""]
     return "\n".join(out)

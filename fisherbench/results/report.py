@@ -10,22 +10,20 @@ preset count when they are the same experiment; two runs of the same cell and se
 to one: the finished one, then the most recent.
 
 Scores (`fisherbench.core.scores`): per run one number (e.g. the best test top-1 over evaluations, the paper's
-protocol); per cell the mean and the population std (ddof=0, as the official tables) over the seeds that
-finished. Honest verdicts:
-- a verdict (reproduced / not reproduced) only when **every** expected seed finished; otherwise the cell is
-  `diverged k/n` (k of n seeds diverged) or `incomplete k/n` (only k of n seeds finished: the others failed,
-  are unfinished or corrupt, or were not run), or `missing` (no run at all); the mean over the survivors is
-  still shown, marked;
-- "reproduced" means |ours − paper| ≤ 2σ with σ = √(std_ours² + std_paper²): within two standard deviations
-  of **run-to-run spread** (σ is the spread of single runs, not the standard error of the means);
-- next to it a Welch t-test p-value of the two means where both sides have at least two seeds (the paper's
-  tables give mean ± std over `paper_seeds` = 5 seeds; both stds are read as population stds and corrected
-  to sample stds for the test).
+protocol); per cell the mean and the **sample** std (ddof=1) over the seeds that finished. Verdicts are the
+tests of `fisherbench.results.verdicts` (their error rates are stated there and tested by simulation):
+- a verdict only when **every** expected seed finished; otherwise the cell is `diverged k/n` (k of n seeds
+  diverged) or `incomplete k/n` (only k of n seeds finished: the others failed, are unfinished or corrupt, or
+  were not run), or `missing` (no run at all); the mean over the survivors is still shown, marked;
+- against the paper: an equivalence test (TOST) of our mean against the paper's value with a margin δ:
+  `reproduced`, `differs` or `inconclusive (n=…)`, with the interval of the difference; one seed: no test;
+- against a spec's baseline cell: Welch's test per cell, Holm-corrected over the rows of each column;
+- equal-time cells carry how their budget was set (`fisherbench.results.runs.run_budget`), and a cell whose seeds were
+  budgeted by different methods (matched and calibrated) is `mixed` and gets no verdict.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -35,28 +33,41 @@ from fisherbench.core.scores import (  # noqa: F401  (part of the report API)
     VALIDATION_COUNTERPART,
     Metric,
     get_metric,
+    is_fraction,
 )
 from fisherbench.results.runs import (  # noqa: F401  (re-exported: the report API)
     MATCH_IGNORE,
     OK_STATUSES,
+    RunBudget,
     StoredRun,
     StoreIndex,
     flatten,
     match_signature,
     prefer,
+    run_budget,
     run_epoch_seconds,
     run_epochs,
     run_peak_memory,
     run_train_seconds,
 )
+from fisherbench.results.verdicts import (
+    ALPHA,
+    Equivalence,
+    WelchResult,
+    default_margin,
+    equivalence,
+    holm,
+    sample_std,
+    welch,
+)
 
-RULE = ("within 2σ of run-to-run spread, σ = √(std_ours² + std_paper²) (the spread of single runs, not the "
-        "standard error of the means)")
-TTEST = "p: Welch's t-test of the two means (both sides ≥ 2 seeds)"
+RULE = ("an equivalence test (TOST): `reproduced` when the 90% CI of Δ = ours − paper lies within ±δ, "
+        "`differs` when the 95% CI lies entirely beyond +δ or −δ, else `inconclusive (n=…)`; the paper's value "
+        "is taken as a constant and ours as the mean of n seeds (one-sample t interval); one seed: no test")
 TABLE6_NOTE = ("The paper's epoch times (its Table 6) include the test pass after every epoch; ours are budget-"
                "clock seconds, which exclude evaluation (and logging and checkpoints) from the budget. On the "
                "Adam/AdaFisher epoch-time ratio the difference is about 0.2%.")
-VERDICTS = ("reproduced", "not reproduced", "n/a", "diverged", "incomplete", "missing")
+VERDICTS = ("reproduced", "differs", "inconclusive", "untested", "mixed", "n/a", "diverged", "incomplete", "missing")
 
 
 # ---------------------------------------------------------------------------------------------- input
@@ -93,7 +104,8 @@ class ReportSpec:
     paper_epochs: dict[str, int] = field(default_factory=dict)  # column -> the paper's Table 6 epochs
     wct: bool = False  # a wall-clock-time comparison (its epochs are reported as Table 6)
     notes: list[str] = field(default_factory=list)
-    paper_seeds: int = 5  # seeds behind each paper mean ± std (the t-test's n on the paper's side)
+    paper_seeds: int = 5  # seeds behind each paper mean ± std (informational: the paper's value is a constant)
+    margin: dict[str, float] = field(default_factory=dict)  # metric -> equivalence margin δ (spec key)
     best: str = "row"  # mark the best cell per "row" (the paper's bold), per "column" (grids), or "none"
     best_label: str = ""  # what the mark means, e.g. "the best optimizer.lr of each column"
     select: Optional[str] = None  # the metric that picks the best cell (default: see TableResult.selection)
@@ -153,7 +165,7 @@ class CellResult:
     seeds: list[SeedResult]
     paper: Optional[PaperValue]
     tags: dict[str, Any] = field(default_factory=dict)
-    paper_seeds: int = 5
+    margin_set: Optional[float] = None  # the spec's equivalence margin δ for this metric, if it sets one
 
     @property
     def values(self) -> list[float]:
@@ -179,12 +191,81 @@ class CellResult:
 
     @property
     def std(self) -> Optional[float]:
-        """Population standard deviation (ddof=0), as the official tables."""
-        v = self.values
-        if not v:
+        """Sample standard deviation (ddof=1) over the finished seeds; None for one seed (no spread)."""
+        return sample_std(self.values)
+
+    # ------------------------------------------------------------------------------------ budgets
+    @property
+    def budgets(self) -> list[RunBudget]:
+        """How each finished seed's equal-time budget was set (only seeds with a derived budget)."""
+        return [b for s in self.seeds if s.run.ok and (b := run_budget(s.run)) is not None]
+
+    @property
+    def budget_methods(self) -> dict[str, int]:
+        """Derived-budget method -> seeds (`match`, `calibration`); the reference arm's `identity` left out."""
+        out: dict[str, int] = {}
+        for b in self.budgets:
+            if b.method in ("match", "calibration"):
+                out[b.method] = out.get(b.method, 0) + 1
+        return out
+
+    @property
+    def mixed_budgets(self) -> bool:
+        """Seeds budgeted by different methods (some matched, some calibrated): never averaged as one cell."""
+        return len(self.budget_methods) > 1
+
+    # ------------------------------------------------------------------------------- against the paper
+    @property
+    def delta(self) -> Optional[float]:
+        if self.mean is None or self.paper is None or self.paper.mean is None:
             return None
-        m = sum(v) / len(v)
-        return math.sqrt(sum((x - m) ** 2 for x in v) / len(v))
+        return self.mean - self.paper.mean
+
+    @property
+    def margin(self) -> Optional[float]:
+        """The equivalence margin δ: the spec's, else `fisherbench.results.verdicts.default_margin` (0.5 points for percent
+        metrics, 2% of the paper's value otherwise, or the paper's std when larger)."""
+        if self.paper is None or self.paper.mean is None:
+            return None
+        if self.margin_set is not None:
+            return self.margin_set
+        return default_margin(self.paper.mean, is_fraction(self.metric.key or ""), self.paper.std)
+
+    @property
+    def equivalence(self) -> Optional[Equivalence]:
+        """The TOST of ours against the paper (None without a paper value or a finished seed)."""
+        if self.delta is None or self.margin is None:
+            return None
+        return equivalence(self.values, self.paper.mean, self.margin)  # type: ignore[union-attr,arg-type]
+
+    @property
+    def verdict_kind(self) -> str:
+        """One of VERDICTS."""
+        if not self.complete:
+            if self.diverged:
+                return "diverged"
+            return "incomplete" if self.seeds else "missing"
+        if self.mixed_budgets:
+            return "mixed"
+        eq = self.equivalence
+        if eq is None:
+            return "n/a"
+        return eq.kind
+
+    @property
+    def verdict(self) -> str:
+        """reproduced / differs / `inconclusive (n=…)` / `no test (n=1)` / n/a (no paper value) / `mixed budgets`
+        / `diverged k/n` (k of n seeds diverged) / `incomplete k/n` (k of n seeds finished) / missing (no run)."""
+        kind = self.verdict_kind
+        if kind == "diverged":
+            return f"diverged {self.diverged}/{self.expected}"
+        if kind == "incomplete":
+            return f"incomplete {self.n}/{self.expected}"
+        if kind in ("inconclusive", "untested"):
+            return self.equivalence.text  # type: ignore[union-attr]
+        if kind == "mixed":
+            return "mixed budgets: no verdict"
+        return kind
 
     @property
     def diverged(self) -> int:
@@ -212,64 +293,19 @@ class CellResult:
     def missing(self) -> int:
         return self.expected - len(self.seeds)
 
-    @property
-    def delta(self) -> Optional[float]:
-        if self.mean is None or self.paper is None or self.paper.mean is None:
-            return None
-        return self.mean - self.paper.mean
-
-    @property
-    def sigma(self) -> Optional[float]:
-        """Run-to-run spread of the difference ours − paper: √(std_ours² + std_paper²)."""
-        if self.std is None:
-            return None
-        return math.sqrt(self.std ** 2 + ((self.paper.std if self.paper else None) or 0.0) ** 2)
-
-    @property
-    def p_value(self) -> Optional[float]:
-        """Welch's t-test of our mean against the paper's, for complete cells with ≥ 2 seeds on both sides."""
-        p = self.paper
-        if not self.complete or p is None or p.mean is None or p.std is None or self.n < 2 or self.paper_seeds < 2:
-            return None
-        s_ours = self.std * math.sqrt(self.n / (self.n - 1))  # type: ignore[operator]  (ddof=0 -> ddof=1)
-        s_paper = p.std * math.sqrt(self.paper_seeds / (self.paper_seeds - 1))
-        if s_ours == 0 and s_paper == 0:
-            return None  # no spread on either side: the test is undefined
-        from scipy.stats import ttest_ind_from_stats  # lazy: scipy.stats takes ~1 s; only paper columns need it
-
-        result = ttest_ind_from_stats(self.mean, s_ours, self.n, p.mean, s_paper, self.paper_seeds, equal_var=False)
-        return float(result.pvalue)
-
-    @property
-    def verdict_kind(self) -> str:
-        """One of VERDICTS."""
-        if not self.complete:
-            if self.diverged:
-                return "diverged"
-            return "incomplete" if self.seeds else "missing"
-        if self.paper is None or self.paper.mean is None or not self.sigma:
-            return "n/a"
-        return "reproduced" if abs(self.delta) <= 2 * self.sigma + 1e-12 else "not reproduced"  # type: ignore[arg-type]
-
-    @property
-    def verdict(self) -> str:
-        """reproduced / not reproduced / n/a (nothing to compare, or no spread) / `diverged k/n` (k of n seeds
-        diverged) / `incomplete k/n` (k of n seeds finished) / missing (no run)."""
-        kind = self.verdict_kind
-        if kind == "diverged":
-            return f"diverged {self.diverged}/{self.expected}"
-        if kind == "incomplete":
-            return f"incomplete {self.n}/{self.expected}"
-        return kind
-
-    def mean_score(self, metric: Metric) -> Optional[float]:
-        """The mean of another metric over this cell's seeds; None unless every expected seed has it."""
+    def scores(self, metric: Metric) -> Optional[list[float]]:
+        """Another metric's value per expected seed; None unless every expected seed finished with it."""
         if metric.name == self.metric.name:
-            return self.mean if self.complete else None
+            return self.values if self.complete else None
         values = [metric.score(s.run.summary or {}, s.run.rows()) if s.run.ok else None for s in self.seeds]
         if len(values) != self.expected or any(v is None for v in values):
             return None
-        return sum(values) / len(values)  # type: ignore[arg-type]
+        return values  # type: ignore[return-value]
+
+    def mean_score(self, metric: Metric) -> Optional[float]:
+        """The mean of another metric over this cell's seeds; None unless every expected seed has it."""
+        values = self.scores(metric)
+        return sum(values) / len(values) if values else None
 
     # facts per run for Table 6 and the figures
     def mean_of(self, fn: Callable[[StoredRun], Optional[float]]) -> Optional[float]:
@@ -279,7 +315,7 @@ class CellResult:
 
 def cell_result(row: str, column: str, arm_set: str, metric: Metric, seeds_expected: Sequence[int],
                 runs: Iterable[StoredRun], paper: Optional[PaperValue] = None, tags: Optional[dict] = None,
-                paper_seeds: int = 5) -> CellResult:
+                margin: Optional[float] = None) -> CellResult:
     """Score a cell from its runs: one run per expected seed (the preferred of duplicates)."""
     expected = [int(s) for s in seeds_expected]
     by_seed: dict[int, list[StoredRun]] = {}
@@ -298,7 +334,7 @@ def cell_result(row: str, column: str, arm_set: str, metric: Metric, seeds_expec
             if chosen.ok:
                 value = metric.score(chosen.summary or {}, rows)
         seed_results.append(SeedResult(seed, chosen, value, len(candidates) - 1))
-    return CellResult(row, column, arm_set, metric, expected, seed_results, paper, dict(tags or {}), paper_seeds)
+    return CellResult(row, column, arm_set, metric, expected, seed_results, paper, dict(tags or {}), margin)
 
 
 @dataclass
@@ -339,8 +375,12 @@ class TableResult:
         return self._selection
 
     def best_cells(self) -> set[tuple[str, str]]:
-        """The (row, column) marked best: per row or per column (`spec.best`) by the selection metric, among
-        complete cells only (a cell whose seeds did not all finish could look best by having lost its bad seeds)."""
+        """The (row, column) marked best, only where a test supports it: per row or per column (`spec.best`),
+        the complete cell with the best mean of the selection metric is marked when Welch's test against every
+        other complete cell of its group, Holm-corrected over those comparisons, says it is better at 5%
+        (each comparison in the better direction, ≥ 2 seeds on both sides). Otherwise nothing is marked: a best
+        mean at n=2 without a test is not a finding. Incomplete cells are never candidates (a cell could look
+        best by having lost its bad seeds)."""
         if self.spec.best not in ("row", "column"):
             return set()
         metric, values = self.selection()
@@ -354,52 +394,55 @@ class TableResult:
         for keys in groups.values():
             if len(keys) < 2:
                 continue
-            top = max(sign * values[k] for k in keys)
-            marked |= {k for k in keys if sign * values[k] == top}
+            top = max(keys, key=lambda k: sign * values[k])
+            if any(values[k] == values[top] for k in keys if k != top):
+                continue  # a tie is no best
+            best_scores = self.cell(*top).scores(metric)  # type: ignore[union-attr]
+            tests = [welch(best_scores or [], self.cell(*k).scores(metric) or []) for k in keys if k != top]
+            if any(r is None or sign * r.delta <= 0 for r in tests):
+                continue
+            if all(p < ALPHA for p in holm([r.p for r in tests])):  # type: ignore[union-attr,operator]
+                marked.add(top)
         return marked
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One cell against the spec's baseline cell: Δ of the means and whether it exceeds 2σ of run-to-run spread
-    (σ = √(std² + std_baseline²), the verdict rule), with Welch's p where both have ≥ 2 seeds."""
+    """One cell against the spec's baseline cell: Welch's test of the two means (Δ, its 95% CI, p), the
+    p-value Holm-adjusted over the rows compared in the cell's column, and the verdict at 5%."""
 
     cell: CellResult
     delta: float
-    sigma: float
-    p_value: Optional[float]
+    test: Optional[WelchResult]  # None when either side has one seed: no test
+    p_holm: Optional[float]
 
     @property
-    def differs(self) -> bool:
-        return abs(self.delta) > 2 * self.sigma if self.sigma > 0 else self.delta != 0
+    def p_value(self) -> Optional[float]:
+        return None if self.test is None else self.test.p
+
+    @property
+    def differs(self) -> Optional[bool]:
+        """True / False by the Holm-adjusted p at 5%; None when there is no test (one seed on a side)."""
+        return None if self.p_holm is None else self.p_holm < ALPHA
 
 
 def compare_with_baseline(t: TableResult) -> tuple[Optional[CellResult], list[Comparison]]:
-    """Every complete cell against the baseline cell (`spec.baseline`), in table order. ([], None) without one."""
+    """Every complete cell against the baseline cell (`spec.baseline`), in table order; Welch's p-values
+    Holm-adjusted per column (the family: the rows compared in that column). (None, []) without a baseline."""
     if t.spec.baseline is None:
         return None, []
     base = t.cell(*t.spec.baseline)
     if base is None or not base.complete or base.mean is None:
         return base, []
-    out = []
-    for c in t.cells:
-        if c is base or not c.complete or c.mean is None:
-            continue
-        sigma = math.sqrt((c.std or 0.0) ** 2 + (base.std or 0.0) ** 2)
-        out.append(Comparison(c, c.mean - base.mean, sigma, _welch(c, base)))
-    return base, out
-
-
-def _welch(a: CellResult, b: CellResult) -> Optional[float]:
-    if a.n < 2 or b.n < 2:
-        return None
-    from scipy.stats import ttest_ind_from_stats  # lazy: scipy is slow to import; only comparisons need it
-
-    # population stds (ddof=0, as the tables show) -> sample stds
-    sa, sb = (c.std * math.sqrt(c.n / (c.n - 1)) for c in (a, b))
-    if sa == 0 and sb == 0:
-        return None if a.mean == b.mean else 0.0
-    return float(ttest_ind_from_stats(a.mean, sa, a.n, b.mean, sb, b.n, equal_var=False).pvalue)
+    cells = [c for c in t.cells if c is not base and c.complete and c.mean is not None]
+    tests = {id(c): welch(c.values, base.values) for c in cells}
+    adjusted: dict[int, Optional[float]] = {}
+    for col in dict.fromkeys(c.column for c in cells):
+        mine = [c for c in cells if c.column == col]
+        for c, p in zip(mine, holm([None if tests[id(c)] is None else tests[id(c)].p for c in mine])):
+            adjusted[id(c)] = p
+    return base, [Comparison(c, c.mean - base.mean, tests[id(c)], adjusted[id(c)])  # type: ignore[operator]
+                  for c in cells]
 
 
 def collect(spec: ReportSpec, index: StoreIndex, seeds: Optional[Sequence[int]] = None) -> list[TableResult]:
@@ -412,7 +455,7 @@ def collect(spec: ReportSpec, index: StoreIndex, seeds: Optional[Sequence[int]] 
     for metric_name in spec.metrics:
         metric = get_metric(metric_name)
         cells = [cell_result(c.row, c.column, c.arm_set, metric, seeds_expected, index.runs_like(sig),
-                             spec.paper_value(c.row, c.column, metric_name), c.tags, spec.paper_seeds)
+                             spec.paper_value(c.row, c.column, metric_name), c.tags, spec.margin.get(metric_name))
                  for c, sig in zip(spec.cells, signatures)]
         rows = list(dict.fromkeys(c.row for c in cells))
         columns = list(dict.fromkeys(c.column for c in cells))
@@ -421,8 +464,8 @@ def collect(spec: ReportSpec, index: StoreIndex, seeds: Optional[Sequence[int]] 
 
 
 def reproduction_summary(tables: Iterable[TableResult]) -> dict[str, list[str]]:
-    """Cells by verdict kind (only cells the paper has a value for; `n/a` = no spread to judge by). Cells that
-    are `diverged k/n` or `incomplete k/n` carry their count."""
+    """Cells by verdict kind (only cells the paper has a value for). Cells that are `diverged k/n`,
+    `incomplete k/n` or `inconclusive (n=…)` carry their count."""
     out: dict[str, list[str]] = {k: [] for k in VERDICTS}
     for t in tables:
         for c in t.cells:
@@ -430,5 +473,6 @@ def reproduction_summary(tables: Iterable[TableResult]) -> dict[str, list[str]]:
                 continue
             where = f"{t.spec.name}/{t.metric.name}: {c.row} × {c.column}"
             kind = c.verdict_kind
-            out[kind].append(f"{where} ({c.verdict})" if kind in ("diverged", "incomplete") else where)
+            out[kind].append(f"{where} ({c.verdict})" if kind in ("diverged", "incomplete", "inconclusive",
+                                                                  "untested") else where)
     return out

@@ -27,6 +27,10 @@ MATCH_IGNORE = (
     "budget.calibration_blocks", "budget.warmup_steps", "budget.recalibrate", "budget.reference_method",
 )
 OK_STATUSES = tuple(s.value for s in Status if s.is_success)  # completed, budget_exhausted
+# A matched pair (budget=match) replays the reference's measured seconds; when the two runs trained under machine
+# loads (load average per core) that differ by more than this, the same seconds bought a different amount of
+# work and reports flag the pair (docs/reports.md).
+LOAD_DIFF_THRESHOLD = 0.25
 
 
 # ------------------------------------------------------------------------------------------ config keys
@@ -78,7 +82,7 @@ class Where:
     negate: bool = False
 
     def matches(self, run: "StoredRun") -> bool:
-        value = run.status if self.key == "status" else lookup(run.config, self.key, _MISSING)
+        value = run.status if self.key == "status" else run.get(self.key, _MISSING)
         hit = value is not _MISSING and value_text(value) in self.values
         return hit != self.negate
 
@@ -125,6 +129,7 @@ class StoredRun:
     summary: Optional[dict[str, Any]]
     signature: str
     problem: Optional[str] = None  # why the run is corrupt (file: what is wrong), None when it validates
+    choices: dict[str, str] = field(default_factory=dict)  # config group -> the option chosen (meta.json)
     _rows: Optional[list[dict[str, Any]]] = field(default=None, repr=False)
 
     @property
@@ -157,6 +162,15 @@ class StoredRun:
         return self._rows
 
     def get(self, dotted: str, default: Any = None) -> Any:
+        """A config value by dotted key; a config group's own name (`optimizer`, `model`) gives the option chosen
+        for it (e.g. `adafisher_paper`), which tells variants apart that share `optimizer.name`; a run that did
+        not record its choices gives the group's `name`."""
+        group = self.config.get(dotted) if "." not in dotted else None
+        if isinstance(group, dict):
+            if dotted in self.choices:
+                return self.choices[dotted]
+            if "name" in group:
+                return group["name"]
         return lookup(self.config, dotted, default)
 
 
@@ -225,12 +239,14 @@ def read_run(rd: RunDir) -> Optional[StoredRun]:
     if cfg is None:
         return None
     problem = None
-    summary = None
+    summary = meta = None
     try:
         summary = rd.summary()
-        rd.meta()
+        meta = rd.meta()
     except CorruptRunError as exc:
         problem = problem_text(rd, exc)
+    raw_choices = (meta or {}).get("choices") or (summary or {}).get("choices")
+    choices = {str(k): v for k, v in raw_choices.items() if isinstance(v, str)} if isinstance(raw_choices, dict) else {}
     seed = cfg.get("seed", 0)
     if problem is None and (not isinstance(seed, int) or isinstance(seed, bool)):
         problem = f"config.yaml: 'seed' is a {type(seed).__name__}, expected int"
@@ -238,7 +254,7 @@ def read_run(rd: RunDir) -> Optional[StoredRun]:
         signature = match_signature(cfg)
     except (TypeError, ValueError) as exc:  # a mapping that is not config-shaped
         signature, problem = f"corrupt:{rd.run_id}", problem or f"config.yaml: {exc}"
-    return StoredRun(rd, cfg, summary, signature, problem)
+    return StoredRun(rd, cfg, summary, signature, problem, choices)
 
 
 def filter_runs(runs: Iterable[StoredRun], where: Sequence[Where]) -> list[StoredRun]:
@@ -250,6 +266,24 @@ def prefer(run: StoredRun) -> tuple:
     s = run.summary or {}
     rank = 2 if run.ok else 1 if run.status == Status.DIVERGED.value else 0
     return (rank, str(s.get("finished_at") or ""), run.run_id)
+
+
+def resolve_run(index: StoreIndex, ref: str) -> "StoredRun | Path":
+    """A run by id, unique id prefix, or path (every command that takes a run uses this); the path of an
+    unreadable (corrupt) run directory. UserError when nothing or several runs match."""
+    p = Path(ref)
+    name = p.name if (p.is_dir() or "/" in ref) else ref
+    exact = index.find(name)
+    if exact is not None:
+        return exact
+    matches = [r for r in index.runs if r.run_id.startswith(name)]
+    corrupt = [c.path for c in index.corrupt if c.path.name.startswith(name)]
+    if len(matches) + len(corrupt) == 1:
+        return matches[0] if matches else corrupt[0]
+    if len(matches) + len(corrupt) > 1:
+        ids = ", ".join([r.run_id for r in matches] + [c.name for c in corrupt])
+        raise UserError(f"run {ref!r} is ambiguous in {index.root}: {ids}")
+    raise UserError(f"no run {ref!r} in {index.root} (`python -m fisherbench results ls --store {index.root}` lists them)")
 
 
 # ------------------------------------------------------------------------------------ facts per run
@@ -272,6 +306,54 @@ def run_budget_method(run: StoredRun) -> Optional[str]:
     (interleaved step timing), `identity` (the run is the reference), or None (a plain budget)."""
     method = ((run.summary or {}).get("reference_budget") or {}).get("method")
     return str(method) if method else None
+
+
+def _pair(v: Any) -> Optional[tuple[float, float]]:
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(as_number(x) is not None for x in v):
+        return float(v[0]), float(v[1])
+    return None
+
+
+@dataclass(frozen=True)
+class RunBudget:
+    """How one run's equal-time budget was set and how sure it is, from its `summary.json` `reference_budget`
+    (fields in docs/wall-clock.md). Validated here: a field of the wrong type is read as absent."""
+
+    method: str  # match / calibration / identity
+    epochs: Optional[float] = None  # the derived budget in epochs
+    epochs_ci: Optional[tuple[float, float]] = None  # its 95% CI (calibration)
+    ratio: Optional[float] = None  # candidate / reference step-time ratio (calibration)
+    ratio_ci: Optional[tuple[float, float]] = None
+    blocks: Optional[int] = None  # calibration blocks behind the ratio
+    calibration: Optional[str] = None  # the calibration's identity (seeds that share it share its error)
+    reference_run: Optional[str] = None  # match: the run whose measured time was replayed
+    busy_warning: Optional[str] = None  # the machine was busy while the budget was measured
+    load: Optional[float] = None  # match: machine load while this run trained
+    reference_load: Optional[float] = None  # match: machine load while the reference run trained
+
+
+def _blocks(rb: dict[str, Any]) -> Optional[int]:
+    v = rb.get("blocks")
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, dict) and v:  # {arm: [per-block seconds]}: every arm has one value per block
+        lengths = {len(x) for x in v.values() if isinstance(x, list)}
+        return lengths.pop() if len(lengths) == 1 else None
+    return None
+
+
+def run_budget(run: StoredRun) -> Optional[RunBudget]:
+    """The run's derived budget (None for a plain epoch/step/time budget)."""
+    rb = (run.summary or {}).get("reference_budget")
+    if not isinstance(rb, dict) or not isinstance(rb.get("method"), str):
+        return None
+    text = (lambda k: str(rb[k]) if isinstance(rb.get(k), str) and rb[k] else None)
+    return RunBudget(
+        method=rb["method"], epochs=as_number(rb.get("derived_epochs")), epochs_ci=_pair(rb.get("derived_epochs_ci")),
+        ratio=as_number(rb.get("ratio")), ratio_ci=_pair(rb.get("ratio_ci")), blocks=_blocks(rb),
+        calibration=text("calibration_key"), reference_run=text("match_run"), busy_warning=text("busy_warning"),
+        load=as_number(rb.get("load")), reference_load=as_number(rb.get("reference_load")),
+    )
 
 
 def run_epoch_seconds(run: StoredRun) -> Optional[float]:

@@ -1,9 +1,11 @@
 """Render report tables (`results.report.TableResult`) as Markdown, CSV and LaTeX.
 
-Markdown has the paper-shaped table (ours, mean ± std over seeds, the best cell in bold), the cell-by-cell
-comparison with the paper (value, difference, Welch p, seeds found, runs left out, verdict), and the epochs
-each optimizer reached under the budget (Table 6, from the runs). Tables without paper values (custom
-reports) drop the paper, Δ, p and verdict columns. CSV holds the comparison with plain numbers; LaTeX the
+Markdown has the paper-shaped table (ours, mean ± sample std over seeds, bold only where a test supports a
+best cell, and on equal-time cells how their budget was set and how sure: `97.10 ± 0.20 ᶜ[9.8–10.2 ep]`), the
+cell-by-cell comparison with the paper (value, margin δ, difference with its 90% CI, seeds found, runs left
+out, the equivalence verdict), the equal-time budgets, and the epochs each optimizer reached under the budget
+(Table 6, from the runs, with each calibrated step-time ratio and its CI). Tables without paper values (custom
+reports) drop the paper, δ, Δ and verdict columns. CSV holds the comparison with plain numbers; LaTeX the
 paper-shaped table. A mean over one seed is written `97.20 (n=1)`: one run has no spread to show.
 """
 from __future__ import annotations
@@ -15,7 +17,6 @@ from typing import Any, Optional, Sequence
 from fisherbench.results.report import (
     RULE,
     TABLE6_NOTE,
-    TTEST,
     VALIDATION_COUNTERPART,
     CellResult,
     TableResult,
@@ -24,11 +25,13 @@ from fisherbench.results.report import (
     run_epochs,
     run_peak_memory,
 )
-from fisherbench.results.runs import run_budget_method, run_curvature_range
+from fisherbench.results.runs import LOAD_DIFF_THRESHOLD, RunBudget, run_curvature_range
 
 CSV_FIELDS = ("table", "metric", "row", "column", "arm_set", "mean", "std", "seeds_found", "seeds_expected",
-              "diverged", "incomplete", "duplicates", "paper_mean", "paper_std", "delta", "sigma", "p_value",
-              "verdict", "best", "epochs", "epoch_seconds", "peak_memory_mb", "run_ids")
+              "diverged", "incomplete", "duplicates", "paper_mean", "paper_std", "delta", "margin", "ci90_lo",
+              "ci90_hi", "ci95_lo", "ci95_hi", "verdict", "best", "epochs", "epoch_seconds", "peak_memory_mb",
+              "budget_method", "budget_seeds", "derived_epochs_lo", "derived_epochs_hi", "ratio", "ratio_lo",
+              "ratio_hi", "calibration_shared", "busy_runs", "load_flagged", "reference_runs", "run_ids")
 
 
 def _f(v: Optional[float], d: int, sign: bool = False) -> str:
@@ -38,14 +41,15 @@ def _f(v: Optional[float], d: int, sign: bool = False) -> str:
 
 
 def value_text(c: CellResult) -> str:
-    """The mean ± std, or `mean (n=1)`; empty when no seed finished."""
+    """The mean ± sample std, or `mean (n=1)`; empty when no seed finished."""
     d = c.metric.digits
     if c.mean is None:
         return ""
     return f"{c.mean:.{d}f} (n=1)" if c.n == 1 else f"{c.mean:.{d}f} ± {c.std:.{d}f}"
 
 
-def ours_text(c: CellResult) -> str:
+def ours_text(c: CellResult, budget: bool = True) -> str:
+    """The cell as the tables show it: value, its completeness, and (equal-time cells) its budget mark."""
     if c.mean is None:
         if c.diverged:
             return f"diverged {c.diverged}/{c.expected}"
@@ -56,9 +60,121 @@ def ours_text(c: CellResult) -> str:
     if c.diverged:
         marks.append(f"{c.diverged} diverged")
     text = value_text(c)
-    if not marks:
-        return text
-    return text[:-1] + "; " + ", ".join(marks) + ")" if c.n == 1 else f"{text} ({', '.join(marks)})"
+    if marks:
+        text = text[:-1] + "; " + ", ".join(marks) + ")" if c.n == 1 else f"{text} ({', '.join(marks)})"
+    mark = budget_mark(c) if budget else ""
+    return f"{text} {mark}" if mark else text
+
+
+# ------------------------------------------------------------------------------------ equal-time budgets
+METHOD_MARKS = {"match": "ᵐ", "calibration": "ᶜ"}
+
+
+def _num_text(v: float) -> str:
+    return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def _span(pairs: list[tuple[float, float]]) -> Optional[tuple[float, float]]:
+    return (min(p[0] for p in pairs), max(p[1] for p in pairs)) if pairs else None
+
+
+def cell_budget(c: CellResult) -> Optional[dict[str, Any]]:
+    """What a cell's derived budgets say, over its finished seeds; None for cells with plain budgets (and the
+    reference arm itself)."""
+    budgets = [b for b in c.budgets if b.method in METHOD_MARKS]
+    if not budgets:
+        return None
+    cal = [b for b in budgets if b.method == "calibration"]
+    match = [b for b in budgets if b.method == "match"]
+    keys = {b.calibration for b in cal}
+    ratios = [b.ratio for b in cal if b.ratio is not None]
+    return {
+        "methods": c.budget_methods,
+        "seeds": len(budgets),
+        "epochs": [b.epochs for b in budgets if b.epochs is not None],
+        "epochs_ci": _span([b.epochs_ci for b in cal if b.epochs_ci]),
+        "ratio": sum(ratios) / len(ratios) if ratios else None,
+        "ratio_ci": _span([b.ratio_ci for b in cal if b.ratio_ci]),
+        "blocks": sorted({b.blocks for b in cal if b.blocks is not None}),
+        "calibrations": len(keys),
+        # one calibration measured once and reused by every seed: its error is common to them all
+        "shared": len(cal) > 1 and len(keys) == 1 and None not in keys,
+        "busy": sum(b.busy_warning is not None for b in budgets),
+        "references": list(dict.fromkeys(b.reference_run for b in match if b.reference_run)),
+        "load_flagged": sum(_load_differs(b) for b in match),
+    }
+
+
+def _load_differs(b: RunBudget) -> bool:
+    return b.load is not None and b.reference_load is not None and \
+        abs(b.load - b.reference_load) > LOAD_DIFF_THRESHOLD
+
+
+def budget_mark(c: CellResult) -> str:
+    """`ᶜ[9.8–10.2 ep]` (calibrated: the 95% CI of the derived epochs), `ᵐ[ref 1a2b3c4d]` (matched: the
+    reference run whose measured time was replayed; `+k` more references), `mixed (m 3, c 2)` when seeds were
+    budgeted by different methods; `⚠busy k/n` when k seeds' budgets were measured on a busy machine,
+    `⚠load k/n` when k matched pairs ran under machine loads that differ beyond LOAD_DIFF_THRESHOLD."""
+    b = cell_budget(c)
+    if b is None:
+        return ""
+    methods = b["methods"]
+    if len(methods) > 1:
+        text = f"mixed (m {methods.get('match', 0)}, c {methods.get('calibration', 0)})"
+    elif "calibration" in methods:
+        ci = b["epochs_ci"]
+        text = "ᶜ" + (f"[{_num_text(ci[0])}–{_num_text(ci[1])} ep]" if ci else "")
+    else:
+        refs = b["references"]
+        text = "ᵐ" + (f"[ref {refs[0][:8]}" + (f" +{len(refs) - 1}" if len(refs) > 1 else "") + "]" if refs else "")
+    if b["busy"]:
+        text += f" ⚠busy {b['busy']}/{b['seeds']}"
+    if b["load_flagged"]:
+        text += f" ⚠load {b['load_flagged']}/{b['seeds']}"
+    return text
+
+
+def budgets_markdown(t: TableResult) -> Optional[str]:
+    """Per equal-time cell: how its budget was set and how sure (None when no cell has a derived budget)."""
+    body = []
+    notes = []
+    for c in t.cells:
+        b = cell_budget(c)
+        if b is None:
+            continue
+        methods = ", ".join(f"{ {'match': 'matched', 'calibration': 'calibrated'}[m]} {k}"
+                            for m, k in sorted(b["methods"].items()))
+        epochs = b["epochs"]
+        ep = "" if not epochs else _num_text(sum(epochs) / len(epochs))
+        if b["epochs_ci"]:
+            ep += f" [{_num_text(b['epochs_ci'][0])}–{_num_text(b['epochs_ci'][1])}]"
+        ratio = "" if b["ratio"] is None else f"{b['ratio']:.3f}"
+        if b["ratio_ci"]:
+            ratio += f" [{b['ratio_ci'][0]:.3f}–{b['ratio_ci'][1]:.3f}]"
+        blocks = ", ".join(map(str, b["blocks"]))
+        if b["shared"]:
+            calib = f"one, shared by all {b['seeds']} seeds"
+            notes.append(f"{c.row} × {c.column}")
+        else:
+            calib = str(b["calibrations"]) if b["methods"].get("calibration") else ""
+        refs = ", ".join(r[:8] for r in b["references"])
+        body.append([c.row, c.column, methods, ep, ratio, blocks, calib,
+                     f"{b['busy']}/{b['seeds']}" if b["busy"] else "", refs,
+                     f"{b['load_flagged']}/{b['seeds']}" if b["load_flagged"] else ""])
+    if not body:
+        return None
+    out = [_md_table(["row", "column", "budget", "epochs [95% CI]", "step-time ratio [95% CI]", "blocks",
+                      "calibrations", "busy machine", "reference runs", "load differs"], body), "",
+           "Calibrated (ᶜ): the candidate trains the reference's time, converted to steps by an interleaved "
+           "measurement of both optimizers' step times; the interval is that measurement's 95% CI, carried to "
+           "epochs. Matched (ᵐ): the candidate replays the measured training time of the reference run named. "
+           f"`load differs`: matched pairs whose machine loads differ by more than {LOAD_DIFF_THRESHOLD:g} "
+           "(load average per core): the replayed seconds bought a different amount of work. `busy machine`: the "
+           "budget was measured while other work shared the machine."]
+    if notes:
+        out += ["", "One calibration is shared by all seeds of " + "; ".join(notes) + ": its error is common to "
+                "them (every seed trained the same number of steps) and is **not** in the ± spread over seeds."]
+    return "\n".join(out)
 
 
 def paper_text(c: CellResult) -> str:
@@ -87,19 +203,24 @@ def note_text(c: CellResult) -> str:
 
 
 def verdict_text(c: CellResult) -> str:
-    kind = c.verdict_kind
-    if kind == "reproduced":
-        return "✓ within 2σ"
-    if kind == "not reproduced":
-        return f"✗ {abs(c.delta) / c.sigma:.1f}σ"  # type: ignore[operator]
     return c.verdict
 
 
-def p_text(c: CellResult) -> str:
-    p = c.p_value
-    if p is None:
+def delta_text(c: CellResult) -> str:
+    """Δ = ours − paper with its 90% CI (the interval the equivalence test reads); Δ alone for one seed."""
+    d = c.metric.digits
+    if c.delta is None:
         return ""
-    return f"{p:.2g}" if p >= 1e-3 else "<0.001"
+    eq = c.equivalence
+    if eq is None or eq.ci90 is None or not c.complete:
+        return _f(c.delta, d, sign=True)
+    lo, hi = eq.ci90
+    return f"{c.delta:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]"
+
+
+def margin_text(c: CellResult) -> str:
+    m = c.margin
+    return "" if m is None else f"±{m:.{c.metric.digits}f}"
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -127,12 +248,12 @@ def long_markdown(t: TableResult) -> str:
     for c in t.cells:
         line = [c.row, c.column, ours_text(c) if c.mean is not None else ""]
         if with_paper:
-            line += [paper_text(c), _f(c.delta, c.metric.digits, sign=True), p_text(c)]
+            line += [paper_text(c), margin_text(c), delta_text(c)]
         line += [f"{c.n}/{c.expected}", note_text(c)]
         if with_paper:
             line.append(verdict_text(c) if c.paper is not None else "")
         body.append(line)
-    header = ["row", "column", "ours"] + (["paper", "Δ", "p"] if with_paper else []) + ["seeds", "runs"]
+    header = ["row", "column", "ours"] + (["paper", "δ", "Δ [90% CI]"] if with_paper else []) + ["seeds", "runs"]
     return _md_table(header + (["verdict"] if with_paper else []), body)
 
 
@@ -142,23 +263,32 @@ def _epochs_text(v: Optional[float]) -> str:
     return f"{v:.0f}" if abs(v - round(v)) < 0.05 else f"{v:.1f}"
 
 
-METHOD_MARKS = {"match": "ᵐ", "calibration": "ᶜ"}
 METHOD_NOTE = ("How each equal-time budget was set: ᵐ the measured training time of the cell's reference run "
-               "(budget=match), ᶜ an interleaved calibration of step times (budget=reference); unmarked cells "
-               "trained a fixed budget (the reference arm itself).")
+               "(budget=match), ᶜ an interleaved calibration of step times (budget=reference), with the step-time "
+               "ratio (candidate / reference) and its 95% CI; unmarked cells trained a fixed budget (the reference "
+               "arm itself).")
 
 
 def _method_mark(c: CellResult) -> str:
-    methods = sorted({m for s in c.seeds if (m := run_budget_method(s.run)) in METHOD_MARKS})
-    return "".join(METHOD_MARKS[m] for m in methods)
+    methods = c.budget_methods
+    return "".join(METHOD_MARKS[m] for m in sorted(methods))
+
+
+def _ratio_text(c: CellResult) -> str:
+    b = cell_budget(c)
+    if b is None or b["ratio"] is None:
+        return ""
+    ci = b["ratio_ci"]
+    return f" ×{b['ratio']:.2f}" + (f" [{ci[0]:.2f}–{ci[1]:.2f}]" if ci else "")
 
 
 def epochs_markdown(t: TableResult) -> str:
-    """Epochs reached under the budget per cell (Table 6 from the runs), with the paper's counts."""
+    """Epochs reached under the budget per cell (Table 6 from the runs), with the paper's counts; calibrated
+    cells add their step-time ratio (candidate / reference) and its 95% CI."""
     body = []
     for r in t.rows:
-        body.append([r, *[_epochs_text(c.mean_of(run_epochs)) + _method_mark(c) if (c := t.cell(r, col)) else ""
-                          for col in t.columns]])
+        body.append([r, *[_epochs_text(c.mean_of(run_epochs)) + _method_mark(c) + _ratio_text(c)
+                          if (c := t.cell(r, col)) else "" for col in t.columns]])
     paper = [t.spec.paper_epochs_of(col) for col in t.columns]
     if any(p is not None for p in paper):
         body.append(["paper (Table 6)", *[str(p) if p is not None else "" for p in paper]])
@@ -167,7 +297,8 @@ def epochs_markdown(t: TableResult) -> str:
 
 def table6_markdown(tables: Sequence[TableResult]) -> str:
     """Paper Table 6 across specs: per WCT spec, the epochs each optimizer reached (mean over its networks and
-    seeds; the paper's count in parentheses), followed by the timing note."""
+    seeds; the paper's count in parentheses), then every calibrated step-time ratio with its 95% CI (per spec
+    and network), then the timing note."""
     specs = [t for t in tables if t.spec.wct and t.metric.name == t.spec.metric]
     columns = list(dict.fromkeys(col for t in specs for col in t.columns))
     body = []
@@ -179,7 +310,21 @@ def table6_markdown(tables: Sequence[TableResult]) -> str:
             paper = t.spec.paper_epochs_of(col) if col in t.columns else None
             row.append(ours + (f" ({paper})" if paper is not None else ""))
         body.append(row)
-    return _md_table(["spec", *columns], body) + "\n\n" + TABLE6_NOTE
+    out = _md_table(["spec", *columns], body)
+    ratios = []
+    for t in specs:
+        for r in t.rows:
+            cells = [(col, c) for col in columns if (c := t.cell(r, col)) is not None]
+            texts = [_method_mark(c) + _ratio_text(c).strip() if _ratio_text(c) else _method_mark(c)
+                     for _, c in cells]
+            if any(texts):
+                by_col = dict(zip([col for col, _ in cells], texts))
+                ratios.append([f"{t.spec.name} · {r}", *[by_col.get(col, "") for col in columns]])
+    if ratios:
+        out += ("\n\nStep-time ratio (candidate / reference) behind each calibrated budget, mean over seeds, "
+                "[95% CI] (the span of the seeds' intervals); ᵐ: matched to the reference run's measured time "
+                "(no ratio)\n\n" + _md_table(["spec · network", *columns], ratios))
+    return out + "\n\n" + TABLE6_NOTE
 
 
 def cost_markdown(t: TableResult) -> str:
@@ -223,8 +368,8 @@ def curvature_markdown(t: TableResult) -> Optional[str]:
 
 
 def baseline_markdown(t: TableResult) -> Optional[str]:
-    """Every cell against the spec's baseline cell, and one sentence per column: the first row (in table order)
-    from which the column differs from the baseline beyond 2σ of run-to-run spread, if any."""
+    """Every cell against the spec's baseline cell (Welch's test, Holm-corrected per column), a verdict per row,
+    and one sentence per column listing the rows that differ."""
     base, comparisons = compare_with_baseline(t)
     if base is None:
         return None
@@ -232,36 +377,58 @@ def baseline_markdown(t: TableResult) -> Optional[str]:
     if not comparisons:
         return f"The baseline {label} has no complete result yet: nothing is compared."
     d = t.metric.digits
-    body = [[c.cell.row, c.cell.column, _f(c.delta, d, sign=True), _f(2 * c.sigma, d),
-             "" if c.p_value is None else f"{c.p_value:.3g}", "yes" if c.differs else "no"] for c in comparisons]
+
+    def verdict(c) -> str:
+        if c.differs is None:
+            return "no test (n=1)"
+        return "differs" if c.differs else "no difference found"
+
+    body = []
+    for c in comparisons:
+        delta = _f(c.delta, d, sign=True)
+        if c.test is not None:
+            delta += f" [{c.test.ci95[0]:+.{d}f}, {c.test.ci95[1]:+.{d}f}]"
+        body.append([c.cell.row, c.cell.column, delta, "" if c.p_value is None else f"{c.p_value:.3g}",
+                     "" if c.p_holm is None else f"{c.p_holm:.3g}", verdict(c)])
     sentences = []
     for col in dict.fromkeys(c.cell.column for c in comparisons):
         mine = [c for c in comparisons if c.cell.column == col]
-        first = next((c for c in mine if c.differs), None)
-        if first is None:
-            sentences.append(f"**{col}** does not differ from {label} beyond 2σ at any row.")
-        else:
-            sentences.append(f"**{col}** differs from {label} beyond 2σ from row **{first.cell.row}** on "
-                             f"(Δ {_f(first.delta, d, sign=True)}; "
-                             f"{sum(c.differs for c in mine)} of {len(mine)} rows differ).")
-    table = _md_table([f"vs {label}", "column", "Δ mean", "2σ", "Welch p", "beyond 2σ"], body)
-    return "\n".join([f"Baseline: {label}, {_f(base.mean, d)} over {base.n} seeds. Rule: |Δ| > 2σ, "
-                      "σ = √(std² + std_baseline²) (run-to-run spread, as the verdicts).", "", table, "",
-                      *sentences])
+        differ = [c.cell.row for c in mine if c.differs]
+        same = [c.cell.row for c in mine if c.differs is False]
+        untested = [c.cell.row for c in mine if c.differs is None]
+        parts = []
+        if differ:
+            parts.append(f"differs from {label} at {', '.join(differ)}")
+        if same:
+            parts.append(f"no difference found at {', '.join(same)}")
+        if untested:
+            parts.append(f"no test at {', '.join(untested)} (one seed)")
+        sentences.append(f"**{col}** ({len(mine)} row{'s' if len(mine) != 1 else ''} compared): "
+                         + "; ".join(parts) + ".")
+    table = _md_table([f"vs {label}", "column", "Δ mean [95% CI]", "Welch p", "Holm p", "verdict"], body)
+    return "\n".join([
+        f"Baseline: {label}, {_f(base.mean, d)} ± {_f(base.std, d)} over {base.n} seeds. Each cell is compared "
+        "with it by Welch's t-test (Δ with its 95% CI); the p-values of the rows compared in one column are "
+        "Holm-corrected (family-wise error ≤ 5% per column), and a row `differs` when its Holm p < 0.05. "
+        "`no difference found` is not evidence of equality: the CI says how large a difference the seeds allow.",
+        "", table, "", *sentences])
 
 
 def rule_text(t: TableResult) -> str:
     seeds = t.cells[0].seeds_expected if t.cells else []
-    parts = [f"Ours: mean ± population std (ddof=0) over seeds {seeds}; one finished seed is shown as `(n=1)`; "
-             f"{'higher' if t.metric.higher_is_better else 'lower'} is better."]
+    parts = [f"Ours: mean ± sample std (ddof=1) over seeds {seeds}; one finished seed is shown as `(n=1)` (no "
+             f"spread, no test); {'higher' if t.metric.higher_is_better else 'lower'} is better."]
     if t.metric.selects_on_test:
         parts.append("The metric is a maximum over test evaluations (the paper's protocol: it selects on the "
                      "test set).")
     if t.has_paper:
-        parts.append(f"Verdict, only when every seed finished: {RULE}; otherwise `diverged k/n` (k of n seeds "
-                     f"diverged) or `incomplete k/n` (k of n seeds finished). {TTEST}; the paper's side: "
-                     f"{t.spec.paper_seeds} seeds.")
-    if t.best_cells():
+        how = ("set by the spec (`equivalence_margin`)" if t.cells and t.cells[0].margin_set is not None else
+               "0.5 points for percent metrics, 2% of the paper's value otherwise, or the paper's std when larger; "
+               "a spec sets its own with `equivalence_margin`")
+        parts.append(f"Verdict, only when every seed finished: {RULE}. δ per cell in the δ column ({how}). Otherwise "
+                     "`diverged k/n` (k of n seeds diverged) or `incomplete k/n` (k of n seeds finished); a cell "
+                     "whose seeds were budgeted by different methods is `mixed` and gets no verdict.")
+    if t.spec.best in ("row", "column") and t.selection()[0] is not None:
         what = t.spec.best_label or ("the best of each row" if t.spec.best == "row" else "the best of each column")
         metric, _ = t.selection()
         if metric.name in VALIDATION_COUNTERPART.values():
@@ -270,7 +437,8 @@ def rule_text(t: TableResult) -> str:
             how = f"chosen by {metric.name} (on the test set: the runs have no validation split)"
         else:
             how = f"chosen by {metric.name}"
-        parts.append(f"Bold: {what}, {how}, among cells whose seeds all finished.")
+        parts.append(f"Bold: {what}, {how}, among cells whose seeds all finished, only where Welch's test against "
+                     "each other cell of its group (Holm-corrected) says it is better at 5%.")
     return " ".join(parts)
 
 
@@ -285,6 +453,9 @@ def markdown(tables: Sequence[TableResult]) -> str:
         out += [TABLE6_NOTE, ""]
     if any(_method_mark(c) for c in t0.cells):
         out += [METHOD_NOTE, ""]
+    budgets = budgets_markdown(t0)
+    if budgets is not None:
+        out += ["## Equal-time budgets", "", budgets, ""]
     out += ["## Cost per epoch", "", "Budget-clock seconds: evaluation, logging and checkpoints excluded.", "",
             cost_markdown(t0), ""]
     baseline = baseline_markdown(t0)
@@ -309,7 +480,12 @@ def csv_text(tables: Sequence[TableResult]) -> str:
         best = t.best_cells()
         for c in t.cells:
             d = c.metric.digits + 2
-            p = c.p_value
+            eq = c.equivalence if c.complete else None
+            ci90 = eq.ci90 if eq and eq.ci90 else (None, None)
+            ci95 = eq.ci95 if eq and eq.ci95 else (None, None)
+            b = cell_budget(c) or {}
+            ep_ci = b.get("epochs_ci") or (None, None)
+            r_ci = b.get("ratio_ci") or (None, None)
             w.writerow({
                 "table": t.spec.name, "metric": t.metric.name, "row": c.row, "column": c.column,
                 "arm_set": c.arm_set, "mean": _f(c.mean, d), "std": _f(c.std, d), "seeds_found": c.n,
@@ -317,12 +493,20 @@ def csv_text(tables: Sequence[TableResult]) -> str:
                 "duplicates": c.duplicates,
                 "paper_mean": "" if c.paper is None or c.paper.mean is None else _f(c.paper.mean, d),
                 "paper_std": "" if c.paper is None or c.paper.std is None else _f(c.paper.std, d),
-                "delta": _f(c.delta, d), "sigma": _f(c.sigma, d) if c.paper is not None else "",
-                "p_value": "" if p is None else f"{p:.4g}",
+                "delta": _f(c.delta, d), "margin": _f(c.margin, d),
+                "ci90_lo": _f(ci90[0], d), "ci90_hi": _f(ci90[1], d),
+                "ci95_lo": _f(ci95[0], d), "ci95_hi": _f(ci95[1], d),
                 "verdict": c.verdict if c.paper is not None else "",
                 "best": int((c.row, c.column) in best),
                 "epochs": _f(c.mean_of(run_epochs), 2), "epoch_seconds": _f(c.mean_of(run_epoch_seconds), 4),
                 "peak_memory_mb": _f(None if (m := c.mean_of(run_peak_memory)) is None else m / 2**20, 1),
+                "budget_method": " ".join(f"{k}:{v}" for k, v in sorted((b.get("methods") or {}).items())),
+                "budget_seeds": b.get("seeds", ""),
+                "derived_epochs_lo": _f(ep_ci[0], 4), "derived_epochs_hi": _f(ep_ci[1], 4),
+                "ratio": _f(b.get("ratio"), 4), "ratio_lo": _f(r_ci[0], 4), "ratio_hi": _f(r_ci[1], 4),
+                "calibration_shared": int(bool(b.get("shared"))) if b else "",
+                "busy_runs": b.get("busy", ""), "load_flagged": b.get("load_flagged", ""),
+                "reference_runs": " ".join(b.get("references") or []),
                 "run_ids": " ".join(s.run.run_id for s in c.seeds),
             })
     return buf.getvalue()
@@ -370,11 +554,12 @@ def latex(tables: Sequence[TableResult]) -> str:
 
 def summary_markdown(verdicts: dict[str, list[str]]) -> str:
     total = sum(len(v) for v in verdicts.values())
-    lines = [f"{total} cells with a paper value: " + ", ".join(f"{k} {len(v)}" for k, v in verdicts.items()),
-             "", f"A verdict only where every seed finished; reproduced = {RULE}."]
-    titles = {"diverged": "diverged (some seeds diverged: no verdict)",
+    lines = [f"{total} cells with a paper value: " + ", ".join(f"{k} {len(v)}" for k, v in verdicts.items() if v),
+             "", f"A verdict only where every seed finished; {RULE}."]
+    titles = {"untested": "no test (one seed)", "mixed": "mixed budgets (matched and calibrated seeds: no verdict)",
+              "diverged": "diverged (some seeds diverged: no verdict)",
               "incomplete": "incomplete (some seeds did not finish: no verdict)"}
-    for k in ("reproduced", "not reproduced", "n/a", "diverged", "incomplete"):
+    for k in ("reproduced", "differs", "inconclusive", "untested", "mixed", "n/a", "diverged", "incomplete"):
         if verdicts.get(k):
             lines += ["", f"### {titles.get(k, k)}", *[f"- {x}" for x in verdicts[k]]]
     if verdicts.get("missing"):
@@ -388,7 +573,7 @@ def console_table(t: TableResult) -> str:
     with_paper = t.has_paper
     best = t.best_cells()
     header = ["row", "column", "ours", "seeds", "epochs", "s/epoch"]
-    header += ["paper", "Δ", "p", "verdict"] if with_paper else []
+    header += ["paper", "δ", "Δ [90% CI]", "verdict"] if with_paper else []
     rows: list[list[Any]] = []
     for c in t.cells:
         sec = c.mean_of(run_epoch_seconds)
@@ -396,10 +581,9 @@ def console_table(t: TableResult) -> str:
         row = [c.row, c.column, ours, f"{c.n}/{c.expected}", _epochs_text(c.mean_of(run_epochs)),
                "" if sec is None else f"{sec:.2f}"]
         if with_paper:
-            row += [paper_text(c), _f(c.delta, c.metric.digits, sign=True), p_text(c),
-                    verdict_text(c) if c.paper is not None else ""]
+            row += [paper_text(c), margin_text(c), delta_text(c), verdict_text(c) if c.paper is not None else ""]
         rows.append(row)
-    return format_columns(header, rows) + ("\n(* best)" if best else "")
+    return format_columns(header, rows) + ("\n(* best, by a test)" if best else "")
 
 
 def format_columns(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

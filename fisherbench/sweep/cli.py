@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="?", help=f"a sweep spec (fisherbench/configs/sweep/): {', '.join(available_specs())}")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (key=value)")
     p.add_argument("--list", action="store_true", help="list the sweep specs and exit")
-    p.add_argument("--dry-run", action="store_true", help="print the runs, epoch counts and GPU-hours; run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the runs, epoch counts and device-hours (GPU or CPU); run nothing")
     p.add_argument("--arms", default="main", help=f"arm sets, comma-separated ({', '.join(ARM_SETS)})")
     p.add_argument("--seeds", help="seeds instead of the spec's, e.g. 0,1")
     p.add_argument("--rows", help="only these rows (comma-separated)")
@@ -162,9 +163,10 @@ def _main(args: argparse.Namespace) -> int:
     if args.dry_run:
         # lazy: pulls in torch (2-4 s); --list and --help start without it
         from fisherbench.sweep.estimate import estimate, format_plan
-        from fisherbench.sweep.local import train_command
+        from fisherbench.sweep.local import train_command, visible_gpus
 
-        print(format_plan(estimate(spec, runs, results_dir, nproc), nproc))
+        on_gpu = args.gpus != "none" and (args.gpus not in (None, "auto") or bool(visible_gpus()))
+        print(format_plan(estimate(spec, runs, results_dir, nproc), nproc, "GPU" if on_gpu else "CPU"))
         if args.commands:
             for r in runs:
                 print(shell_line(train_command(r, results_dir, nproc, group)))

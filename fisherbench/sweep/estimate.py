@@ -165,8 +165,9 @@ def estimate(spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path, npr
     return out
 
 
-def format_plan(estimates: Sequence[Estimate], nproc: int = 1) -> str:
-    """The dry-run listing and its totals."""
+def format_plan(estimates: Sequence[Estimate], nproc: int = 1, device: str = "GPU") -> str:
+    """The dry-run listing and its totals, in hours of the device the sweep would run on (`GPU`, or `CPU` for
+    a sweep that trains on the CPU: calling those GPU-hours would misstate what they cost)."""
     lines = []
     w_row = max([len(e.run.cell.row) for e in estimates] + [4])
     w_col = max([len(e.run.cell.column) for e in estimates] + [6])
@@ -187,12 +188,12 @@ def format_plan(estimates: Sequence[Estimate], nproc: int = 1) -> str:
     lines.append(f"{len(estimates)} runs; {len(estimates) - len(todo)} finished in the store, {len(todo)} to run; "
                  f"epoch counts from: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))
     if known:
-        gpu_hours = sum(known) * nproc
-        lines.append(f"estimated GPU-hours to run: {gpu_hours:.1f} (known for {len(known)} of {len(todo)} runs"
+        device_hours = sum(known) * nproc
+        lines.append(f"estimated {device}-hours to run: {device_hours:.1f} (known for {len(known)} of {len(todo)} runs"
                      + (f"; the other {len(todo) - len(known)} have no calibration or stored run yet: "
                         "`python -m fisherbench sweep <spec> --calibrate` measures them" if len(known) < len(todo) else "")
                      + ")")
     elif todo:
-        lines.append("estimated GPU-hours: unknown until calibrated on the target machine (`python -m fisherbench sweep <spec> "
-                     "--calibrate` on it, or run the first seed of each cell)")
+        lines.append(f"estimated {device}-hours: unknown until calibrated on the target machine "
+                     "(`python -m fisherbench sweep <spec> --calibrate` on it, or run the first seed of each cell)")
     return "\n".join(lines)

@@ -30,6 +30,8 @@ A spec (keys; `extends` merges other specs of the same folder first, later files
     select:   best_val_acc1             # what picks that row / a search's objective (default: the validation
                                         # counterpart of `metric` where a val split exists; fisherbench/sweep/selection.py)
     search:   {...}                     # an Optuna search over one cell (fisherbench/sweep/search.py)
+    baseline: {row: R, column: C}       # reports compare every cell with it (Welch, Holm-corrected per column)
+    equivalence_margin: 0.3             # δ of the reports' "reproduced" test (metric units; docs/reports.md)
 
 Overrides are Hydra override strings; within a cell they are merged by key in the order preset, sweep,
 family chain, column, row, cell, WCT budget, user, so a later source wins on the same key: a column's recipe
@@ -161,6 +163,8 @@ class SweepSpec:
     grid: bool = False
     select: Optional[str] = None
     baseline: Optional[tuple[str, str]] = None  # (row, column): reports compare every cell with it
+    # metric -> δ of the reports' equivalence test ("reproduced"); a plain number in the spec is the main metric's
+    equivalence_margin: dict[str, float] = field(default_factory=dict)
 
     # ---------------------------------------------------------------------------------------- families
     def family_chain(self, family: str) -> list[str]:
@@ -331,7 +335,8 @@ def load_spec(name_or_path: str | Path, spec_dir: Path = SPEC_DIR) -> SweepSpec:
         raise SpecError(f"no sweep spec {name_or_path!r} (looked for {path}); available: {names}")
     raw = _load_raw(path)
     known = {"title", "preset", "seeds", "metric", "overrides", "families", "rows", "arms", "cells", "scale",
-             "wct", "paper", "extra_metrics", "notes", "search", "grid", "select", "baseline"}
+             "wct", "paper", "extra_metrics", "notes", "search", "grid", "select", "baseline",
+             "equivalence_margin"}
     unknown = set(raw) - known
     if unknown:
         raise SpecError(f"sweep spec {path}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
@@ -360,6 +365,7 @@ def load_spec(name_or_path: str | Path, spec_dir: Path = SPEC_DIR) -> SweepSpec:
         grid=bool(raw.get("grid", False)),
         select=str(raw["select"]) if raw.get("select") else None,
         baseline=_baseline(raw.get("baseline"), path),
+        equivalence_margin=_margins(raw.get("equivalence_margin"), str(raw.get("metric", "best_acc1")), path),
     )
     _validate(spec)
     return spec
@@ -372,6 +378,24 @@ def _baseline(value: Any, path: Path) -> Optional[tuple[str, str]]:
     if not isinstance(value, dict) or set(value) != {"row", "column"}:
         raise SpecError(f"sweep spec {path}: baseline must be {{row: <row>, column: <column>}}, got {value!r}")
     return str(value["row"]), str(value["column"])
+
+
+def _margins(value: Any, metric: str, path: Path) -> dict[str, float]:
+    """`equivalence_margin: 0.3` (the main metric's δ, in its units: points for accuracies) or
+    `{best_acc1: 0.3, test_ppl: 1.5}`; every δ a positive number."""
+    if value is None:
+        return {}
+    raw = value if isinstance(value, dict) else {metric: value}
+    out = {}
+    for name, v in raw.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise SpecError(f"sweep spec {path}: equivalence_margin for {name} must be a positive number (the δ of "
+                            f"the reproduction test, in the metric's units), got {v!r}")
+        if name not in METRICS:
+            raise SpecError(f"sweep spec {path}: equivalence_margin names {name!r}, which is not a metric; known: "
+                            f"{', '.join(METRICS)}")
+        out[str(name)] = float(v)
+    return out
 
 
 def _validate(spec: SweepSpec) -> None:

@@ -74,7 +74,7 @@ def test_show_and_best(store, capsys):
     assert "metrics: 10 evaluations; the last 2:" in out
     assert out.rstrip().splitlines()[-1].split() == ["1.0000", "9", "10", "0.8500", "0.1000", "10.0000"]
     rc, out, _ = run_cli(capsys, "best", "--store", str(root))
-    assert rc == 0 and "best run per optimizer.name by best test top-1 (%)" in out
+    assert rc == 0 and "best run per optimizer by best test top-1 (%)" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[3:]}
     assert rows["adam"][1] in (runs["adam0"].run_id, runs["adam1"].run_id) and rows["adam"][3] == "85.00"
     assert rows["sgd"][1] == runs["sgd0"].run_id  # the diverged run is not a result
@@ -89,7 +89,7 @@ def test_show_and_best(store, capsys):
     (["show", "ffff", "--store", "{root}"], "no run 'ffff'"),
     (["ls", "--store", "{root}", "--where", "optimizer.name"], "write KEY=VALUE"),
     (["ls", "--store", "{root}", "--metric", "nope"], "unknown metric 'nope'"),
-    (["wandb", "nope", "--store", "{root}"], "no W&B run file for 'nope'"),
+    (["wandb", "nope", "--store", "{root}"], "no run 'nope' in"),
 ])
 def test_user_errors_exit_2(store, tmp_path, capsys, argv, message):
     root, _ = store
@@ -165,7 +165,8 @@ def test_wandb_command_prints_a_run(store, tmp_path, capsys):
     rid = runs["adam0"].run_id
     f = runs["adam0"].path / "wandb" / f"offline-run-20250101_000000-{rid}" / f"run-{rid}.wandb"
     write_wandb_file(f, _records(rid, 12))
-    for ref in (rid, str(runs["adam0"].path), str(f)):
+    # an id, a unique prefix of it (as `show` takes), the run directory, the file
+    for ref in (rid, rid[:6], str(runs["adam0"].path), str(f)):
         rc, out, _ = run_cli(capsys, "wandb", ref, "--store", str(root), "--history", "2")
         assert rc == 0 and out.splitlines()[0] == f"W&B run {rid}  ({f})"
         assert "history: 12 rows; the last 2:" in out and "  best/test/acc1: 0.9" in out
@@ -177,6 +178,32 @@ def test_wandb_command_prints_a_run(store, tmp_path, capsys):
     bad.write_bytes(b"not a wandb file")
     rc, _, err = run_cli(capsys, "wandb", str(bad))
     assert rc == 2 and "is not a W&B run file (bad header)" in err
+
+
+def test_wandb_prefix_of_a_run_without_a_file(store, capsys):
+    root, runs = store
+    rc, _, err = run_cli(capsys, "wandb", runs["sgd0"].run_id[:6], "--store", str(root))
+    assert rc == 2 and "no W&B run file" in err and runs["sgd0"].run_id in err  # resolved; it logged no W&B file
+
+
+def test_best_groups_by_the_option_chosen(store, capsys):
+    """`optimizer.name` is `adafisher` for every AdaFisher variant; the option chosen (`adafisher_paper`, recorded in
+    meta.json) tells them apart, and is the default grouping of `best`."""
+    import json
+
+    root, _ = store
+    for option, variant, reach in (("adafisher", "official", 2), ("adafisher_paper", "paper", 5)):
+        rd = make_run(root, "a", "adafisher", 0, reach, lr={"official": 0.001, "paper": 0.002}[variant])
+        meta = json.loads(rd.meta_path.read_text())
+        rd.meta_path.write_text(json.dumps({**meta, "choices": {"optimizer": option, "model": "small_cnn"}}))
+    rc, out, _ = run_cli(capsys, "best", "--store", str(root), "--metric", "final_test_acc1")
+    groups = [line.split()[0] for line in out.splitlines()[3:]]
+    assert rc == 0 and "adafisher" in groups and "adafisher_paper" in groups
+    rc, out, _ = run_cli(capsys, "best", "--store", str(root), "--group-by", "optimizer.name")
+    assert [line.split()[0] for line in out.splitlines()[3:]].count("adafisher") == 1  # merged by name
+    # the same key filters `ls`
+    rc, out, _ = run_cli(capsys, "ls", "--store", str(root), "--where", "optimizer=adafisher_paper")
+    assert rc == 0 and "1 runs in" in out
 
 
 def test_ls_shows_the_keys_that_tell_runs_apart(store, capsys):

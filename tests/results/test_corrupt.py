@@ -85,7 +85,7 @@ def test_report_script_lists_corrupt_runs_by_path(store, tmp_path, capsys):
         assert str(rd.path) in captured.err
     assert f"- `{bad['list_summary'].path}`: summary.json: holds a JSON list, not an object" in md
     # the report went on: the three good seeds are the adam cell; every sgd seed is corrupt or not run
-    assert "| small_cnn · synthetic_image | 91.00 ± 0.82 (3/5 seeds) | incomplete 0/5 |" in md
+    assert "| small_cnn · synthetic_image | 91.00 ± 1.00 (3/5 seeds) | incomplete 0/5 |" in md
     assert "| small_cnn · synthetic_image | sgd |  | 0/5 | 3 unfinished/failed (3 corrupt), 2 not run |" in md
 
 

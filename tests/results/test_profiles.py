@@ -68,8 +68,10 @@ def test_time_to_target_and_profile_against_hand_computation(store):
     assert med[("a", "adam")] == 3.0 and med[("a", "sgd")] == 6.0 and med[("a", "lion")] == math.inf
     assert med[("b", "adam")] == math.inf  # one of two seeds never reached it: the median seed did not
     assert med[("b", "sgd")] == 6.0 and med[("b", "lion")] == 3.0
-    assert p.times[("b", "adam")].text() == "not reached (1/2 reached)"
-    assert p.times[("a", "adam")].text() == "3.0 s [2.0–4.0] (2/2 reached)"
+    # each time carries its resolution: the spacing of the evaluations (1 s here)
+    assert p.times[("b", "adam")].text() == "not reached (1/2 reached; evals every 1.0 s)"
+    assert p.times[("a", "adam")].text() == "3.0 s [2.0–4.0] (2/2 reached; evals every 1.0 s)"
+    assert p.ties() == []  # the fastest leads by ≥ one evaluation interval on both problems
     # ratios to the fastest per problem: a: adam 1, sgd 2, lion ∞; b: adam ∞, sgd 2, lion 1
     assert [p.ratio("a", s) for s in ("adam", "sgd", "lion")] == [1.0, 2.0, math.inf]
     assert [p.ratio("b", s) for s in ("adam", "sgd", "lion")] == [math.inf, 2.0, 1.0]
@@ -114,7 +116,7 @@ def test_band_by_evaluation_index():
     x, m, sd = band_by_eval([a, b])
     np.testing.assert_allclose(x, [1.1, 2.2, 3.3])
     np.testing.assert_allclose(m, [0.3, 0.4, 0.7])
-    np.testing.assert_allclose(sd, [0.1, 0.0, 0.1])
+    np.testing.assert_allclose(sd, [0.1 * math.sqrt(2), 0.0, 0.1 * math.sqrt(2)])  # sample std (ddof=1)
 
 
 # ------------------------------------------------------------------------------------ reports without a spec
@@ -140,9 +142,10 @@ def test_adhoc_groups_filters_and_splits_experiments(store):
     assert t.rows == ["model.width=4 · a", "model.width=4 · b"]
     assert [(c.row[-1], c.column) for c in t.cells][:3] == [("a", "adam"), ("a", "lion"),
                                                              ("a", "sgd (optimizer.lr=0.001)")]
-    # the best column of each row is bold (complete cells only)
+    # the best column of each row is bold (complete cells only) where a test supports it
     (t,) = _tables(store, columns=["adam", "lion"])
-    assert t.best_cells() == {("a", "adam"), ("b", "lion")}  # a: 85.00 vs 59.00; b: 72.00 ± 13.00 vs 85.00
+    # a: 85.00 ± 0.00 vs 59.00 ± 0.00 (separated); b: lion 85.00 ± 0.00 vs adam 72.00 ± 18.38 (n=2: Welch p 0.5)
+    assert t.best_cells() == {("a", "adam")}
 
 
 def test_adhoc_errors_are_user_errors(store):
@@ -162,14 +165,19 @@ def test_report_script_group_by_with_target(store, tmp_path, capsys):
     argv = ["--store", str(store), "--group-by", "optimizer.name", "--rows", "model.name", "--metric",
             "best_acc1,final_test_acc1", "--target", "test/acc1>=0.8", "--out", str(out), "--name", "ttt"]
     assert report_script().main(argv) == 0
-    console = capsys.readouterr().out
+    captured = capsys.readouterr()
+    console = captured.out
     assert "time to test/acc1>=0.8  adam" in console
     assert "adam       0.50    0.50    0.50    0.500" in console.splitlines()
     assert "sgd        0.00    1.00    1.00    0.667" in console.splitlines()
     md = (out / "tables" / "ttt.md").read_text()
     assert "## best test top-1 (%)" in md and "## final test top-1 (%)" in md
     assert "## Time to test/acc1>=0.8" in md and "### Performance profile" in md
-    assert "| a | 3.0 s [2.0–4.0] (2/2 reached) | not reached (0/2 reached) | 6.0 s [6.0–6.0] (2/2 reached) |" in md
+    assert ("| a | 3.0 s [2.0–4.0] (2/2 reached; evals every 1.0 s) | not reached (0/2 reached; evals every 1.0 s) "
+            "| 6.0 s [6.0–6.0] (2/2 reached; evals every 1.0 s) |") in md
+    # a target on a test metric: the report and the console warn (targets belong on validation metrics)
+    assert "**Warning: the target test/acc1>=0.8 is on a test metric." in md
+    assert "val/acc1>=0.8" in md and "Warning: the target test/acc1>=0.8" in captured.err
     assert "| lion | 0.50 | 0.50 | 0.50 | 0.500 |" in md
     for name in ("over_time.png", "profile.png", "cost.png"):
         assert (out / "figures" / "ttt" / name).stat().st_size > 1000
@@ -181,6 +189,9 @@ def test_report_script_group_by_with_target(store, tmp_path, capsys):
     (["--where", "optimizer.name=muon"], "no runs in"),
     (["quick"], "give a spec (quick) or --group-by, not both"),
     (["--tau-max", "1"], "--tau-max must be > 1"),
+    # a typo in the target's metric used to print "not reached (0/1)" for every optimizer with rc 0
+    (["--target", "test/acc>=0.9"], "no run of this report logs 'test/acc'; logged metrics: test/acc1, "
+                                    "train/loss (e.g. --target 'test/acc1>=0.9')"),
 ])
 def test_report_script_user_errors_exit_2(store, tmp_path, capsys, argv, message):
     from tests.results.test_report_golden import report_script
@@ -189,6 +200,24 @@ def test_report_script_user_errors_exit_2(store, tmp_path, capsys, argv, message
     assert report_script().main(base + argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_ties_within_one_evaluation_are_reported(tmp_path):
+    """Two optimizers whose median times differ by less than the evaluation spacing: the profile's ρ(1) between
+    them is decided by a tie within one evaluation, and the report says so."""
+    from fisherbench.core.scores import parse_target
+    from fisherbench.results.profiles import markdown, profile
+
+    root = tmp_path / "runs"
+    for opt, times in (("adam", (3, 3)), ("sgd", (3, 4)), ("lion", (8, 9))):
+        for seed, t in enumerate(times):
+            make_run(root, "c", opt, seed, t)
+    (t,) = _tables(root)
+    p = profile(t, parse_target("test/acc1>=0.8"))
+    assert p.times[("c", "sgd")].median == 3.5 and p.times[("c", "sgd")].spacing == 1.0
+    assert p.ties() == ["c: adam (3.0 s) and sgd (3.5 s) are within one evaluation interval (1.0 s), so which is "
+                        "fastest is not resolved by the evaluations"]
+    assert "Tie within one evaluation: c: adam (3.0 s) and sgd (3.5 s)" in markdown(p)
 
 
 def test_report_script_without_a_store_exits_2(tmp_path, capsys):

@@ -40,22 +40,22 @@ EXPECTED_MD = """\
 
 ## best test top-1 (%)
 
-Ours: mean ± population std (ddof=0) over seeds [0, 1, 2]; one finished seed is shown as `(n=1)`; higher is better. The metric is a maximum over test evaluations (the paper's protocol: it selects on the test set). Verdict, only when every seed finished: within 2σ of run-to-run spread, σ = √(std_ours² + std_paper²) (the spread of single runs, not the standard error of the means); otherwise `diverged k/n` (k of n seeds diverged) or `incomplete k/n` (k of n seeds finished). p: Welch's t-test of the two means (both sides ≥ 2 seeds); the paper's side: 5 seeds.
+Ours: mean ± sample std (ddof=1) over seeds [0, 1, 2]; one finished seed is shown as `(n=1)` (no spread, no test); higher is better. The metric is a maximum over test evaluations (the paper's protocol: it selects on the test set). Verdict, only when every seed finished: an equivalence test (TOST): `reproduced` when the 90% CI of Δ = ours − paper lies within ±δ, `differs` when the 95% CI lies entirely beyond +δ or −δ, else `inconclusive (n=…)`; the paper's value is taken as a constant and ours as the mean of n seeds (one-sample t interval); one seed: no test. δ per cell in the δ column (0.5 points for percent metrics, 2% of the paper's value otherwise, or the paper's std when larger; a spec sets its own with `equivalence_margin`). Otherwise `diverged k/n` (k of n seeds diverged) or `incomplete k/n` (k of n seeds finished); a cell whose seeds were budgeted by different methods is `mixed` and gets no verdict. Bold: the best model.width of each column, chosen by best_acc1 (on the test set: the runs have no validation split), among cells whose seeds all finished, only where Welch's test against each other cell of its group (Holm-corrected) says it is better at 5%.
 
 |  | Adam | SGD |
 |---|---|---|
-| net A | 91.00 ± 0.82 | 85.50 ± 0.50 (2/3 seeds, 1 diverged) |
+| net A | 91.00 ± 1.00 | 85.50 ± 0.71 (2/3 seeds, 1 diverged) |
 | net B | missing | incomplete 0/3 |
-| net C | 88.00 (n=1; 1/3 seeds) | 80.00 ± 0.82 |
+| net C | 88.00 (n=1; 1/3 seeds) | 80.00 ± 1.00 |
 
-| row | column | ours | paper | Δ | p | seeds | runs | verdict |
+| row | column | ours | paper | δ | Δ [90% CI] | seeds | runs | verdict |
 |---|---|---|---|---|---|---|---|---|
-| net A | Adam | 91.00 ± 0.82 | 90.00 ± 1.00 | +1.00 | 0.25 | 3/3 | 1 duplicate run ignored | ✓ within 2σ |
-| net A | SGD | 85.50 ± 0.50 (2/3 seeds, 1 diverged) | 80.00 ± 0.50 | +5.50 |  | 2/3 | 1 diverged | diverged 1/3 |
-| net B | Adam |  | 95.00 |  |  | 0/3 | 3 not run | missing |
+| net A | Adam | 91.00 ± 1.00 | 90.00 ± 1.00 | ±1.00 | +1.00 [-0.69, +2.69] | 3/3 | 1 duplicate run ignored | inconclusive (n=3) |
+| net A | SGD | 85.50 ± 0.71 (2/3 seeds, 1 diverged) | 80.00 ± 0.50 | ±0.50 | +5.50 | 2/3 | 1 diverged | diverged 1/3 |
+| net B | Adam |  | 95.00 | ±0.50 |  | 0/3 | 3 not run | missing |
 | net B | SGD |  | — |  |  | 0/3 | 1 unfinished/failed, 2 not run | incomplete 0/3 |
-| net C | Adam | 88.00 (n=1; 1/3 seeds) | 88.00 ± 1.00 | +0.00 |  | 1/3 | 2 unfinished/failed | incomplete 1/3 |
-| net C | SGD | 80.00 ± 0.82 | 85.00 ± 2.00 | -5.00 | 0.0053 | 3/3 |  | ✗ 2.3σ |
+| net C | Adam | 88.00 (n=1; 1/3 seeds) | 88.00 ± 1.00 | ±1.00 | +0.00 | 1/3 | 2 unfinished/failed | incomplete 1/3 |
+| net C | SGD | 80.00 ± 1.00 | 85.00 ± 2.00 | ±2.00 | -5.00 [-6.69, -3.31] | 3/3 |  | differs |
 
 ## Epochs under the budget (Table 6, from the runs)
 
@@ -80,8 +80,7 @@ Budget-clock seconds: evaluation, logging and checkpoints excluded.
 
 ## F/λ over training
 
-The range of F/λ over the preconditioned entries, logged at every evaluation (AdaFisher family): 1 means a \
-plain momentum step at lr/λ, larger values damp the step by that factor.
+The range of F/λ over the preconditioned entries, logged at every evaluation (AdaFisher family): 1 means a plain momentum step at lr/λ, larger values damp the step by that factor.
 
 | F/λ over training · at the end | Adam | SGD |
 |---|---|---|
@@ -95,13 +94,13 @@ plain momentum step at lr/λ, larger values damp the step by that factor.
 """
 
 EXPECTED_CSV = """\
-table,metric,row,column,arm_set,mean,std,seeds_found,seeds_expected,diverged,incomplete,duplicates,paper_mean,paper_std,delta,sigma,p_value,verdict,best,epochs,epoch_seconds,peak_memory_mb,run_ids
-golden,best_acc1,net A,Adam,main,91.0000,0.8165,3,3,0,0,1,90.0000,1.0000,1.0000,1.2910,0.2498,reproduced,0,2.00,1.5000,100.0,{A_ADAM}
-golden,best_acc1,net A,SGD,main,85.5000,0.5000,2,3,1,0,0,80.0000,0.5000,5.5000,0.7071,,diverged 1/3,0,1.67,1.0000,50.0,{A_SGD}
-golden,best_acc1,net B,Adam,main,,,0,3,0,0,0,95.0000,,,,,missing,0,,,,
-golden,best_acc1,net B,SGD,main,,,0,3,0,1,0,,,,,,incomplete 0/3,0,0.50,1.0000,100.0,{B_SGD}
-golden,best_acc1,net C,Adam,main,88.0000,0.0000,1,3,0,2,0,88.0000,1.0000,0.0000,1.0000,,incomplete 1/3,0,0.67,2.0000,100.0,{C_ADAM}
-golden,best_acc1,net C,SGD,main,80.0000,0.8165,3,3,0,0,0,85.0000,2.0000,-5.0000,2.1602,0.005293,not reproduced,0,2.00,1.0000,100.0,{C_SGD}
+table,metric,row,column,arm_set,mean,std,seeds_found,seeds_expected,diverged,incomplete,duplicates,paper_mean,paper_std,delta,margin,ci90_lo,ci90_hi,ci95_lo,ci95_hi,verdict,best,epochs,epoch_seconds,peak_memory_mb,budget_method,budget_seeds,derived_epochs_lo,derived_epochs_hi,ratio,ratio_lo,ratio_hi,calibration_shared,busy_runs,load_flagged,reference_runs,run_ids
+golden,best_acc1,net A,Adam,main,91.0000,1.0000,3,3,0,0,1,90.0000,1.0000,1.0000,1.0000,-0.6859,2.6859,-1.4841,3.4841,inconclusive (n=3),0,2.00,1.5000,100.0,,,,,,,,,,,,{A_ADAM}
+golden,best_acc1,net A,SGD,main,85.5000,0.7071,2,3,1,0,0,80.0000,0.5000,5.5000,0.5000,,,,,diverged 1/3,0,1.67,1.0000,50.0,,,,,,,,,,,,{A_SGD}
+golden,best_acc1,net B,Adam,main,,,0,3,0,0,0,95.0000,,,0.5000,,,,,missing,0,,,,,,,,,,,,,,,
+golden,best_acc1,net B,SGD,main,,,0,3,0,1,0,,,,,,,,,incomplete 0/3,0,0.50,1.0000,100.0,,,,,,,,,,,,{B_SGD}
+golden,best_acc1,net C,Adam,main,88.0000,,1,3,0,2,0,88.0000,1.0000,0.0000,1.0000,,,,,incomplete 1/3,0,0.67,2.0000,100.0,,,,,,,,,,,,{C_ADAM}
+golden,best_acc1,net C,SGD,main,80.0000,1.0000,3,3,0,0,0,85.0000,2.0000,-5.0000,2.0000,-6.6859,-3.3141,-7.4841,-2.5159,differs,0,2.00,1.0000,100.0,,,,,,,,,,,,{C_SGD}
 """
 
 
@@ -205,18 +204,19 @@ def test_latex_and_summary(golden):
 
     tables = _tables(golden)
     tex = render.latex(tables)
-    assert r"$91.00_{\pm 0.82}$ (90.00 $\pm$ 1.00)" in tex and r"\begin{tabular}{lcc}" in tex
-    assert r"$85.50_{\pm 0.50}^{2/3}$ (80.00 $\pm$ 0.50)" in tex and "$$" not in tex
+    assert r"$91.00_{\pm 1.00}$ (90.00 $\pm$ 1.00)" in tex and r"\begin{tabular}{lcc}" in tex
+    assert r"$85.50_{\pm 0.71}^{2/3}$ (80.00 $\pm$ 0.50)" in tex and "$$" not in tex
     assert r"$88.00^{1/3}$ ($n{=}1$) (88.00 $\pm$ 1.00)" in tex
     verdicts = reproduction_summary(tables)
-    assert verdicts["reproduced"] == ["golden/best_acc1: net A × Adam"]
-    assert verdicts["not reproduced"] == ["golden/best_acc1: net C × SGD"]
+    assert verdicts["reproduced"] == []
+    assert verdicts["inconclusive"] == ["golden/best_acc1: net A × Adam (inconclusive (n=3))"]
+    assert verdicts["differs"] == ["golden/best_acc1: net C × SGD"]
     assert verdicts["diverged"] == ["golden/best_acc1: net A × SGD (diverged 1/3)"]
     assert verdicts["incomplete"] == ["golden/best_acc1: net C × Adam (incomplete 1/3)"]
     assert verdicts["missing"] == ["golden/best_acc1: net B × Adam"]  # "—" cells are not judged
     summary = render.summary_markdown(verdicts)
-    assert summary.splitlines()[0] == ("5 cells with a paper value: reproduced 1, not reproduced 1, n/a 0, "
-                                       "diverged 1, incomplete 1, missing 1")
+    assert summary.splitlines()[0] == ("5 cells with a paper value: differs 1, inconclusive 1, diverged 1, "
+                                       "incomplete 1, missing 1")
     assert "### diverged (some seeds diverged: no verdict)\n- golden/best_acc1: net A × SGD (diverged 1/3)" in summary
 
 
@@ -234,7 +234,8 @@ def test_report_script_on_fabricated_store(golden, tmp_path, capsys):
     spec, _, store, _ = golden
     assert report_script().main([str(spec.path), "--store", str(store), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "net A  Adam    91.00 ± 0.82" in out and "✓ golden/best_acc1: net A × Adam" in out
+    assert "net A  Adam    91.00 ± 1.00" in out and "✗ golden/best_acc1: net C × SGD" in out
+    assert "? golden/best_acc1: net A × Adam (inconclusive (n=3))" in out
     assert "÷ golden/best_acc1: net A × SGD (diverged 1/3)" in out
     assert (tmp_path / "tables" / "golden.md").read_text() == EXPECTED_MD
     assert (tmp_path / "figures" / "golden" / "wct.png").stat().st_size > 1000
@@ -302,7 +303,7 @@ def test_metrics_against_brute_force():
     assert METRICS["best_acc1"].score({"best": {"test/acc1": 0.25}}, []) == pytest.approx(25.0)
 
 
-def test_population_std_matches_numpy():
+def test_sample_std_matches_numpy():
     from fisherbench.results.report import METRICS, CellResult, SeedResult, StoredRun
 
     values = [91.2, 90.1, 92.7, 89.9, 90.0]
@@ -310,8 +311,8 @@ def test_population_std_matches_numpy():
              for i, v in enumerate(values)]
     c = CellResult("r", "c", "main", METRICS["best_acc1"], list(range(5)), seeds, None)
     assert c.mean == pytest.approx(np.mean(values))
-    assert c.std == pytest.approx(np.std(values, ddof=0))
-    assert not math.isclose(c.std, np.std(values, ddof=1))
+    assert c.std == pytest.approx(np.std(values, ddof=1))  # every spread a report shows is a sample std
+    assert not math.isclose(c.std, np.std(values, ddof=0))
 
 
 def test_stability_panels_from_tagged_rows(tmp_path):

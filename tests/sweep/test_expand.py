@@ -59,7 +59,7 @@ def test_run_ids_are_the_ones_train_py_computes():
 def test_dry_run_lists_the_200_runs_of_table2(capsys, tmp_path):
     from fisherbench.sweep.cli import main
 
-    assert main(["table2_cifar10", "--dry-run", "--results-dir", str(tmp_path)]) == 0
+    assert main(["table2_cifar10", "--dry-run", "--results-dir", str(tmp_path), "--gpus", "none"]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if re.match(r"^\s*\d+\s{2}", line)]
     assert len(lines) == 200
@@ -72,7 +72,8 @@ def test_dry_run_lists_the_200_runs_of_table2(capsys, tmp_path):
         col = next(c for c in ("Adam", "AdaHessian", "K-FAC", "Shampoo", "AdaFisher") if f" {c} " in line)
         epochs.setdefault(col, set()).add(int(m.group(2)))
     assert epochs == {"Adam": {210}, "AdaHessian": {89}, "K-FAC": {107}, "Shampoo": {36}, "AdaFisher": {200}}
-    assert "200 runs" in out and "estimated GPU-hours: unknown" in out
+    # a sweep that trains on the CPU counts CPU-hours, never "GPU-hours"
+    assert "200 runs" in out and "estimated CPU-hours: unknown" in out and "GPU-hours" not in out
 
 
 def test_dry_run_estimates_from_a_calibration_cache_and_from_stored_runs(tmp_path, capsys):
@@ -119,6 +120,7 @@ wct: {reference: {cnn: adam}, epochs: 10, paper_epochs: {Other: 7}}
     assert (est[("Other", 0)].epochs, est[("Other", 0)].epochs_source) == (29, "seed 1")
     text = format_plan(list(est.values()))
     assert "unfinished" in text and "estimated GPU-hours to run" in text
+    assert "estimated CPU-hours to run" in format_plan(list(est.values()), device="CPU")
 
 
 def test_calibrate_then_dry_run_knows_epochs_and_hours(tmp_path):
