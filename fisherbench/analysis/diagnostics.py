@@ -32,7 +32,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import Tensor
 
-from fisherbench.optim.adafisher_stats import fold_coefficients, minmax
+from fisherbench.optim.adafisher.stats import fold_coefficients, minmax
 
 DEFAULT_SIGMA = 1e-3  # the paper's off-diagonal noise level
 DEFAULT_DAMPING = 1e-3  # AdaFisher's lambda

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fisherbench.analysis.diagnostics import Block
-from fisherbench.optim.adafisher_stats import kind_of
+from fisherbench.optim.adafisher.stats import kind_of
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 GRAD_SCALES = ("batch", "mean")

@@ -1,7 +1,7 @@
 """Rows for the optimizers implemented in this project: FAdam, SGD with bias-corrected momentum, AdaFisher(W).
 
-The implementations (`fisherbench/optim/fadam.py`, `fisherbench/optim/sgd_biascorrected.py`, `optim/adafisher*.py`) import only torch;
-their options schemas and adapters live here.
+The implementations (`fisherbench/optim/fadam.py`, `fisherbench/optim/sgd_biascorrected.py`,
+`fisherbench/optim/adafisher/`) import only torch; their options schemas and adapters live here.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The official variants keep the official module layout: replaying the official AdaFisher's parameter matching
-(optim.adafisher_official_map) on them reproduces what the official optimizer does on the official model files
+(fisherbench/optim/adafisher/official_map.py) on them reproduces what the official optimizer does on the official
+model files
 (measured by running it: the CCT head and 16.25 M of Tiny Swin's parameters are never updated).
 
 If a model's parameter or module order drifted from the official file, these outcomes would change.
@@ -10,8 +11,7 @@ import pytest
 import torch
 
 from fisherbench.models import create_model
-
-official_map = pytest.importorskip("optim.adafisher_official_map")
+from fisherbench.optim.adafisher import official_map
 
 TRACKED = ("Linear", "Conv2d", "BatchNorm2d", "LayerNorm")  # the official tracks these class names exactly
 

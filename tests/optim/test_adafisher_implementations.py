@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fisherbench.optim.adafisher as adafisher_module
+import fisherbench.optim.adafisher.functional as adafisher_functional
 from fisherbench.optim import AdaFisher, AdaFisherW
 
 
@@ -81,8 +81,8 @@ def test_foreach_equals_single_tensor_bitwise(model_cls, cls, variant, monkeypat
     for name, p in reference.items():
         assert torch.equal(grouped[name], p), name
     # F formed in chunks of at most 8 elements (most tensors alone in a chunk, or together with small ones)
-    monkeypatch.setattr(adafisher_module, "_CHUNK_ELEMENTS", 8)
-    monkeypatch.setattr(adafisher_module, "_CHUNK_ELEMENTS_CPU", 8)
+    monkeypatch.setattr(adafisher_functional, "_CHUNK_ELEMENTS", 8)
+    monkeypatch.setattr(adafisher_functional, "_CHUNK_ELEMENTS_CPU", 8)
     chunked, _ = run(model_cls, cls, variant, "foreach")
     for name, p in reference.items():
         assert torch.equal(chunked[name], p), name
@@ -99,14 +99,14 @@ def test_workspace_is_reused_and_bounded():
     _, opt = run(Net, AdaFisher, "default", "foreach", steps=3)
     largest = max(p.numel() for n, p in Net().named_parameters() if n != "scale")
     total = sum(p.numel() for n, p in Net().named_parameters() if n != "scale")
-    assert opt._workspace.numel() == max(largest, min(total, adafisher_module._chunk_elements(torch.device("cpu"))))
+    assert opt._workspace.numel() == max(largest, min(total, adafisher_functional.chunk_elements(torch.device("cpu"))))
     _, single = run(Net, AdaFisher, "default", "single", steps=1)
     assert single._workspace.numel() == largest
 
 
 def test_functional_rejects_foreach_and_compiled_together():
     with pytest.raises(ValueError, match="not both"):
-        adafisher_module.adafisher([], [], [], [], [], foreach=True, compiled=True, lr=1e-3, beta=0.9,
+        adafisher_functional.adafisher([], [], [], [], [], foreach=True, compiled=True, lr=1e-3, beta=0.9,
                                    weight_decay=0.0, damping=1e-3)
 
 

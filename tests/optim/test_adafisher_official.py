@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisherbench.optim import AdaFisher
-from fisherbench.optim.adafisher_official_map import (
+from fisherbench.optim.adafisher.official_map import (
     ModuleF,
     NeverUpdated,
     OfficialLoopError,
     OnesF,
     official_assignment,
 )
-from fisherbench.optim.adafisher_stats import kind_of
+from fisherbench.optim.adafisher.stats import kind_of
 
 LR, BETA, WD, LAM = 1e-2, 0.9, 5e-4, 1e-3
 

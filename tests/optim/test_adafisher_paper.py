@@ -216,3 +216,50 @@ def test_checkpoints_of_the_old_paper_order_are_refused_other_variants_load():
     no_raw["factors"] = {n: {"H": f["H"], "S": f["S"]} for n, f in no_raw["factors"].items()}
     with pytest.raises(ValueError, match="H_avg"):
         paper.load_state_dict(no_raw)
+
+
+# --------------------------------------------------------------------------- the statistics interval T
+@pytest.mark.parametrize("config,interval", [
+    ("adafisher_paper", 1),  # Algorithm 1: statistics on every minibatch, the paper names no interval
+    ("adafisher", 100),  # the official CNN config's TCov
+    ("adafisher_official", 100),
+    ("adafisherw", 100),
+    ("adafisherw_lm", 10),
+])
+def test_paper_config_computes_statistics_every_step_official_ones_keep_their_interval(config, interval):
+    from omegaconf import OmegaConf
+
+    from fisherbench.engine.compose import compose_config
+    from fisherbench.optim import build_optimizer
+
+    options = OmegaConf.to_container(compose_config([f"optimizer={config}"]).optimizer, resolve=True)
+    assert options["update_interval"] == interval
+    model = MLP().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bare `temp` parameter is untracked
+        opt = build_optimizer(options, model).optimizer
+    collected = []
+    for x, y in data()[:3]:
+        collected.append(opt.is_statistics_step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert collected == [True, interval == 1, interval == 1]
+
+
+def test_fixed_arms_run_the_paper_variant_every_step_on_every_recipe():
+    """The `fixed` arm set's "paper eqs." row uses T = 1 on the ViT and LM recipes too, not their official T."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from fisherbench.engine.compose import compose_config
+    from fisherbench.sweep.spec import SPEC_DIR
+
+    arms = yaml.safe_load((SPEC_DIR / "_fixed.yaml").read_text())["arms"]["fixed"]
+    rows = [overrides for row in arms.values() for overrides in row.values()]
+    paper = []
+    for overrides in rows:
+        options = OmegaConf.to_container(compose_config(list(overrides)).optimizer, resolve=True)
+        if options.get("variant") == "paper":
+            paper.append(options["update_interval"])
+    assert paper == [1, 1, 1]

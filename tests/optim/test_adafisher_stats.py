@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisherbench.optim import AdaFisher
-from fisherbench.optim.adafisher_stats import (
+from fisherbench.optim.adafisher.stats import (
     batchnorm_activation_stat,
     conv2d_activation_stat,
     layernorm_activation_stat,

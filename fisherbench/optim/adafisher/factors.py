@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fisherbench.optim.adafisher_stats import LayerKind, minmax_segments
+from .stats import LayerKind, minmax_segments
 
 
 def distributed_world_size() -> int:

@@ -4,7 +4,7 @@ For a tracked layer the preconditioner of a parameter element is `F[o, i] = S[o]
 `H` (activation side) and `S` (gradient side) are running diagonal states. Each statistics step produces
 new diagonals `H_hat`, `S_hat` from the layer's input and the gradient of the loss w.r.t. its output, which
 are folded into the running state (min-max normalised before the average for `default`/`official`, after it
-for `paper`; see `optim.adafisher_factors`). The definitions below follow the official AdaFisher code
+for `paper`; see `factors.py`). The definitions below follow the official AdaFisher code
 (`optimizers/AdaFisher.py`, `Compute_H_D` L92-210 and `Compute_S_D` L213-321; docs/adafisher.md) and are
 written from its formulas:
 
