@@ -121,7 +121,8 @@ def _main(args: argparse.Namespace) -> int:
             print(f"{name:<26} {spec.title}")
         return 0
     spec = load_spec(args.spec)
-    launcher_overrides = [o for o in args.overrides if o.startswith("hydra.")]
+    # the spec's launcher resources (an allow-list, sweep/spec.py), then the user's own `hydra.*` settings
+    launcher_overrides = [*spec.launcher, *(o for o in args.overrides if o.startswith("hydra."))]
     results_dir, overrides = _results_dir(args, [o for o in args.overrides if not o.startswith("hydra.")])
     arm_sets = _csv(args.arms) or ["main"]
     seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else None

@@ -2,7 +2,8 @@
 the table and what the paper reported for each cell. The sweep expands it into runs; the report reads the
 same spec to find those runs in the store, so every fact (grid, recipes, paper values) is written once.
 
-A spec (keys; `extends` merges other specs of the same folder first, later files win):
+A spec (keys; `extends` merges other specs first, later files win: a name is looked up next to the spec, then
+among the built-in specs, so a spec of your own can extend `_fixed` or `table2_cifar10`):
 
     title:    "Table 2 - CIFAR-10 with Cutout"
     preset:   table2_cifar10            # fisherbench/configs/experiment/<preset>.yaml: data, batch size, schedule, eval
@@ -37,6 +38,11 @@ Overrides are Hydra override strings; within a cell they are merged by key in th
 family chain, column, row, cell, WCT budget, user, so a later source wins on the same key: a column's recipe
 beats its family's defaults (e.g. its own weight decay), a row's setting beats the recipe (an LR-grid row
 sets `optimizer.lr`). A column or row set to `null` (e.g. in a spec that extends another) is dropped.
+
+Specs are configuration that users exchange, so an override line can never run code: a `_target_` anywhere
+in a line (Hydra would instantiate it, e.g. through `hydra.callbacks`) and any `hydra.*` / `hydra/` key are
+refused, except the launcher resource settings of `SPEC_LAUNCHER_KEYS` in the top-level `overrides`
+(`hydra.launcher.timeout_min=1440`): those configure the submitit launcher, never a run.
 """
 from __future__ import annotations
 
@@ -58,6 +64,13 @@ WCT_MODES = ("measured", "paper")
 # these *is* the reference (it trains the reference epochs); any other difference (e.g. `variant`) is timed.
 COST_NEUTRAL_OPTIONS = ("lr", "weight_decay")
 NO_RESULT = ("—", "-", "–", "n/a", None)
+# `hydra.launcher.<key>` settings a spec may carry (top-level `overrides` only): the resources its runs need.
+# Left out on purpose: `setup`, `srun_args` and `additional_parameters` (shell commands and sbatch options),
+# `submitit_folder` (where files are written), `_target_` (which class runs).
+SPEC_LAUNCHER_KEYS = ("timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes",
+                      "partition", "qos", "comment", "constraint", "exclude", "gres", "cpus_per_gpu",
+                      "gpus_per_task", "mem_per_gpu", "mem_per_cpu", "account", "signal_delay_s",
+                      "max_num_timeout", "array_parallelism")
 
 
 class SpecError(ValueError):
@@ -78,6 +91,31 @@ def merge_overrides(*sources: Iterable[str]) -> list[str]:
         for ov in source or ():
             merged[override_key(str(ov))] = str(ov)
     return list(merged.values())
+
+
+def is_launcher_override(override: str) -> bool:
+    """`hydra.launcher.timeout_min=1440`: one of the launcher settings a spec may carry (SPEC_LAUNCHER_KEYS)."""
+    key = override_key(override)
+    return key.startswith("hydra.launcher.") and key[len("hydra.launcher."):] in SPEC_LAUNCHER_KEYS
+
+
+def check_spec_override(override: Any, where: str, launcher_ok: bool = False) -> str:
+    """An override line of a spec, refused (SpecError) when it could make Hydra run code or reconfigure itself."""
+    if not isinstance(override, (str, int, float, bool)):
+        raise SpecError(f"{where}: an override must be a `key=value` string, got {override!r}")
+    text = str(override)
+    if "_target_" in text:
+        raise SpecError(f"{where}: {text!r}: `_target_` is not allowed in a sweep spec (Hydra would import and "
+                        "call it). Plug-in optimizers belong in a config group file of your own, not in a spec")
+    key = override_key(text)
+    if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+        if launcher_ok and is_launcher_override(text):
+            return text
+        allowed = ", ".join(f"hydra.launcher.{k}" for k in SPEC_LAUNCHER_KEYS)
+        raise SpecError(f"{where}: {text!r}: a sweep spec may not set Hydra's own settings. Allowed (in the "
+                        f"top-level `overrides` only): {allowed}. Pass other launcher settings on the "
+                        "command line, where they are yours")
+    return text
 
 
 def override_value(overrides: Iterable[str], key: str) -> Optional[str]:
@@ -165,6 +203,7 @@ class SweepSpec:
     baseline: Optional[tuple[str, str]] = None  # (row, column): reports compare every cell with it
     # metric -> δ of the reports' equivalence test ("reproduced"); a plain number in the spec is the main metric's
     equivalence_margin: dict[str, float] = field(default_factory=dict)
+    launcher: list[str] = field(default_factory=list)  # `hydra.launcher.*` resource settings (SPEC_LAUNCHER_KEYS)
 
     # ---------------------------------------------------------------------------------------- families
     def family_chain(self, family: str) -> list[str]:
@@ -306,19 +345,101 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _resolve_parent(parent: Any, child: Path, spec_dir: Path) -> Path:
+    """Where `extends: [name]` of `child` points: a file next to `child`, else a built-in spec (`spec_dir`)."""
+    if not isinstance(parent, str) or not parent.strip():
+        raise SpecError(f"sweep spec {child}: `extends` entries must be spec names, got {parent!r}")
+    name = parent if parent.endswith(".yaml") else f"{parent}.yaml"
+    candidates = [child.parent / name]
+    if not Path(name).is_absolute() and "/" not in parent:
+        candidates.append(spec_dir / name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    looked = " or ".join(str(c) for c in dict.fromkeys(candidates))
+    raise SpecError(f"sweep spec {child}: `extends: {parent}` names no spec (looked for {looked}); built-in "
+                    f"specs and parts: {', '.join(sorted(p.stem for p in spec_dir.glob('*.yaml')))}")
+
+
+def _load_raw(path: Path, seen: tuple[Path, ...] = (), spec_dir: Path = SPEC_DIR) -> dict[str, Any]:
+    path = path.resolve()
     if path in seen:
-        raise SpecError(f"sweep spec {path}: `extends` cycle")
+        raise SpecError(f"sweep spec {path}: `extends` cycle ({' -> '.join(p.name for p in (*seen, path))})")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise SpecError(f"sweep spec {path} is not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"sweep spec {path} cannot be read: {exc}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"sweep spec {path} must be a mapping")
+    parents = raw.pop("extends", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list):
+        raise SpecError(f"sweep spec {path}: `extends` must be a list of spec names, got {parents!r}")
     merged: dict[str, Any] = {}
-    for parent in raw.pop("extends", None) or []:
-        merged = _deep_merge(merged, _load_raw(path.parent / f"{parent}.yaml", (*seen, path)))
+    for parent in parents:
+        merged = _deep_merge(merged, _load_raw(_resolve_parent(parent, path, spec_dir), (*seen, path), spec_dir))
     return _deep_merge(merged, raw)
+
+
+# the shape of each top-level key (checked before anything reads it, so a wrong shape is a message, not a crash)
+_SHAPES: dict[str, tuple[type, ...]] = {
+    "title": (str,), "preset": (str,), "seeds": (list,), "metric": (str,), "overrides": (list,),
+    "families": (dict,), "rows": (dict,), "arms": (dict,), "cells": (dict,), "scale": (dict,), "wct": (dict,),
+    "paper": (dict,), "extra_metrics": (dict,), "notes": (list,), "search": (dict,), "grid": (bool,),
+    "select": (str,),
+}
+
+
+def _check_shapes(raw: dict[str, Any], path: Path) -> None:
+    for key, types in _SHAPES.items():
+        value = raw.get(key)
+        if value is not None and not isinstance(value, types):
+            want = " or ".join("a mapping" if t is dict else "a list" if t is list else t.__name__ for t in types)
+            raise SpecError(f"sweep spec {path}: `{key}` must be {want}, got {type(value).__name__} {value!r}")
+    for section in ("families", "rows", "arms", "cells", "scale"):
+        for name, value in (raw.get(section) or {}).items():
+            if value is not None and not isinstance(value, (dict, list) if section == "arms" else dict):
+                raise SpecError(f"sweep spec {path}: `{section}.{name}` must be a mapping, got {value!r}")
+
+
+def _override_lists(raw: dict[str, Any]) -> Iterable[tuple[str, Any]]:
+    """(where, list of override lines) for every place of a spec that holds override lines."""
+    for name, fam in (raw.get("families") or {}).items():
+        yield f"families.{name}.overrides", (fam or {}).get("overrides")
+    for name, row in (raw.get("rows") or {}).items():
+        yield f"rows.{name}.overrides", (row or {}).get("overrides")
+    for arm_set, columns in (raw.get("arms") or {}).items():
+        for column, entry in (columns or {}).items():
+            if isinstance(entry, dict):
+                for fam, lines in entry.items():
+                    yield f"arms.{arm_set}.{column}.{fam}", lines
+            else:
+                yield f"arms.{arm_set}.{column}", entry
+    for row, columns in (raw.get("cells") or {}).items():
+        for column, lines in (columns or {}).items():
+            yield f"cells.{row}.{column}", lines
+    search = raw.get("search") or {}
+    if isinstance(search, dict):
+        yield "search.overrides", search.get("overrides")
+        params = search.get("params")
+        if isinstance(params, dict):
+            yield "search.params", [f"{key}=" for key in params]
+
+
+def _checked_overrides(raw: dict[str, Any], path: Path) -> tuple[list[str], list[str]]:
+    """(run overrides, launcher overrides) of the top level; refuses a code-running line anywhere in the spec."""
+    top = [check_spec_override(x, f"sweep spec {path}: overrides", launcher_ok=True) for x in raw.get("overrides") or []]
+    for where, lines in _override_lists(raw):
+        if lines is None:
+            continue
+        if not isinstance(lines, list):
+            raise SpecError(f"sweep spec {path}: `{where}` must be a list of overrides, got {lines!r}")
+        for line in lines:
+            check_spec_override(line, f"sweep spec {path}: {where}")
+    return [o for o in top if not is_launcher_override(o)], [o for o in top if is_launcher_override(o)]
 
 
 def available_specs(spec_dir: Path = SPEC_DIR) -> list[str]:
@@ -333,7 +454,16 @@ def load_spec(name_or_path: str | Path, spec_dir: Path = SPEC_DIR) -> SweepSpec:
     if not path.exists():
         names = ", ".join(available_specs(spec_dir))
         raise SpecError(f"no sweep spec {name_or_path!r} (looked for {path}); available: {names}")
-    raw = _load_raw(path)
+    try:
+        return _load_spec(path, spec_dir)
+    except SpecError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a shape _check_shapes does not know yet
+        raise SpecError(f"sweep spec {path} is malformed: {type(exc).__name__}: {exc}") from None
+
+
+def _load_spec(path: Path, spec_dir: Path) -> SweepSpec:
+    raw = _load_raw(path, spec_dir=spec_dir)
     known = {"title", "preset", "seeds", "metric", "overrides", "families", "rows", "arms", "cells", "scale",
              "wct", "paper", "extra_metrics", "notes", "search", "grid", "select", "baseline",
              "equivalence_margin"}
@@ -342,6 +472,8 @@ def load_spec(name_or_path: str | Path, spec_dir: Path = SPEC_DIR) -> SweepSpec:
         raise SpecError(f"sweep spec {path}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
     if not raw.get("rows") or not raw.get("arms"):
         raise SpecError(f"sweep spec {path} needs `rows` and `arms`")
+    _check_shapes(raw, path)
+    overrides, launcher = _checked_overrides(raw, path)
     families = raw.get("families") or {}
     families.setdefault("default", {})
     spec = SweepSpec(
@@ -350,7 +482,7 @@ def load_spec(name_or_path: str | Path, spec_dir: Path = SPEC_DIR) -> SweepSpec:
         preset=raw.get("preset"),
         seeds=[int(s) for s in raw.get("seeds", [0])],
         metric=str(raw.get("metric", "best_acc1")),
-        overrides=[str(x) for x in raw.get("overrides") or []],
+        overrides=overrides,
         families=families,
         rows=raw["rows"],
         arms=raw["arms"],
@@ -366,6 +498,7 @@ def load_spec(name_or_path: str | Path, spec_dir: Path = SPEC_DIR) -> SweepSpec:
         select=str(raw["select"]) if raw.get("select") else None,
         baseline=_baseline(raw.get("baseline"), path),
         equivalence_margin=_margins(raw.get("equivalence_margin"), str(raw.get("metric", "best_acc1")), path),
+        launcher=launcher,
     )
     _validate(spec)
     return spec
