@@ -362,7 +362,7 @@ class TableResult:
         complete cell has it, else the table's metric itself (for the paper's metrics: chosen on test)."""
         if self._selection is None:
             names = [self.spec.select] if self.spec.select else [VALIDATION_COUNTERPART.get(self.metric.name)]
-            complete = [c for c in self.cells if c.complete]
+            complete = [c for c in self.cells if c.complete and not c.mixed_budgets]  # mixed: not one experiment
             self._selection = (None, {})
             for name in [*names, self.metric.name]:
                 if name is None:
@@ -432,9 +432,9 @@ def compare_with_baseline(t: TableResult) -> tuple[Optional[CellResult], list[Co
     if t.spec.baseline is None:
         return None, []
     base = t.cell(*t.spec.baseline)
-    if base is None or not base.complete or base.mean is None:
+    if base is None or not base.complete or base.mean is None or base.mixed_budgets:
         return base, []
-    cells = [c for c in t.cells if c is not base and c.complete and c.mean is not None]
+    cells = [c for c in t.cells if c is not base and c.complete and c.mean is not None and not c.mixed_budgets]
     tests = {id(c): welch(c.values, base.values) for c in cells}
     adjusted: dict[int, Optional[float]] = {}
     for col in dict.fromkeys(c.column for c in cells):

@@ -27,10 +27,10 @@ MATCH_IGNORE = (
     "budget.calibration_blocks", "budget.warmup_steps", "budget.recalibrate", "budget.reference_method",
 )
 OK_STATUSES = tuple(s.value for s in Status if s.is_success)  # completed, budget_exhausted
-# A matched pair (budget=match) replays the reference's measured seconds; when the two runs trained under machine
-# loads (load average per core) that differ by more than this, the same seconds bought a different amount of
-# work and reports flag the pair (docs/reports.md).
-LOAD_DIFF_THRESHOLD = 0.25
+# A matched pair (budget=match) replays the reference's measured seconds; when the two runs trained under 1-minute
+# load averages that differ by more than this, the same seconds bought a different amount of work and reports flag
+# the pair (docs/reports.md). Used only for runs that do not record the verdict themselves (`loads_differ`).
+LOAD_DIFF_THRESHOLD = 0.5
 
 
 # ------------------------------------------------------------------------------------------ config keys
@@ -327,9 +327,10 @@ class RunBudget:
     blocks: Optional[int] = None  # calibration blocks behind the ratio
     calibration: Optional[str] = None  # the calibration's identity (seeds that share it share its error)
     reference_run: Optional[str] = None  # match: the run whose measured time was replayed
-    busy_warning: Optional[str] = None  # the machine was busy while the budget was measured
-    load: Optional[float] = None  # match: machine load while this run trained
-    reference_load: Optional[float] = None  # match: machine load while the reference run trained
+    busy_warning: Optional[str] = None  # the machine was busy while the budget was measured (or the run trained)
+    load: Optional[float] = None  # 1-minute load average while this run's budget was set / it trained
+    reference_load: Optional[float] = None  # match: the reference run's load average
+    loads_differ: Optional[bool] = None  # match: the two loads differ beyond the recorded threshold
 
 
 def _blocks(rb: dict[str, Any]) -> Optional[int]:
@@ -342,17 +343,33 @@ def _blocks(rb: dict[str, Any]) -> Optional[int]:
     return None
 
 
+def _load(v: Any) -> Optional[float]:
+    """A load average: a number, or the mean of [start, end]."""
+    pair = _pair(v)
+    return (pair[0] + pair[1]) / 2 if pair is not None else as_number(v)
+
+
 def run_budget(run: StoredRun) -> Optional[RunBudget]:
-    """The run's derived budget (None for a plain epoch/step/time budget)."""
-    rb = (run.summary or {}).get("reference_budget")
+    """The run's derived budget (None for a plain epoch/step/time budget). Field names as docs/wall-clock.md
+    lists them; runs written before those fields existed (`match_run`, `blocks` as per-arm lists) read too."""
+    summary = run.summary or {}
+    rb = summary.get("reference_budget")
     if not isinstance(rb, dict) or not isinstance(rb.get("method"), str):
         return None
-    text = (lambda k: str(rb[k]) if isinstance(rb.get(k), str) and rb[k] else None)
+
+    def text(*keys: str) -> Optional[str]:
+        return next((str(rb[k]) for k in keys if isinstance(rb.get(k), str) and rb[k]), None)
+
+    busy = text("busy_warning")
+    if busy is None and isinstance(summary.get("busy_warning"), str) and summary["busy_warning"]:
+        busy = summary["busy_warning"]  # the run itself trained under a busy-machine warning
+    differ = rb.get("loads_differ")
     return RunBudget(
         method=rb["method"], epochs=as_number(rb.get("derived_epochs")), epochs_ci=_pair(rb.get("derived_epochs_ci")),
         ratio=as_number(rb.get("ratio")), ratio_ci=_pair(rb.get("ratio_ci")), blocks=_blocks(rb),
-        calibration=text("calibration_key"), reference_run=text("match_run"), busy_warning=text("busy_warning"),
-        load=as_number(rb.get("load")), reference_load=as_number(rb.get("reference_load")),
+        calibration=text("calibration_key"), reference_run=text("reference_run", "match_run"), busy_warning=busy,
+        load=_load(rb.get("load_avg", summary.get("load_avg"))), reference_load=_load(rb.get("reference_load_avg")),
+        loads_differ=differ if isinstance(differ, bool) else None,
     )
 
 

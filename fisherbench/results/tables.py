@@ -106,6 +106,8 @@ def cell_budget(c: CellResult) -> Optional[dict[str, Any]]:
 
 
 def _load_differs(b: RunBudget) -> bool:
+    if b.loads_differ is not None:  # the run recorded the comparison itself
+        return b.loads_differ
     return b.load is not None and b.reference_load is not None and \
         abs(b.load - b.reference_load) > LOAD_DIFF_THRESHOLD
 
@@ -168,9 +170,9 @@ def budgets_markdown(t: TableResult) -> Optional[str]:
            "Calibrated (ᶜ): the candidate trains the reference's time, converted to steps by an interleaved "
            "measurement of both optimizers' step times; the interval is that measurement's 95% CI, carried to "
            "epochs. Matched (ᵐ): the candidate replays the measured training time of the reference run named. "
-           f"`load differs`: matched pairs whose machine loads differ by more than {LOAD_DIFF_THRESHOLD:g} "
-           "(load average per core): the replayed seconds bought a different amount of work. `busy machine`: the "
-           "budget was measured while other work shared the machine."]
+           f"`load differs`: matched pairs whose 1-minute load averages differ by more than {LOAD_DIFF_THRESHOLD:g}: "
+           "the replayed seconds bought a different amount of work. `busy machine`: the budget was measured (or "
+           "the run trained) while other work shared the machine."]
     if notes:
         out += ["", "One calibration is shared by all seeds of " + "; ".join(notes) + ": its error is common to "
                 "them (every seed trained the same number of steps) and is **not** in the ± spread over seeds."]

@@ -21,9 +21,11 @@ def calibrated(key: str, ci=(9.8, 10.2), ratio=(0.52, (0.51, 0.53)), blocks=12, 
             "busy_warning": busy}
 
 
-def matched(ref: str, load=None, ref_load=None) -> dict:
-    return {"method": "match", "match_run": ref, "reference_optimizer": "adafisher", "reference_epochs": 10.0,
-            "seconds": 30.0, "load": load, "reference_load": ref_load}
+def matched(ref: str, load=None, ref_load=None, old_names: bool = False) -> dict:
+    if old_names:  # runs written before the load fields existed name the reference `match_run`
+        return {"method": "match", "match_run": ref, "reference_epochs": 10.0, "seconds": 30.0}
+    return {"method": "match", "reference_run": ref, "reference_optimizer": "adafisher", "reference_epochs": 10.0,
+            "seconds": 30.0, "load_avg": load, "reference_load_avg": ref_load}
 
 
 def with_budget(rd, budget: dict) -> None:
@@ -45,10 +47,10 @@ def table(tmp_path):
     for seed, acc in enumerate((0.970, 0.972, 0.974)):
         with_budget(fabricate(store, c, seed, "completed", [acc], epochs_done=10.0), calibrated("k1"))
     cells.append(CellInput("net A", "Adam", "main", c))
-    # net A × SGD: matched seeds, one pair under machine loads 0.3 apart (per core), one under a busy warning
+    # net A × SGD: matched seeds, one pair under load averages 0.8 apart (> 0.5), one run under a busy warning
     c = cfg("sgd")
-    budgets = [matched("1a2b3c4d5e6f7a8b", 0.10, 0.12), matched("9f8e7d6c5b4a3f2e", 0.50, 0.10),
-               {**matched("0123456789abcdef", 0.2, 0.2), "busy_warning": "load 3.1 on 2 cores"}]
+    budgets = [matched("1a2b3c4d5e6f7a8b", 0.10, 0.12), matched("9f8e7d6c5b4a3f2e", [0.8, 1.0], 0.10),
+               {**matched("0123456789abcdef", old_names=True), "busy_warning": "load 3.1 on 2 cores"}]
     for seed, (acc, b) in enumerate(zip((0.95, 0.96, 0.94), budgets)):
         with_budget(fabricate(store, c, seed, "completed", [acc], epochs_done=10.0), b)
     cells.append(CellInput("net A", "SGD", "main", c))
@@ -85,6 +87,24 @@ def test_equal_time_cells_show_method_and_certainty(table):
     assert mixed.verdict == "mixed budgets: no verdict"  # matched and calibrated seeds are not one experiment
 
 
+def test_recorded_load_verdict_wins_and_mixed_cells_are_never_best(table):
+    from fisherbench.results import tables as render
+    from fisherbench.results.runs import run_budget
+
+    sgd = table.cell("net A", "SGD")
+    budgets = [run_budget(s.run) for s in sgd.seeds]
+    assert [b.reference_run for b in budgets] == ["1a2b3c4d5e6f7a8b", "9f8e7d6c5b4a3f2e", "0123456789abcdef"]
+    assert budgets[1].load == 0.9 and budgets[1].reference_load == 0.1  # [start, end] averaged
+    rd = sgd.seeds[0].run
+    summary = json.loads(rd.run_dir.summary_path.read_text())
+    summary["reference_budget"]["loads_differ"] = True  # the run's own verdict, by its own threshold
+    rd.run_dir.write_summary(summary)
+    rd.summary = summary
+    assert "⚠load 2/3" in render.ours_text(sgd)
+    assert ("net B", "Adam") not in table.best_cells()
+    assert table.selection()[1].get(("net B", "Adam")) is None
+
+
 def test_budgets_section_golden(table):
     from fisherbench.results import tables as render
 
@@ -103,7 +123,7 @@ reference runs | load differs |
     assert expected in md
     assert ("One calibration is shared by all seeds of net A × Adam: its error is common to them (every seed "
             "trained the same number of steps) and is **not** in the ± spread over seeds.") in md
-    assert "more than 0.25 (load average per core)" in md
+    assert "1-minute load averages differ by more than 0.5" in md
 
 
 def test_table6_and_epochs_show_ratio_with_ci(table):
