@@ -111,14 +111,21 @@ def read_checkpoint(path: Path, map_location: Any = "cpu") -> tuple[Optional[dic
         return None, f"lacks {missing}"
     if not isinstance(payload["run_id"], str) or not isinstance(payload["state"], dict):
         return None, "has a malformed run id or training state"
+    if not isinstance(payload.get("data_fingerprint", ""), str):
+        return None, "has a malformed data fingerprint"
     return payload, ""
 
 
-def load_latest(path: Path, run_id: str, map_location: Any = "cpu") -> tuple[Optional[dict[str, Any]], list[str]]:
+def load_latest(path: Path, run_id: str, map_location: Any = "cpu", data_fingerprint: Optional[str] = None
+                ) -> tuple[Optional[dict[str, Any]], list[str]]:
     """The newest valid checkpoint for `run_id`, and messages about what was skipped and why.
 
     A checkpoint written by a run with another identity is refused (CheckpointError): resuming it would
-    silently mix two experiments.
+    silently mix two experiments. So is one trained on other data: each checkpoint records the fingerprint
+    of the data it was trained on (the `data_fingerprint` entry, as meta.json's `dataset.fingerprint`), and
+    with `data_fingerprint` given it must match. (The run id covers the data's content too; this check is the
+    second line, against a checkpoint copied or left in place while the files changed.) A checkpoint written
+    before fingerprints were recorded has none and is resumed.
     """
     notes: list[str] = []
     for candidate in (path, prev_path(path)):
@@ -132,6 +139,13 @@ def load_latest(path: Path, run_id: str, map_location: Any = "cpu") -> tuple[Opt
             raise CheckpointError(
                 f"checkpoint {candidate} belongs to run {payload['run_id']!r}, not {run_id!r} (its config "
                 "differs). Delete it or choose another results_dir."
+            )
+        trained_on = payload.get("data_fingerprint")
+        if data_fingerprint is not None and trained_on is not None and trained_on != data_fingerprint:
+            raise CheckpointError(
+                f"checkpoint {candidate} was trained on other data ({trained_on}) than this run reads now "
+                f"({data_fingerprint}): resuming would continue that training on these files. Restore the "
+                "original data to resume, or delete the run directory to train on this data from the start."
             )
         if candidate != path:
             notes.append(f"resuming from the previous checkpoint {candidate}")

@@ -10,6 +10,8 @@ from fisherbench.data.registry import (  # noqa: F401
     DataOptions,
     build_data,
     cache_root,
+    content_function,
+    data_content,
     default_root,
     resolve_root,
 )

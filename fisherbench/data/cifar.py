@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from fisherbench.core.config import not_identity
 from fisherbench.core.errors import UserError
 from fisherbench.data.augment import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, BatchAugment, Cutout
+from fisherbench.data.content import beside, files_content
 from fisherbench.data.download import (
     DatasetNotFoundError,
     DownloadError,
@@ -40,6 +41,7 @@ from fisherbench.data.registry import (
     ClassificationOptions,
     DataBundle,
     DataCapabilities,
+    content_function,
     resolve_root,
 )
 from fisherbench.data.safe_pickle import load_plain
@@ -240,6 +242,14 @@ def _fingerprint(spec: CifarSpec, arrays: CifarArrays) -> str:
             f":sha256={h.hexdigest()[:16]}")
 
 
+def cifar_content(spec: CifarSpec, opts: CifarOptions) -> str:
+    """The run-id content of the CIFAR files (fetched first when missing, as the build would): hand-made
+    files under data.verify=false, or other files at data.root, are other data."""
+    root = resolve_root(opts.root)
+    folder = ensure_cifar(root, spec, download_missing=opts.download, verify=False)  # the build verifies
+    return files_content(spec.name, {name: folder / name for name, _ in _all_files(spec)}, beside(root))[0]
+
+
 def build_cifar(spec: CifarSpec, opts: CifarOptions, ctx: BuildContext) -> DataBundle:
     if opts.cutout and opts.cutout_length < 1:
         raise UserError(f"data.cutout_length must be >= 1 when data.cutout=true, got {opts.cutout_length}")
@@ -314,6 +324,11 @@ def build_cifar10(opts: CifarOptions, ctx: BuildContext) -> DataBundle:
     return build_cifar(CIFAR_SPECS["cifar10"], opts, ctx)
 
 
+@content_function("cifar10")
+def cifar10_content(opts: CifarOptions) -> str:
+    return cifar_content(CIFAR_SPECS["cifar10"], opts)
+
+
 @DATASETS.register(
     "cifar100",
     schema=Cifar100Options,
@@ -323,3 +338,8 @@ def build_cifar10(opts: CifarOptions, ctx: BuildContext) -> DataBundle:
 )
 def build_cifar100(opts: Cifar100Options, ctx: BuildContext) -> DataBundle:
     return build_cifar(CIFAR_SPECS["cifar100"], opts, ctx)
+
+
+@content_function("cifar100")
+def cifar100_content(opts: Cifar100Options) -> str:
+    return cifar_content(CIFAR_SPECS["cifar100"], opts)

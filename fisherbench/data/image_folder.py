@@ -5,16 +5,21 @@
 * `data=image_folder`: your own images, no code. `<root>/train/<class>/*` with optional `<root>/val/<class>/*`
   and `<root>/test/<class>/*`, or a flat `<root>/<class>/*` split by fractions; any image size
   (`data.image_size`); normalisation computed from the training images (cached) or given; every file hashed
-  into the fingerprint and checked to decode before training starts. See docs/datasets.md.
+  into the fingerprint (and the run id) and checked to decode before training starts; files with identical
+  content in the training and test splits refused (`data.allow_duplicates`). See docs/datasets.md.
+
+Listing never trusts the tree: symlinked folders are followed once (a loop such as `cat/self -> .` is not
+walked again), each file is counted once by its resolved path, and anything but a regular file (a FIFO, a
+device such as /dev/zero linked as `x.png`) is skipped without being opened for reading.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import tempfile
-from dataclasses import dataclass
+import stat
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,6 +31,14 @@ from torch.utils.data import DataLoader, Dataset
 from fisherbench.core.config import not_identity
 from fisherbench.core.errors import UserError
 from fisherbench.data.augment import IMAGENET_MEAN, IMAGENET_STD, Cutout
+from fisherbench.data.content import (
+    MAX_CACHE_BYTES,
+    DataWarning,
+    file_kind,
+    is_sha256,
+    open_regular,
+    write_json_atomic,
+)
 from fisherbench.data.download import DatasetNotFoundError
 from fisherbench.data.loaders import TorchLoaderSource, cap_workers, resolve_loader
 from fisherbench.data.registry import (
@@ -35,6 +48,7 @@ from fisherbench.data.registry import (
     DataBundle,
     DataCapabilities,
     cache_root,
+    content_function,
 )
 from fisherbench.data.splits import check_fraction, hold_out
 
@@ -67,21 +81,146 @@ class LabelledImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
         try:
-            with open(path, "rb") as f:
-                img = Image.open(f).convert(self.mode)  # convert() loads the pixels while the file is open
-        except OSError as e:  # PIL's UnidentifiedImageError and "image file is truncated" are OSErrors
+            with os.fdopen(open_regular(path), "rb") as f:  # a file swapped for a FIFO since the scan: refused
+                img = convert_image(Image.open(f), self.mode)  # converting loads the pixels while the file is open
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError and "image file is truncated" are OSErrors
             raise OSError(f"cannot read image {path}: {e}. Remove or replace the file.") from e
         return (self.transform(img) if self.transform else img), label
 
 
-def list_images(root: Path | str, classes: Sequence[str]) -> list[tuple[str, int]]:
-    """[(path, class index)] of the images under `root/<class>/` for each of `classes`, in ImageFolder's order
-    (classes in the given order, files sorted, sub-folders walked); missing class folders give nothing."""
-    # lazy: torchvision takes ~1.5 s to import; only image datasets use it
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+# PIL modes of more than 8 bits per sample that `convert("RGB"/"L")` clips (every value above 255 -> 255, so a
+# 16-bit grayscale PNG turns solid white); they are rescaled to 8 bits first. 16-bit RGB(A) PNGs open as
+# RGB(A) already (PIL keeps the high byte).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
-    return make_dataset(str(root), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS,
-                        allow_empty=True)
+
+def convert_image(img: Image.Image, mode: str) -> Image.Image:
+    """`img` in PIL mode `mode` ("RGB" or "L"), 16-bit samples scaled to 8 bits (v * 255 / 65535, rounded).
+
+    32-bit integer images ("I") are read as 16-bit when their values lie in 0..65535 (how PIL opens some
+    16-bit files) and refused otherwise, as are floating-point images ("F"): their range has no fixed meaning.
+    """
+    if img.mode in SIXTEEN_BIT_MODES or img.mode == "I":
+        a = np.asarray(img).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"32-bit integer image with values {a.min()}..{a.max()} (outside 0..65535); "
+                             "convert it to 8 or 16 bits per channel")
+        img = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        raise ValueError("floating-point image (PIL mode F): its range is not defined; convert it to 8 or "
+                         "16 bits per channel")
+    return img.convert(mode)
+
+
+@dataclass
+class FolderListing:
+    """What listing a folder found besides the images: links not followed and entries skipped."""
+
+    samples: list[tuple[str, int]] = field(default_factory=list)
+    revisits: list[str] = field(default_factory=list)  # linked folders leading to a folder already listed (loops)
+    repeats: list[str] = field(default_factory=list)  # paths of a file already listed (links): counted once
+    skipped: list[str] = field(default_factory=list)  # image-named entries that are not regular files
+
+    def warn(self, where: Path | str) -> None:
+        """One warning per kind of finding (each file is counted once whatever the tree holds)."""
+        if self.revisits:
+            warnings.warn(f"image_folder: {len(self.revisits)} linked folder(s) under {where} lead to a folder "
+                          f"already listed (a symlink loop such as cat/self -> ., or a second link), not followed "
+                          f"again: {_examples(self.revisits)}", DataWarning, stacklevel=3)
+        if self.repeats:
+            warnings.warn(f"image_folder: {len(self.repeats)} path(s) under {where} reach a file already listed "
+                          f"(symlinks); each file is used once: {_examples(self.repeats)}", DataWarning, stacklevel=3)
+        if self.skipped:
+            warnings.warn(f"image_folder: skipped {len(self.skipped)} entr(y/ies) under {where} that are not "
+                          f"regular files (never read): {_examples(self.skipped)}", DataWarning, stacklevel=3)
+
+
+def _examples(items: Sequence[str], k: int = 3) -> str:
+    return "; ".join(items[:k]) + (f"; ... ({len(items) - k} more)" if len(items) > k else "")
+
+
+def scan_folder(root: Path | str, classes: Sequence[str]) -> FolderListing:
+    """The images under `root/<class>/` for each of `classes`, in ImageFolder's order (classes sorted by name,
+    sub-folders walked, folders then files sorted), as [(path, class index)] in `.samples`.
+
+    Unlike `os.walk(followlinks=True)`, which walks a symlink loop until the path is too long, every folder is
+    entered once (by its resolved path; symlinked folders are followed the first time only), every file is
+    counted once (by its resolved path: a link to a file already listed, or a class folder linked into another,
+    adds nothing), and only regular files are listed: a FIFO would hang the first read and a device such as
+    /dev/zero never ends. A file's type is known from the directory entry, so the listing costs one `stat`
+    only per symlink.
+    """
+    # lazy: torchvision takes ~1.5 s to import; only image datasets use it (one list of extensions, theirs)
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    listing = FolderListing()
+    index = {c: i for i, c in enumerate(classes)}
+    folders_seen: set[str] = set()
+    files_seen: set[str] = set()
+    for cls in sorted(index):
+        top = os.path.join(str(root), cls)
+        if not os.path.isdir(top):
+            continue
+        real_top = os.path.realpath(top)
+        if real_top in folders_seen:
+            listing.revisits.append(top)
+            continue
+        folders_seen.add(real_top)
+        found: list[tuple[str, list[tuple[str, str]]]] = []  # (folder, [(file name, resolved path)])
+        stack = [(top, real_top)]
+        while stack:
+            folder, real = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                listing.skipped.append(f"{folder} ({exc.strerror or exc})")
+                continue
+            files, subfolders = [], []
+            for e in entries:
+                try:
+                    link = e.is_symlink()
+                    if e.is_dir():  # follows a link
+                        sub_real = os.path.realpath(e.path) if link else os.path.join(real, e.name)
+                        if sub_real in folders_seen:
+                            listing.revisits.append(e.path)
+                        else:
+                            folders_seen.add(sub_real)
+                            subfolders.append((e.path, sub_real))
+                        continue
+                    if not e.name.lower().endswith(IMG_EXTENSIONS):
+                        continue
+                    if link:
+                        mode = os.stat(e.path).st_mode  # the target's type; a dangling link raises
+                        if not stat.S_ISREG(mode):
+                            listing.skipped.append(f"{e.path} ({file_kind(mode)})")
+                            continue
+                        files.append((e.name, os.path.realpath(e.path)))
+                    elif e.is_file(follow_symlinks=False):  # the entry's own type: no read, no open
+                        files.append((e.name, os.path.join(real, e.name)))
+                    else:
+                        listing.skipped.append(f"{e.path} ({file_kind(e.stat(follow_symlinks=False).st_mode)})")
+                except OSError as exc:
+                    listing.skipped.append(f"{e.path} ({exc.strerror or exc})")
+            found.append((folder, files))
+            stack.extend(reversed(subfolders))
+        for folder, files in sorted(found, key=lambda f: f[0]):  # torchvision: sorted(os.walk(...)), files sorted
+            for name, real in files:
+                path = os.path.join(folder, name)
+                if real in files_seen:
+                    listing.repeats.append(path)
+                    continue
+                files_seen.add(real)
+                listing.samples.append((path, index[cls]))
+    return listing
+
+
+def list_images(root: Path | str, classes: Sequence[str]) -> list[tuple[str, int]]:
+    """[(path, class index)] of the images under `root/<class>/` (see `scan_folder`), warning about symlink
+    loops, repeated files and skipped entries; missing class folders give nothing."""
+    listing = scan_folder(root, classes)
+    listing.warn(root)
+    return listing.samples
 
 
 def labelled_folders_bundle(name: str, train_set: "LabelledImageFiles", test_set: "LabelledImageFiles",
@@ -180,6 +319,9 @@ class ImageFolderOptions(ClassificationOptions):
     # decode every image once (cached) | header (faster; bad pixels fail later). Marked not_identity (like
     # cache_dir): neither changes what a run computes once the data is readable
     check_images: str = not_identity("decode")
+    # run although test images have the same content as training images (else an error, exit 2); duplicates
+    # are reported either way. Not part of the run id: it lets a run start, it changes nothing it computes
+    allow_duplicates: bool = not_identity(False)
     cache_dir: Optional[str] = not_identity(None)  # scan/statistics cache; None = $FISHERBENCH_DATA/cache
 
 
@@ -200,68 +342,77 @@ class ImageScan:
         return {r: self.entries[r]["error"] for r in rel_paths if self.entries[r]["error"]}
 
 
-def _check_file(raw: bytes, check: str) -> tuple[int, int, Optional[str]]:
-    """(width, height, error or None) of one image file's bytes."""
+def _check_file(path: str, check: str) -> tuple[str, int, int, Optional[str]]:
+    """(sha256, width, height, error or None) of one image file, read once in chunks (never whole: a huge file
+    costs no memory) from a descriptor that refuses anything but a regular file."""
+    h = hashlib.sha256()
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            w, h = im.size
-            if check == "decode":
-                im.load()  # full decode: truncated or corrupt pixel data fails here, not mid-training
-            else:
-                im.verify()
-        return w, h, None
-    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
-        return 0, 0, f"{type(e).__name__}: {e}"
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write `obj` as JSON to `path` atomically; a cache that cannot be written is only a missed speed-up."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError:
-        pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        with os.fdopen(open_regular(path), "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+            f.seek(0)
+            try:
+                with Image.open(f) as im:
+                    w, hgt = im.size
+                    if check == "decode":
+                        im.load()  # full decode: truncated or corrupt pixel data fails here, not mid-training
+                        if im.mode in (*SIXTEEN_BIT_MODES, "I", "F"):
+                            convert_image(im, "L")  # the loader's 16-bit scaling; refused ranges fail here
+                    else:
+                        im.verify()
+                return h.hexdigest(), w, hgt, None
+            except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+                return h.hexdigest(), 0, 0, f"{type(e).__name__}: {e}"
+    except (OSError, UserError) as e:  # unreadable, or no longer a regular file
+        return "", 0, 0, f"{type(e).__name__}: {e}"
 
 
 def _read_json(path: Path) -> Optional[Any]:
+    """A cache file's JSON, or None (unreadable, not JSON, nested too deep, or larger than a cache can be)."""
     try:
+        if path.stat().st_size > MAX_CACHE_BYTES:
+            return None
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
+def _valid_entry(e: Any) -> bool:
+    """A cached scan entry holds exactly what `scan_images` writes (anything else is recomputed, not trusted)."""
+    return (isinstance(e, dict) and all(isinstance(e.get(k), int) for k in ("size", "mtime_ns", "ino", "ctime_ns",
+                                                                             "w", "h"))
+            and (is_sha256(e.get("sha256")) or e.get("error")) and isinstance(e.get("error") or "", str)
+            and e.get("check") in CHECKS)
+
+
 def scan_images(root: Path, paths: Sequence[str], cache_dir: Path, check: str) -> ImageScan:
-    """Hash and check every file in `paths` (under `root`), reusing the cached entries of unchanged files."""
+    """Hash and check every file in `paths` (under `root`), reusing the cached entries of unchanged files.
+
+    A file is unchanged when its (size, mtime_ns, inode, ctime_ns) are those cached: replacing a file (new
+    inode), editing it in place (mtime and ctime) or resetting its mtime (`touch -d`, `cp -p`: ctime) all
+    make it read again.
+    """
     root = Path(os.path.abspath(root))
     cache_file = cache_dir / "image_folder" / f"scan-{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json"
     cached = _read_json(cache_file)
     old = cached.get("entries", {}) if isinstance(cached, dict) and cached.get("root") == str(root) else {}
+    old = old if isinstance(old, dict) else {}
     entries, changed = {}, False
     for path in paths:
         rel = os.path.relpath(path, root)
         st = os.stat(path)
         e = old.get(rel)
-        if (isinstance(e, dict) and e.get("size") == st.st_size and e.get("mtime_ns") == st.st_mtime_ns
-                and (e.get("check") == check or e.get("check") == "decode")):
+        if (_valid_entry(e) and e["size"] == st.st_size and e["mtime_ns"] == st.st_mtime_ns
+                and e["ino"] == st.st_ino and e["ctime_ns"] == st.st_ctime_ns
+                and (e["check"] == check or e["check"] == "decode")):
             entries[rel] = e
             continue
-        raw = Path(path).read_bytes()
-        w, h, error = _check_file(raw, check)
-        entries[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(raw).hexdigest(),
-                        "w": w, "h": h, "error": error, "check": check}
+        sha, w, h, error = _check_file(path, check)
+        entries[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "ctime_ns": st.st_ctime_ns,
+                        "sha256": sha, "w": w, "h": h, "error": error, "check": check}
         changed = True
     if changed or set(entries) != set(old):
-        _write_json_atomic(cache_file, {"root": str(root), "entries": {**old, **entries}})
+        write_json_atomic(cache_file, {"root": str(root), "entries": {**old, **entries}})
     return ImageScan(entries)
 
 
@@ -341,16 +492,25 @@ def _normalisation(opts: ImageFolderOptions, train: LabelledImageFiles, size: in
     key = hashlib.sha256(f"{data_key}|size={size}|channels={opts.channels}|n={opts.stats_images}".encode())
     cache_file = cache_dir / "image_folder" / f"stats-{key.hexdigest()[:24]}.json"
     cached = _read_json(cache_file)
-    if isinstance(cached, dict) and cached.get("key") == data_key and "mean" in cached:
+    if _valid_stats(cached, data_key, opts.channels):
         mean, std, used = cached["mean"], cached["std"], cached["images"]
     else:
         mean, std, used = channel_stats(train, size, opts.stats_images, opts.num_workers)
-        _write_json_atomic(cache_file, {"key": data_key, "mean": mean, "std": std, "images": used, "size": size})
+        write_json_atomic(cache_file, {"key": data_key, "mean": mean, "std": std, "images": used, "size": size})
     if min(std) <= 1e-6:
         raise UserError(f"image_folder: the training images are constant in some channel (std {std}); give "
                          f"data.mean and data.std explicitly")
     return mean, std, {"source": f"computed from {used} training images", "mean": mean, "std": std,
                        "cache": str(cache_file)}
+
+
+def _valid_stats(cached: Any, data_key: str, channels: int) -> bool:
+    """A statistics cache entry as `_normalisation` writes it: finite numbers, one per channel."""
+    if not (isinstance(cached, dict) and cached.get("key") == data_key and isinstance(cached.get("images"), int)):
+        return False
+    values = [cached.get("mean"), cached.get("std")]
+    return all(isinstance(v, list) and len(v) == channels
+               and all(isinstance(x, (int, float)) and np.isfinite(x) for x in v) for v in values)
 
 
 def _check_options(opts: ImageFolderOptions) -> None:
@@ -377,33 +537,12 @@ def _check_options(opts: ImageFolderOptions) -> None:
 def build_image_folder(opts: ImageFolderOptions, ctx: BuildContext) -> DataBundle:
     _check_options(opts)
     resolve_loader(opts.loader, ctx.device, resident_supported=False, dataset="image_folder")
-    root = Path(opts.root).expanduser()
-    layout, folders = _layout(root)
-    classes = _classes(folders["train"])
-    if len(classes) < 2:
-        found = f"only the class folder {classes[0]!r}" if classes else "no class folders"
-        raise DatasetNotFoundError(f"image_folder: {folders['train']} has {found}; classification needs at least "
-                                   f"2 classes, one sub-folder each. {LAYOUT_HELP}")
-    samples = {split: list_images(folder, classes) for split, folder in folders.items()}
-    counts = np.bincount([label for _, label in samples["train"]], minlength=len(classes))
-    empty = [c for c, k in zip(classes, counts) if k == 0]
-    if empty:
-        raise DatasetNotFoundError(f"image_folder: no image files in the class folder(s) {empty[:10]} of "
-                                   f"{folders['train']}" + (f" (and {len(empty) - 10} more)" if len(empty) > 10 else "")
-                                   + f". {LAYOUT_HELP}")
-    for split in ("val", "test"):
-        if split in folders:
-            extra = sorted(set(_classes(folders[split])) - set(classes))
-            if extra:
-                raise DatasetNotFoundError(f"image_folder: {folders[split]} has class folders that train/ lacks: "
-                                           f"{extra[:10]}. Every evaluation class needs training images.")
-            if not samples[split]:
-                raise DatasetNotFoundError(f"image_folder: no image files under {folders[split]}. {LAYOUT_HELP}")
-
+    found = _find_images(opts)
+    root, layout, folders, classes, samples = found.root, found.layout, found.folders, found.classes, found.samples
     cache_dir = cache_root(opts.cache_dir)
-    all_paths = [p for split in samples.values() for p, _ in split]
-    scan = scan_images(root, all_paths, cache_dir, opts.check_images)
-    rel = {split: [os.path.relpath(p, os.path.abspath(root)) for p, _ in s] for split, s in samples.items()}
+    scan = scan_images(root, found.paths, cache_dir, opts.check_images)
+    relpath = found.relpaths()
+    rel = {split: [relpath[p] for p, _ in s] for split, s in samples.items()}
     bad = scan.errors([r for split in rel.values() for r in split])
     if bad:
         listing = "; ".join(f"{root / r}: {e}" for r, e in list(bad.items())[:10])
@@ -458,6 +597,7 @@ def build_image_folder(opts: ImageFolderOptions, ctx: BuildContext) -> DataBundl
         fingerprint += ":" + split.tag
         roles["val"] = f"{split.fraction:g} of the training images (seed {split.seed})"
 
+    duplicates = _check_duplicates({"train": train_files, **evals_files}, relpath, scan, opts.allow_duplicates)
     size = opts.image_size or _inferred_size(scan, rel["train"])
     mean, std, norm = _normalisation(opts, train_files, size, fingerprint, cache_dir)
     train_tf, eval_tf = folder_transforms(size, opts.augment, opts.flip, mean, std)
@@ -470,7 +610,7 @@ def build_image_folder(opts: ImageFolderOptions, ctx: BuildContext) -> DataBundl
     train = TorchLoaderSource(train_files, opts.batch_size, shuffle=True, seed=ctx.seed, **common)
     extras: dict[str, Any] = {"loader": "torch", "classes": classes, "layout": layout, "image_size": size,
                               "normalization": norm, "splits": roles, "num_workers": train.num_workers,
-                              "root": str(root)}
+                              "root": str(root), "duplicates": duplicates}
     if split is not None:
         extras["split"] = split.record()
     return DataBundle(
@@ -486,6 +626,106 @@ def build_image_folder(opts: ImageFolderOptions, ctx: BuildContext) -> DataBundl
                      + ", ".join(f"{k} = {v}" for k, v in roles.items()) + ")"),
         extras=extras,
     )
+
+
+@dataclass
+class _Found:
+    """The images of a user's root: layout, split folders, classes and [(path, class index)] per split."""
+
+    root: Path
+    layout: str
+    folders: dict[str, Path]
+    classes: list[str]
+    samples: dict[str, list[tuple[str, int]]]
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for split in self.samples.values() for p, _ in split]
+
+    def relpaths(self) -> dict[str, str]:
+        """path -> path relative to the root (the name a file has in the scan cache and the fingerprint)."""
+        base = os.path.abspath(self.root)
+        return {p: os.path.relpath(p, base) for p in self.paths}
+
+
+def _find_images(opts: ImageFolderOptions) -> _Found:
+    """List a user's images (with the layout checks and their messages); shared by the build and the run id."""
+    root = Path(opts.root).expanduser()
+    layout, folders = _layout(root)
+    classes = _classes(folders["train"])
+    if len(classes) < 2:
+        found = f"only the class folder {classes[0]!r}" if classes else "no class folders"
+        raise DatasetNotFoundError(f"image_folder: {folders['train']} has {found}; classification needs at least "
+                                   f"2 classes, one sub-folder each. {LAYOUT_HELP}")
+    samples = {split: list_images(folder, classes) for split, folder in folders.items()}
+    counts = np.bincount([label for _, label in samples["train"]], minlength=len(classes))
+    empty = [c for c, k in zip(classes, counts) if k == 0]
+    if empty:
+        raise DatasetNotFoundError(f"image_folder: no image files in the class folder(s) {empty[:10]} of "
+                                   f"{folders['train']}" + (f" (and {len(empty) - 10} more)" if len(empty) > 10 else "")
+                                   + f". {LAYOUT_HELP}")
+    for split in ("val", "test"):
+        if split in folders:
+            extra = sorted(set(_classes(folders[split])) - set(classes))
+            if extra:
+                raise DatasetNotFoundError(f"image_folder: {folders[split]} has class folders that train/ lacks: "
+                                           f"{extra[:10]}. Every evaluation class needs training images.")
+            if not samples[split]:
+                raise DatasetNotFoundError(f"image_folder: no image files under {folders[split]}. {LAYOUT_HELP}")
+    return _Found(root, layout, folders, classes, samples)
+
+
+@content_function("image_folder")
+def image_folder_content(opts: ImageFolderOptions) -> str:
+    """The run-id content of a user's image folder: every listed file's path (relative to data.root) and
+    SHA-256, from the scan the build reuses (so the files are read once, then only `stat`ed)."""
+    _check_options(opts)
+    found = _find_images(opts)
+    scan = scan_images(found.root, found.paths, cache_root(opts.cache_dir), opts.check_images)
+    return f"image_folder:sha256={scan.fingerprint(list(found.relpaths().values()))}"
+
+
+def _check_duplicates(splits: dict[str, "LabelledImageFiles"], relpath: dict[str, str], scan: ImageScan,
+                      allow: bool) -> dict[str, int]:
+    """Report files with identical content: within a split (a warning with the count) and across splits.
+
+    A test image identical to a training image makes the test score partly a memorisation score: that is an
+    error (exit 2) unless `data.allow_duplicates=true`, when it is a warning. Other overlaps (val with
+    train or test) are warnings. Returns the counts, recorded with the data facts.
+    """
+    shas: dict[str, dict[str, str]] = {}  # split -> sha -> first file
+    counts: dict[str, int] = {}
+    for split, files in splits.items():
+        first: dict[str, str] = {}
+        repeated: list[str] = []
+        for path, _ in files.samples:
+            r = relpath[path]
+            sha = scan.entries[r]["sha256"]
+            if sha in first:
+                repeated.append(f"{r} = {first[sha]}")
+            else:
+                first[sha] = r
+        shas[split] = first
+        if repeated:
+            counts[split] = len(repeated)
+            warnings.warn(f"image_folder: {len(repeated)} file(s) of the {split} split have the same content as "
+                          f"another file of that split (each counts as an example): {_examples(repeated)}",
+                          DataWarning, stacklevel=3)
+    names = list(splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = [f"{shas[b][sha]} = {shas[a][sha]}" for sha in shas[b] if sha in shas[a]]
+            if not common:
+                continue
+            counts[f"{a}/{b}"] = len(common)
+            what = (f"{len(common)} {b} image(s) have the same content as {a} images: "
+                    f"{_examples(common)}")
+            if {a, b} == {"train", "test"} and not allow:
+                raise UserError(f"image_folder: {what}. The test score would partly measure memorised training "
+                                 "images. Remove the duplicates (e.g. symlinks between the splits), or set "
+                                 "data.allow_duplicates=true to run anyway (the overlap is then a warning).")
+            warnings.warn(f"image_folder: {what}", DataWarning, stacklevel=3)
+    return counts
 
 
 def _files(folder: Path, classes: list[str], samples: list[tuple[str, int]], opts: ImageFolderOptions

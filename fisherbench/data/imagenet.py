@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fisherbench.core.config import not_identity
+from fisherbench.data.content import folder_content
 from fisherbench.data.download import DatasetNotFoundError
 from fisherbench.data.image_folder import (
     LabelledImageFiles,
@@ -14,6 +15,7 @@ from fisherbench.data.image_folder import (
     class_folders,
     imagenet_style_transforms,
     labelled_folders_bundle,
+    list_images,
 )
 from fisherbench.data.loaders import resolve_loader
 from fisherbench.data.registry import (
@@ -22,6 +24,7 @@ from fisherbench.data.registry import (
     ClassificationOptions,
     DataBundle,
     DataCapabilities,
+    content_function,
     resolve_root,
 )
 
@@ -73,3 +76,13 @@ def build_imagenet(opts: ImageNetOptions, ctx: BuildContext) -> DataBundle:
         raise DatasetNotFoundError(f"imagenet at {base}: no images found in train/ or val/. {HOW_TO_GET}")
     return labelled_folders_bundle("imagenet", train_set, val_set, train_tf, eval_tf, opts, ctx, 224,
                                    f"ImageNet-1k from {base} (test = val split)")
+
+
+@content_function("imagenet")
+def imagenet_content(opts: ImageNetOptions) -> str:
+    """The run-id content: every train/ and val/ image (hashed once per machine, ~140 GB, with a progress
+    bar; afterwards a `stat` per file, and a changed class folder is read again)."""
+    base = find_imagenet(resolve_root(opts.root))
+    classes = class_folders(base / "train")
+    paths = [p for split in ("train", "val") for p, _ in list_images(base / split, classes)]
+    return folder_content("imagenet", base, paths)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -44,8 +44,8 @@ class DataOptions:
     name: str = "???"
     batch_size: int = 256  # global batch (split across ranks under DDP)
     eval_batch_size: Optional[int] = None  # None = batch_size
-    # where the files are and how many processes read them do not change the data (meta.json records the
-    # data's fingerprint; order and augmentation are seeded per sample): not part of the run identity
+    # where the files are and how many processes read them do not change the data (the run identity holds the
+    # files' content, see `data_content`; order and augmentation are seeded per sample): not part of the identity
     root: Optional[str] = not_identity(None)  # None = $FISHERBENCH_DATA or ~/.cache/fisherbench/data
     num_workers: int = not_identity(0)
     loader: str = "auto"  # auto | torch | resident (whole set as tensors on the run's device)
@@ -84,6 +84,42 @@ class DataBundle:
 
 
 DATASETS: Registry = Registry("data")
+
+
+# dataset name -> function(options) -> fingerprint of the content of the files it reads (fisherbench.data.content)
+_CONTENT: dict[str, Callable[[Any], str]] = {}
+MISSING_CONTENT = "missing"  # data_content(required=False) of data that is not there and cannot be fetched
+
+
+def content_function(name: str) -> Callable[[Callable[[Any], str]], Callable[[Any], str]]:
+    """Decorator: register the content fingerprint of dataset `name`. Every dataset whose files a user can
+    change registers one (it becomes part of the run id); bundled and synthetic datasets, whose content is
+    fixed by the package and the options, register none."""
+    def decorator(fn: Callable[[Any], str]) -> Callable[[Any], str]:
+        _CONTENT[name] = fn
+        return fn
+
+    return decorator
+
+
+def data_content(options: Any, *, required: bool = True) -> Optional[str]:
+    """The content fingerprint of the data `options` select (computed before any skip/resume decision;
+    cached, so an unchanged dataset costs a `stat` per file), or None for a dataset with fixed content.
+
+    The function may fetch missing files as the build would (`data.download`). With `required=False` (planning
+    a sweep, listing its runs) data that is absent and cannot be fetched gives `MISSING_CONTENT` instead of
+    the error, so such runs can still be listed; a run itself always needs its data.
+    """
+    name = str(options["name"] if not hasattr(options, "name") else options.name)
+    fn = _CONTENT.get(name)
+    if fn is None:
+        return None
+    try:
+        return fn(options_from(DATASETS.get(name).schema, options))
+    except UserError:
+        if required:
+            raise
+        return MISSING_CONTENT
 
 
 def default_root() -> Path:

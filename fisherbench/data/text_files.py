@@ -37,9 +37,18 @@ from tokenizers.models import BPE
 
 from fisherbench.core.config import not_identity
 from fisherbench.core.errors import UserError
+from fisherbench.data.content import files_content
 from fisherbench.data.download import DatasetNotFoundError
 from fisherbench.data.loaders import TensorBatchSource
-from fisherbench.data.registry import DATASETS, BuildContext, DataBundle, DataCapabilities, DataOptions, cache_root
+from fisherbench.data.registry import (
+    DATASETS,
+    BuildContext,
+    DataBundle,
+    DataCapabilities,
+    DataOptions,
+    cache_root,
+    content_function,
+)
 from fisherbench.data.splits import check_fraction
 from fisherbench.data.wikitext import IGNORE_INDEX, PAD_ID, gpt1_tokenizer, make_windows
 
@@ -67,6 +76,8 @@ class TextFilesOptions(DataOptions):
     val_fraction: float = 0.0  # with no data.valid: share of the training text (its end) held out as val
     cache: bool = not_identity(True)  # keep trained tokenizers and token ids under cache_dir
     cache_dir: Optional[str] = not_identity(None)  # None = $FISHERBENCH_DATA/cache
+    # run although the training text is identical to the valid or test text (else an error, exit 2)
+    allow_duplicates: bool = not_identity(False)
 
 
 # ------------------------------------------------------------------------------------------------ tokenisers
@@ -323,3 +334,26 @@ def build_text_files(opts: TextFilesOptions, ctx: BuildContext) -> DataBundle:
                 "tokenizer_sha256": tokenizer.digest,
                 "files": {s: (str(p) if p else val_source) for s, p in files.items()}},
     )
+
+
+@content_function("text_files")
+def text_files_content(opts: TextFilesOptions) -> str:
+    """The run-id content: the train/valid/test files and a tokenizer folder's vocab.json + merges.txt (hashed
+    once, then cached by their stat). A training file identical to the valid or test file is refused (the
+    score would be on training text) unless data.allow_duplicates=true."""
+    files: dict[str, Path] = {}
+    for option in ("train", "valid", "test"):
+        if getattr(opts, option):
+            files[option] = Path(getattr(opts, option)).expanduser()
+            if not files[option].is_file():  # also refuses a FIFO or a device (never opened)
+                raise DatasetNotFoundError(f"text_files: data.{option}={files[option]} is not a file")
+    if opts.tokenizer not in KINDS:
+        folder = Path(opts.tokenizer).expanduser()
+        files.update({f"tokenizer/{n}": folder / n for n in ("vocab.json", "merges.txt") if (folder / n).is_file()})
+    fingerprint, digests = files_content("text_files", files, [cache_root(opts.cache_dir) / "content"])
+    same = [o for o in ("valid", "test") if o in digests and digests[o] == digests.get("train")]
+    if same and not opts.allow_duplicates:
+        raise UserError(f"text_files: data.train and data.{' and data.'.join(same)} have identical content, so the "
+                         "evaluation would score the training text. Give a held-out file (or data.val_fraction), or "
+                         "set data.allow_duplicates=true to run anyway.")
+    return fingerprint

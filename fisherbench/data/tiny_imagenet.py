@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fisherbench.core.config import not_identity
+from fisherbench.data.content import folder_content
 from fisherbench.data.download import DatasetNotFoundError, DownloadError, download, extract, missing_message
 from fisherbench.data.image_folder import (
     LabelledImageFiles,
     check_counts,
     imagenet_style_transforms,
     labelled_folders_bundle,
+    list_images,
 )
 from fisherbench.data.loaders import resolve_loader
 from fisherbench.data.registry import (
@@ -25,6 +27,7 @@ from fisherbench.data.registry import (
     ClassificationOptions,
     DataBundle,
     DataCapabilities,
+    content_function,
     resolve_root,
 )
 
@@ -115,3 +118,13 @@ def build_tiny_imagenet(opts: TinyImageNetOptions, ctx: BuildContext) -> DataBun
                                    f"wnids.txt. Delete it and run `python -m fisherbench prepare-data tiny_imagenet`.")
     return labelled_folders_bundle("tiny_imagenet", train_set, val_set, train_tf, eval_tf, opts, ctx, IMAGE_SIZE,
                                    "Tiny ImageNet-200 (test = labelled val split)")
+
+
+@content_function("tiny_imagenet")
+def tiny_imagenet_content(opts: TinyImageNetOptions) -> str:
+    """The run-id content: every train/ and val/ image of the wnids.txt classes, and wnids.txt itself is
+    covered by the class folder names (fetched first when missing, as the build would)."""
+    base = ensure_tiny_imagenet(resolve_root(opts.root), download_missing=opts.download)
+    classes = read_wnids(base)
+    paths = [p for split in ("train", "val") for p, _ in list_images(base / split, classes)]
+    return folder_content("tiny_imagenet", base, paths)

@@ -30,6 +30,7 @@ from tokenizers.models import BPE
 
 from fisherbench.core.config import not_identity
 from fisherbench.core.errors import UserError
+from fisherbench.data.content import beside, files_content
 from fisherbench.data.download import (
     DatasetNotFoundError,
     DownloadError,
@@ -39,7 +40,15 @@ from fisherbench.data.download import (
     missing_message,
 )
 from fisherbench.data.loaders import TensorBatchSource
-from fisherbench.data.registry import DATASETS, BuildContext, DataBundle, DataCapabilities, DataOptions, resolve_root
+from fisherbench.data.registry import (
+    DATASETS,
+    BuildContext,
+    DataBundle,
+    DataCapabilities,
+    DataOptions,
+    content_function,
+    resolve_root,
+)
 
 IGNORE_INDEX = -100  # targets with this value are padding (torch's cross-entropy default ignore_index)
 PAD_ID = 0  # the official pipeline pads the last window with token id 0
@@ -276,3 +285,14 @@ def build_wikitext2(opts: WikiText2Options, ctx: BuildContext) -> DataBundle:
         description=f"WikiText-2 ({opts.variant}) tokenised with GPT-1 BPE",
         extras={"ignore_index": IGNORE_INDEX, "pad_id": PAD_ID, "tokens": sizes},
     )
+
+
+@content_function("wikitext2")
+def wikitext2_content(opts: WikiText2Options) -> str:
+    """The run-id content: the three text files and GPT-1's vocab.json + merges.txt (fetched first when
+    missing, as the build would)."""
+    root = resolve_root(opts.root)
+    files = ensure_text(root, opts.variant, download_missing=opts.download)
+    tok_dir = ensure_tokenizer(tokenizer_dir(opts.tokenizer_dir, root), download_missing=opts.download)
+    named = {**files, **{f"tokenizer/{name}": tok_dir / name for name in GPT1_FILES}}
+    return files_content("wikitext2", named, beside(root))[0]

@@ -3,6 +3,12 @@
 Two commands that compute the same thing get the same run id, so the second resumes or skips the first;
 the fields that only say where or how to record a run (results_dir, logger, device, ...) are excluded by
 their schema metadata (`fisherbench.core.config.not_identity`), the one place that decides it.
+
+The identity also holds the *content* of the data (`data_content`: a SHA-256 over the files a dataset reads,
+named relative to its root; see `fisherbench.data.content`): other files under the same options are another
+run, never skipped as already completed nor resumed from the other data's checkpoint, and the same files in
+another folder are the same run (`data.root` stays out). Datasets with fixed content (bundled, synthetic) add
+nothing, so their run ids are those of the config alone.
 """
 from __future__ import annotations
 
@@ -25,19 +31,25 @@ def resolved_dict(cfg: DictConfig) -> dict[str, Any]:
     return d
 
 
-def identity_of(cfg: DictConfig) -> dict[str, Any]:
-    """The part of the resolved config that determines what a run computes (hashed into the run id).
+def identity_of(cfg: DictConfig, *, data_required: bool = False) -> dict[str, Any]:
+    """The part of the resolved config that determines what a run computes (hashed into the run id), plus the
+    content fingerprint of its data.
 
     The top-level fields are decided by `TrainConfig`'s metadata, a component's fields (model/data/optimizer
-    options) by the metadata of the schema of the entry the config names.
+    options) by the metadata of the schema of the entry the config names. `data_required`: see `run_id_of`.
     """
-    return identity_of_resolved(resolved_dict(cfg))
+    return identity_of_resolved(resolved_dict(cfg), data_required=data_required)
 
 
-def identity_of_resolved(resolved: dict[str, Any]) -> dict[str, Any]:
+def identity_of_resolved(resolved: dict[str, Any], *, data_required: bool = False) -> dict[str, Any]:
     """`identity_of` for a resolved config given as plain data (e.g. a reference run's, built by
     fisherbench/engine/calibrate.py to find it in the store)."""
     identity = strip_non_identity(resolved)
+    node = resolved.get("data")
+    if isinstance(node, dict) and node.get("name") in data.DATASETS:
+        content = data.data_content(node, required=data_required)  # all options: data.root says where to look
+        if content is not None:
+            identity["data_content"] = content
     for group, registry in _COMPONENTS.items():
         node = identity.get(group)
         if isinstance(node, dict) and node.get("name") in registry:
@@ -63,9 +75,13 @@ BUDGET_FIELDS = {
 }
 
 
-def run_id_of(cfg: DictConfig, world_size: int = 1) -> str:
-    """The run's identity hash. Data-parallel runs (world_size > 1) are other runs than single-process ones."""
-    identity = identity_of(cfg)
+def run_id_of(cfg: DictConfig, world_size: int = 1, *, data_required: bool = False) -> str:
+    """The run's identity hash. Data-parallel runs (world_size > 1) are other runs than single-process ones.
+
+    `data_required=True` (a run about to be skipped, resumed or started) raises the dataset's error when its
+    files are missing; False (planning or listing a sweep) gives such runs the id of absent data instead.
+    """
+    identity = identity_of(cfg, data_required=data_required)
     if world_size > 1:
         identity["world_size"] = world_size
     return run_id(identity)

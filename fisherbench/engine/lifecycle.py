@@ -111,7 +111,7 @@ def run(cfg: DictConfig, on_trainer: Optional[Callable[[Trainer], None]] = None)
     configure_runtime(cfg)  # threads, determinism, cuDNN autotuning: before any CUDA work and calibration
     seed_everything(int(cfg.seed))
 
-    rid = run_id_of(cfg, info.world_size)
+    rid = run_id_of(cfg, info.world_size, data_required=True)  # hashes the data (cached) before skip/resume
     lock: Optional[RunLock] = None
     if info.is_main:
         _check_writable(root, "results_dir")
@@ -256,7 +256,8 @@ class _Run:
             remove_tree(self.run_dir.path)
         if not cfg.overwrite:
             try:
-                payload, notes = ckpt.load_latest(self.run_dir.checkpoint_path, self.rid, map_location=self.device)
+                payload, notes = ckpt.load_latest(self.run_dir.checkpoint_path, self.rid, map_location=self.device,
+                                                  data_fingerprint=self._bundle.fingerprint)
             except ckpt.CheckpointError as exc:
                 raise UserError(str(exc)) from None
         for note in notes:

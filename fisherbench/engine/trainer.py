@@ -540,6 +540,7 @@ class Trainer:
     def checkpoint_payload(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
+            "data_fingerprint": self.bundle.fingerprint,  # resuming on other data is refused (core/checkpoint.py)
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.adapter.state_dict(),
             "state": asdict(self.state),
