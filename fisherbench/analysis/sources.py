@@ -72,7 +72,7 @@ def setup_from_config(cfg: dict[str, Any], device: Optional[str] = None) -> Setu
     def build_model() -> nn.Module:
         torch.manual_seed(seed)
         return models_pkg.create_model(num_classes=bundle.num_classes, input_shape=bundle.input_shape,
-                                       **model_opts).to(dev)
+                                       vocabulary=bundle.extras.get("vocabulary"), **model_opts).to(dev)
 
     return Setup(cfg, bundle, build_model, get_task(bundle.task).loss, dev)
 

@@ -7,27 +7,27 @@
   - `char`: one token per character of the training split, plus `<unk>` (id 0) for characters that only
     appear in valid/test;
   - `train`: a byte-level BPE (GPT-2's scheme) trained with the `tokenizers` library on the training split,
-    offline, to `data.vocab_size` tokens; cached on disk under a key of the training text's hash and the
-    options, so later runs load it;
+    offline, to `data.vocab_size` tokens (streamed through the trainer, never loaded whole); cached on disk
+    under a key of the training text's hash and the options, so later runs load it;
   - a folder holding `vocab.json` + `merges.txt`: GPT-2's byte-level BPE format, or GPT-1's (`</w>`
     end-of-word suffix, recognised from the vocabulary) as data=wikitext2 uses.
-* Windows, padding and masking are WikiText-2's (`data.wikitext.make_windows`): seq_len + 1 tokens with
+* Windows, padding and masking are WikiText-2's (`data.token_ids.TokenWindowSource`): seq_len + 1 tokens with
   stride seq_len, the tail padded and its padded targets ignored, so the trainer's per-token perplexity
   counts every next-token prediction once.
-* Token ids are cached as .npy under `data.cache_dir` (default `$FISHERBENCH_DATA/cache/text_files`),
-  keyed by the text's and the tokeniser's hashes.
+* Memory: files are read in blocks of a few MB; token ids are written to a uint16/uint32 file under
+  `data.cache_dir` (default `$FISHERBENCH_DATA/cache/text_files`, keyed by the text's and the tokeniser's
+  hashes, hash-checked when read back) and training reads them memory-mapped (`data.token_ids`).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import tokenizers
@@ -39,7 +39,6 @@ from fisherbench.core.config import not_identity
 from fisherbench.core.errors import UserError
 from fisherbench.data.content import files_content
 from fisherbench.data.download import DatasetNotFoundError
-from fisherbench.data.loaders import TensorBatchSource
 from fisherbench.data.registry import (
     DATASETS,
     BuildContext,
@@ -50,7 +49,21 @@ from fisherbench.data.registry import (
     content_function,
 )
 from fisherbench.data.splits import check_fraction
-from fisherbench.data.wikitext import IGNORE_INDEX, PAD_ID, gpt1_tokenizer, make_windows
+from fisherbench.data.token_ids import (
+    IGNORE_INDEX,
+    PAD_ID,
+    IdsKey,
+    TextSpan,
+    TokenWindowSource,
+    cached_ids,
+    last_cut,
+    line_cut,
+    say,
+    scan_text,
+    span_sha256,
+    text_chunks,
+)
+from fisherbench.data.wikitext import GPT1_VOCABULARY, gpt1_tokenizer
 
 KINDS = ("byte", "char", "train")  # anything else names a folder
 SPLIT_FILES = {"train": "train", "val": "valid", "test": "test"}  # split -> option
@@ -59,7 +72,9 @@ SPLIT_FILES = {"train": "train", "val": "valid", "test": "test"}  # split -> opt
 # pattern has no look-behind, and its whitespace look-ahead never reaches back over a non-space character),
 # so the pieces give the same pre-tokens and ids (the tests compare with whole-text encoding), and
 # `tokenizers` encodes them in parallel. Python's \S is a subset of the Rust regex's \S, so no cut is wrong.
+# Files are read in blocks cut at the same places, so block-wise encoding equals whole-text encoding too.
 _SAFE_CUT = re.compile(r"(?<=\S)(?=\n)")
+PROGRESS_BYTES = 16 << 20  # files at least this large get progress lines while they are encoded
 
 
 @dataclass
@@ -89,6 +104,7 @@ class ByteTokenizer:
     kind = "byte"
     vocab_size = 256
     digest = "byte"
+    cut = None  # any block boundary is safe
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
@@ -100,12 +116,20 @@ class CharTokenizer:
 
     kind = "char"
     UNK = "<unk>"
+    cut = None
 
-    def __init__(self, training_text: str) -> None:
-        self.chars = sorted(set(training_text))
+    def __init__(self, training_chars: set[str]) -> None:
+        self.chars = sorted(training_chars)
         self.codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)
         self.vocab_size = len(self.chars) + 1
         self.digest = hashlib.sha256(json.dumps(self.chars).encode()).hexdigest()
+
+    @classmethod
+    def from_span(cls, span: TextSpan) -> "CharTokenizer":
+        chars: set[str] = set()
+        for piece in text_chunks(span):
+            chars.update(piece)
+        return cls(chars)
 
     def encode(self, text: str) -> np.ndarray:
         cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
@@ -117,6 +141,8 @@ class CharTokenizer:
 class HFTokenizer:
     """A `tokenizers.Tokenizer` with a pre-tokeniser for which `_SAFE_CUT` is safe (byte-level BPE, GPT-1's
     BERT pre-tokeniser): the text is encoded in pieces, in parallel."""
+
+    cut = staticmethod(last_cut(_SAFE_CUT))
 
     def __init__(self, tokenizer: Any, kind: str) -> None:
         self.tokenizer, self.kind = tokenizer, kind
@@ -161,34 +187,54 @@ def folder_tokenizer(folder: Path) -> HFTokenizer:
         raise DatasetNotFoundError(f"text_files: cannot build a BPE tokenizer from {folder}: {e}") from None
 
 
-def train_bpe(text: str, vocab_size: int, min_frequency: int) -> Any:
-    """A byte-level BPE trained on `text` (every byte is in the initial alphabet: no unknown tokens)."""
+def train_bpe(pieces: Any, vocab_size: int, min_frequency: int) -> Any:
+    """A byte-level BPE trained on `pieces` (a text, or an iterator of texts / lists of texts, each cut at
+    `_SAFE_CUT` places); every byte is in the initial alphabet: no unknown tokens."""
+    if isinstance(pieces, str):
+        pieces = [p for p in _SAFE_CUT.split(pieces) if p]
     tokenizer = byte_level_bpe()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator([p for p in _SAFE_CUT.split(text) if p], trainer=trainer)
+    tokenizer.train_from_iterator(pieces, trainer=trainer)
     return tokenizer
 
 
-def trained_tokenizer(text: str, text_sha: str, opts: TextFilesOptions, cache_dir: Path) -> tuple[HFTokenizer, str]:
-    """(tokenizer, where it came from): loaded from the cache, or trained on `text` (and cached)."""
+def _span_pieces(span: TextSpan) -> Iterator[list[str]]:
+    """The training text as lists of `_SAFE_CUT` pieces, one list per block: the trainer never holds the text."""
+    for block in text_chunks(span, cut=HFTokenizer.cut):
+        yield [p for p in _SAFE_CUT.split(block) if p]
+
+
+def trained_tokenizer(span: TextSpan, opts: TextFilesOptions, cache_dir: Path) -> tuple[HFTokenizer, str]:
+    """(tokenizer, where it came from): loaded from the cache, or trained on the text of `span` (and cached)."""
     if opts.vocab_size < 256:
         raise UserError(f"text_files: data.vocab_size must be >= 256 (the byte alphabet) for tokenizer=train, "
                          f"got {opts.vocab_size}")
     if opts.min_frequency < 1:
         raise UserError(f"text_files: data.min_frequency must be >= 1, got {opts.min_frequency}")
-    key = hashlib.sha256(f"{text_sha}|bpe|V={opts.vocab_size}|min={opts.min_frequency}|"
+    key = hashlib.sha256(f"{span.sha256}|bpe|V={opts.vocab_size}|min={opts.min_frequency}|"
                          f"tokenizers={tokenizers.__version__}".encode()).hexdigest()[:24]
     path = cache_dir / "text_files" / f"tokenizer-{key}.json"
     if opts.cache and path.is_file():
         try:
             return HFTokenizer(Tokenizer.from_file(str(path)), "bpe-trained"), f"cached {path}"
         except Exception:  # noqa: BLE001 - a damaged cache file: train again
-            pass
-    tokenizer = HFTokenizer(train_bpe(text, opts.vocab_size, opts.min_frequency), "bpe-trained")
+            say(f"text_files: cached tokenizer {path} does not load; training it again")
+    if span.size >= PROGRESS_BYTES:
+        say(f"text_files: training a BPE tokenizer (V={opts.vocab_size}) on {span.size / 1e6:.1f} MB of text ...")
+    tokenizer = HFTokenizer(train_bpe(_span_pieces(span), opts.vocab_size, opts.min_frequency), "bpe-trained")
     if opts.cache:
         _write_atomic(path, tokenizer.tokenizer.to_str().encode())
     return tokenizer, f"trained on the training text ({path if opts.cache else 'not cached'})"
+
+
+def warn_small_vocabulary(asked: int, tokenizer: HFTokenizer, opts: TextFilesOptions) -> None:
+    """BPE stops merging when no pair occurs `min_frequency` times: a small text cannot fill a large vocabulary."""
+    if tokenizer.vocab_size < asked:
+        say(f"warning: text_files: data.vocab_size={asked} was asked, but the training text gives only "
+            f"V={tokenizer.vocab_size} tokens (no further pair occurs >= data.min_frequency={opts.min_frequency} "
+            f"times); the run uses V={tokenizer.vocab_size}. Set data.vocab_size={tokenizer.vocab_size} (or "
+            f"lower) to silence this, or train on more text.")
 
 
 # ------------------------------------------------------------------------------------------------------ files
@@ -208,51 +254,60 @@ def _write_atomic(path: Path, payload: bytes) -> None:
         pass
 
 
-def read_text(option: str, value: Optional[str]) -> tuple[Path, str, str]:
-    """(path, text, sha256) of one text file option, with clear errors."""
+def open_text(option: str, value: Optional[str]) -> tuple[TextSpan, int]:
+    """(span, characters) of one text file option, checked in one streaming pass: hash, UTF-8, not binary,
+    not empty."""
     if not value:
         raise UserError(f"data=text_files needs data.{option}=<path to a UTF-8 text file>")
     path = Path(value).expanduser()
     if not path.is_file():
         raise DatasetNotFoundError(f"text_files: data.{option}={path} is not a file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DatasetNotFoundError(f"text_files: {path} is not UTF-8 text ({e}); convert it, e.g. "
-                                   f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`") from None
-    if not text.strip():
+    scan = scan_text(path)
+    if scan.binary_reason:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        utf16 = (" If it is UTF-16 text (it starts with a byte-order mark), convert it: `iconv -f utf-16 -t utf-8 "
+                 f"{path.name} > {path.stem}.utf8{path.suffix}`." if head in (b"\xff\xfe", b"\xfe\xff") else "")
+        raise DatasetNotFoundError(f"text_files: data.{option}={path} looks binary, not like text "
+                                   f"({scan.binary_reason}); give a plain UTF-8 text file.{utf16}")
+    if scan.utf8_error:
+        raise DatasetNotFoundError(f"text_files: {path} is not UTF-8 text ({scan.utf8_error}); convert it, e.g. "
+                                   f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`")
+    if not scan.has_text:
         raise DatasetNotFoundError(f"text_files: data.{option}={path} holds no text")
-    return path, text, hashlib.sha256(raw).hexdigest()
+    return TextSpan(path, 0, scan.size, scan.sha256), scan.chars
 
 
-def split_tail(text: str, fraction: float) -> tuple[str, str]:
-    """(head, tail): the last `fraction` of `text`, cut at the start of the line nearest that point."""
-    target = int(len(text) * (1.0 - fraction))
-    before, after = text.rfind("\n", 0, target), text.find("\n", target)
-    cuts = [c + 1 for c in (before, after) if 0 <= c < len(text) - 1]
-    if not cuts:
+def split_tail(span: TextSpan, chars: int, fraction: float) -> tuple[TextSpan, TextSpan]:
+    """(head, tail): the last `fraction` of the text (in characters), cut at the start of the line nearest
+    that point."""
+    cut = line_cut(span.path, chars, fraction)
+    if cut is None:
         raise UserError("text_files: data.val_fraction needs a training text of several lines (it holds out the "
                          "last lines); give data.valid instead")
-    cut = min(cuts, key=lambda c: abs(c - target))
-    return text[:cut], text[cut:]
+    at = cut[1]
+    return (TextSpan(span.path, 0, at, span_sha256(span.path, 0, at)),
+            TextSpan(span.path, at, span.end, span_sha256(span.path, at, span.end)))
 
 
-def token_ids(tokenizer: Any, text: str, text_sha: str, cache: bool, cache_dir: Path) -> np.ndarray:
-    """Token ids of `text`, read from / written to the cache keyed by (text, tokenizer)."""
-    key = hashlib.sha256((text_sha + tokenizer.digest).encode()).hexdigest()[:24]
-    path = cache_dir / "text_files" / f"ids-{key}.npy"
-    if cache and path.is_file():
-        try:
-            return np.load(path)  # allow_pickle=False (numpy's default): a planted file cannot run code
-        except (OSError, ValueError):
-            pass
-    ids = tokenizer.encode(text)
-    if cache:
-        buffer = io.BytesIO()
-        np.save(buffer, ids)
-        _write_atomic(path, buffer.getvalue())
-    return ids
+def encoded_blocks(tokenizer: Any, span: TextSpan, what: str) -> Iterator[np.ndarray]:
+    """The ids of `span`'s text, block by block (with progress lines for large files)."""
+    done, step = 0, max(PROGRESS_BYTES, span.size // 10)
+    next_report = step
+    for block in text_chunks(span, cut=tokenizer.cut):
+        yield tokenizer.encode(block)
+        done += len(block.encode("utf-8"))
+        if span.size >= PROGRESS_BYTES and done >= next_report:
+            say(f"text_files: encoded {done / 1e6:.0f} of {span.size / 1e6:.0f} MB of {what}")
+            next_report += step
+
+
+def token_ids(tokenizer: Any, span: TextSpan, what: str, cache_dir: Optional[Path]) -> np.ndarray:
+    """Token ids of `span` as a memory-mapped uint16/uint32 array: read back from `cache_dir` (hash-checked)
+    or encoded block by block into it (`cache_dir` None: into a temporary file)."""
+    key = IdsKey(span.sha256, tokenizer.digest, tokenizer.vocab_size)
+    return cached_ids(key, cache_dir / f"ids-{key.name()}.bin" if cache_dir is not None else None, what,
+                      lambda: encoded_blocks(tokenizer, span, what))
 
 
 # ------------------------------------------------------------------------------------------------------ entry
@@ -278,61 +333,61 @@ def build_text_files(opts: TextFilesOptions, ctx: BuildContext) -> DataBundle:
         raise UserError("data=text_files needs data.valid=<path to a UTF-8 text file>, or data.val_fraction > 0 "
                          "to hold out the end of the training text as the validation split")
     cache_dir = cache_root(opts.cache_dir)
-    files: dict[str, Optional[Path]] = {}
-    texts: dict[str, str] = {}
-    shas: dict[str, str] = {}
+    spans: dict[str, TextSpan] = {}
+    chars: dict[str, int] = {}
     for split, option in SPLIT_FILES.items():
         if split == "val" and not opts.valid:
             continue
-        files[split], texts[split], shas[split] = read_text(option, getattr(opts, option))
+        spans[split], chars[split] = open_text(option, getattr(opts, option))
     if not opts.valid:  # hold out the end of the training text; the tokeniser never sees it
-        texts["train"], texts["val"] = split_tail(texts["train"], fraction)
-        files["val"] = None
-        for split in ("train", "val"):
-            shas[split] = hashlib.sha256(texts[split].encode()).hexdigest()
+        spans["train"], spans["val"] = split_tail(spans["train"], chars["train"], fraction)
 
     kind = opts.tokenizer
     origin = kind
     if kind == "byte":
         tokenizer: Any = ByteTokenizer()
     elif kind == "char":
-        tokenizer = CharTokenizer(texts["train"])
+        tokenizer = CharTokenizer.from_span(spans["train"])
     elif kind == "train":
-        tokenizer, origin = trained_tokenizer(texts["train"], shas["train"], opts, cache_dir)
+        tokenizer, origin = trained_tokenizer(spans["train"], opts, cache_dir)
+        warn_small_vocabulary(opts.vocab_size, tokenizer, opts)
     else:
         folder = Path(kind).expanduser()
         if not folder.is_dir():
             raise DatasetNotFoundError(f"text_files: data.tokenizer must be byte, char, train or a folder with "
                                        f"vocab.json + merges.txt; {kind!r} is none of these")
         tokenizer, origin = folder_tokenizer(folder), str(folder)
-    # byte/char ids take numpy a moment; cache only what a BPE has to work for
-    cache_ids = opts.cache and isinstance(tokenizer, HFTokenizer)
-    ids = {split: token_ids(tokenizer, texts[split], shas[split], cache_ids, cache_dir) for split in SPLIT_FILES}
+    ids_dir = cache_dir / "text_files" if opts.cache else None
+    ids = {split: token_ids(tokenizer, spans[split], f"the {split} text", ids_dir) for split in SPLIT_FILES}
     for split, t in ids.items():
         if len(t) < 2:
             raise UserError(f"text_files: the {split} text gives {len(t)} token(s); a language model needs >= 2")
-    windows = {split: make_windows(t, opts.seq_len) for split, t in ids.items()}
+    # the ids stay memory-mapped on the host; with the resident loader on a GPU they are copied there once
     device = ctx.device if opts.loader in ("auto", "resident") else torch.device("cpu")
-    common: dict[str, Any] = dict(device=device, rank=ctx.rank, world_size=ctx.world_size)
+    common: dict[str, Any] = dict(seq_len=opts.seq_len, device=device, rank=ctx.rank, world_size=ctx.world_size)
     eval_bs = opts.eval_batch_size or opts.batch_size
+    train = TokenWindowSource(ids["train"], batch_size=opts.batch_size, shuffle=True, seed=ctx.seed, **common)
     sizes = {split: int(len(t)) for split, t in ids.items()}
-    digest = hashlib.sha256("|".join([*(shas[s] for s in SPLIT_FILES), tokenizer.digest]).encode()).hexdigest()
+    digest = hashlib.sha256("|".join([*(spans[s].sha256 for s in SPLIT_FILES), tokenizer.digest]).encode()).hexdigest()
     val_source = "valid file" if opts.valid else f"last {fraction:g} of the training text"
+    files = {s: (str(spans[s].path) if (s != "val" or opts.valid) else val_source) for s in SPLIT_FILES}
     return DataBundle(
-        train=TensorBatchSource(*windows["train"], opts.batch_size, shuffle=True, seed=ctx.seed, **common),
-        evals={split: TensorBatchSource(*windows[split], eval_bs, shuffle=False, **common)
+        train=train,
+        evals={split: TokenWindowSource(ids[split], batch_size=eval_bs, shuffle=False, **common)
                for split in ("val", "test")},
         task="language_model",
         num_classes=tokenizer.vocab_size,
         input_shape=(opts.seq_len,),
-        num_train=len(windows["train"][0]),
+        num_train=train.num_windows,
         fingerprint=(f"text_files:{tokenizer.kind}:V={tokenizer.vocab_size}:T={opts.seq_len}:"
                      + ":".join(f"{s}={n}tok" for s, n in sizes.items())
                      + (f":val=tail{fraction:g}" if not opts.valid else "") + f":sha256={digest[:16]}"),
         description=f"text files ({tokenizer.kind} tokenizer, vocabulary {tokenizer.vocab_size}; val = {val_source})",
         extras={"ignore_index": IGNORE_INDEX, "pad_id": PAD_ID, "tokens": sizes, "tokenizer": origin,
-                "tokenizer_sha256": tokenizer.digest,
-                "files": {s: (str(p) if p else val_source) for s, p in files.items()}},
+                "tokenizer_sha256": tokenizer.digest, "files": files,
+                # which tokenizer family the ids belong to: the GPT models freeze their embeddings by default
+                # only for GPT-1's (models/gpt.py, `embeddings_frozen`)
+                "vocabulary": GPT1_VOCABULARY if tokenizer.kind == "gpt1-bpe" else tokenizer.kind},
     )
 
 

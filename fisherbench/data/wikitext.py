@@ -12,7 +12,9 @@
   inputs = window[:-1], targets = window[1:]. The last window is zero-padded and its padded targets are
   -100 (ignored by cross-entropy), so every next-token prediction is scored exactly once and the trainer's
   summed NLL over non-masked targets gives the per-token perplexity.
-* Tokenised splits are cached as .npy next to the text, keyed by the text's and the tokeniser's checksums.
+* Tokenised splits are written block by block to uint16 files next to the text (`gpt1_cache/`, keyed by the
+  text's and the tokeniser's checksums, hash-checked when read back) and read memory-mapped
+  (`data.token_ids`), so WikiText-103-sized text never sits in memory whole.
 """
 from __future__ import annotations
 
@@ -39,7 +41,6 @@ from fisherbench.data.download import (
     hf_offline_reason,
     missing_message,
 )
-from fisherbench.data.loaders import TensorBatchSource
 from fisherbench.data.registry import (
     DATASETS,
     BuildContext,
@@ -49,10 +50,20 @@ from fisherbench.data.registry import (
     content_function,
     resolve_root,
 )
+from fisherbench.data.token_ids import (  # noqa: F401 - IGNORE_INDEX, PAD_ID: part of this module's interface
+    IGNORE_INDEX,
+    PAD_ID,
+    IdsKey,
+    TextSpan,
+    TokenWindowSource,
+    cached_ids,
+    text_chunks,
+)
 
-IGNORE_INDEX = -100  # targets with this value are padding (torch's cross-entropy default ignore_index)
-PAD_ID = 0  # the official pipeline pads the last window with token id 0
 GPT1_VOCAB_SIZE = 40478
+# what `DataBundle.extras["vocabulary"]` says for ids of GPT-1's BPE: the vocabulary of the paper's pretrained
+# (frozen) embeddings, which the GPT models freeze by default (models/gpt.py)
+GPT1_VOCABULARY = "gpt1"
 GPT1_REPO = "openai-community/openai-gpt"
 GPT1_FILES = {  # openai-gpt tokenizer files on the Hugging Face Hub
     "vocab.json": "https://huggingface.co/openai-community/openai-gpt/resolve/main/vocab.json",
@@ -193,25 +204,34 @@ def ensure_text(root: Path, variant: str, *, download_missing: bool) -> dict[str
 
 
 def _sha256(*paths: Path) -> str:
+    """sha256 of the files' bytes one after another, read in blocks (WikiText-103 is 540 MB)."""
     h = hashlib.sha256()
     for p in paths:
-        h.update(Path(p).read_bytes())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
     return h.hexdigest()
 
 
+def _after_last_newline(buffer: str) -> int:
+    """`text_chunks` cut for `encode_text`: right after a line break, so lines are never split."""
+    return buffer.rfind("\n") + 1
+
+
 def tokenize_split(text_path: Path, tok_dir: Path, tokenizer: Any, *, cache: bool) -> np.ndarray:
-    """Token ids of one text file, read from / written to the on-disk cache when `cache`."""
-    key = _sha256(text_path, tok_dir / "vocab.json", tok_dir / "merges.txt")[:16]
-    cache_path = text_path.parent / "gpt1_cache" / f"{text_path.name}.{key}.npy"
-    if cache and cache_path.is_file():
-        return np.load(cache_path)
-    ids = encode_text(tokenizer, text_path.read_text(encoding="utf-8"))
-    if cache:
-        cache_path.parent.mkdir(exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + ".part.npy")
-        np.save(tmp, ids)
-        os.replace(tmp, cache_path)
-    return ids
+    """Token ids of one text file (memory-mapped uint16), read from / written to `gpt1_cache/` next to it
+    when `cache` (a temporary file otherwise). The text is encoded block by block, cut after line breaks."""
+    size = os.path.getsize(text_path)
+    text_sha = _sha256(text_path)
+    key = IdsKey(text_sha, _sha256(tok_dir / "vocab.json", tok_dir / "merges.txt"), tokenizer.get_vocab_size())
+    span = TextSpan(Path(text_path), 0, size, text_sha)
+    bin_path = Path(text_path).parent / "gpt1_cache" / f"{Path(text_path).name}.{key.name()[:16]}.bin"
+
+    def blocks():
+        for block in text_chunks(span, cut=_after_last_newline):
+            yield encode_text(tokenizer, block)
+
+    return cached_ids(key, bin_path if cache else None, str(text_path), blocks)
 
 
 # ---------------------------------------------------------------------------------------------- windows
@@ -219,9 +239,10 @@ def tokenize_split(text_path: Path, tok_dir: Path, tokenizer: Any, *, cache: boo
 
 def make_windows(tokens: np.ndarray | torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Consecutive windows of `seq_len + 1` tokens with stride `seq_len` -> (inputs, targets), each
-    (num_windows, seq_len) int64. The last window is padded with `PAD_ID`; its padded targets are
-    `IGNORE_INDEX`. Every one of the len(tokens) - 1 next-token targets appears exactly once."""
-    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    (num_windows, seq_len) int64, all in memory (the datasets cut them per batch instead: `TokenWindowSource`
+    gives the same windows). The last window is padded with `PAD_ID`; its padded targets are `IGNORE_INDEX`.
+    Every one of the len(tokens) - 1 next-token targets appears exactly once."""
+    tokens = torch.as_tensor(np.array(tokens, dtype=np.int64))  # a copy: ids may be a read-only memmap
     n = len(tokens)
     if n < 2:
         raise UserError(f"need at least 2 tokens to make a language-model window, got {n}")
@@ -265,25 +286,24 @@ def build_wikitext2(opts: WikiText2Options, ctx: BuildContext) -> DataBundle:
     tok_dir = ensure_tokenizer(tokenizer_dir(opts.tokenizer_dir, root), download_missing=opts.download)
     tokenizer = gpt1_tokenizer(tok_dir)
     ids = {split: tokenize_split(path, tok_dir, tokenizer, cache=opts.cache) for split, path in files.items()}
-    windows = {split: make_windows(t, opts.seq_len) for split, t in ids.items()}
-
     device = ctx.device if opts.loader in ("auto", "resident") else torch.device("cpu")
-    common: dict[str, Any] = dict(device=device, rank=ctx.rank, world_size=ctx.world_size)
+    common: dict[str, Any] = dict(seq_len=opts.seq_len, device=device, rank=ctx.rank, world_size=ctx.world_size)
     eval_bs = opts.eval_batch_size or opts.batch_size
     sizes = {split: len(t) for split, t in ids.items()}
+    train = TokenWindowSource(ids["train"], batch_size=opts.batch_size, shuffle=True, seed=ctx.seed, **common)
     return DataBundle(
-        train=TensorBatchSource(*windows["train"], opts.batch_size, shuffle=True, seed=ctx.seed, **common),
-        evals={split: TensorBatchSource(*windows[split], eval_bs, shuffle=False, **common)
+        train=train,
+        evals={split: TokenWindowSource(ids[split], batch_size=eval_bs, shuffle=False, **common)
                for split in ("val", "test")},
         task="language_model",
         num_classes=tokenizer.get_vocab_size(),
         input_shape=(opts.seq_len,),
-        num_train=len(windows["train"][0]),
+        num_train=train.num_windows,
         fingerprint=(f"wikitext2-{opts.variant}:gpt1-bpe:V={tokenizer.get_vocab_size()}:T={opts.seq_len}:"
                      + ":".join(f"{s}={n}tok" for s, n in sizes.items())
                      + f":sha256={_sha256(*files.values(), tok_dir / 'vocab.json', tok_dir / 'merges.txt')[:16]}"),
         description=f"WikiText-2 ({opts.variant}) tokenised with GPT-1 BPE",
-        extras={"ignore_index": IGNORE_INDEX, "pad_id": PAD_ID, "tokens": sizes},
+        extras={"ignore_index": IGNORE_INDEX, "pad_id": PAD_ID, "tokens": sizes, "vocabulary": GPT1_VOCABULARY},
     )
 
 

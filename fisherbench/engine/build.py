@@ -64,7 +64,7 @@ def build_components(cfg: DictConfig, device: torch.device, info: DistInfo) -> C
     def build_model() -> nn.Module:
         return models_pkg.create_model(
             num_classes=bundle.num_classes, input_shape=bundle.input_shape, double_backward=double_backward,
-            **model_opts,
+            vocabulary=bundle.extras.get("vocabulary"), **model_opts,
         )
 
     check_compile(cfg, opt_entry)

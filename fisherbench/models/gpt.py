@@ -3,8 +3,14 @@
 Official `MiniGPT1` (`Language_Model/GPT1.py` of the official repository): post-LN blocks `x = LN(x + Attn(x)); x = LN(x + MLP(x))`, separate Q/K/V/Y
 Linear layers with bias, causal attention, MLP 4d with GELU, no dropout, no final LayerNorm, learned
 position table with one row per position of the (fixed) sequence length, and an output Linear without
-bias whose weight *is* the token-embedding matrix. The embeddings come from pretrained GPT-1 and are frozen
-by default, so the trainable parameters are the blocks only: 4 x 7,087,872 = 28,351,488 for d=768.
+bias whose weight *is* the token-embedding matrix. The embeddings come from pretrained GPT-1 and are frozen,
+so the trainable parameters are the blocks only: 4 x 7,087,872 = 28,351,488 for d=768.
+
+Frozen or trained (`freeze_embeddings`, default null = by the data's tokenizer, `embeddings_frozen`): frozen
+where the token ids may be GPT-1's — GPT-1's BPE (data=wikitext2, a GPT-1 tokenizer folder in text_files)
+and ids of no tokenizer (the synthetic stand-ins for WikiText-2) — as the paper's protocol has them; trained
+with any other tokenizer (byte, char, a BPE trained on the text, a GPT-2 folder), whose ids no pretrained
+table fits: frozen random embeddings there leave the model at loss ln V.
 
 Input: token ids (B, T) with T <= seq_len. Output: logits (B, T, vocab) (the official returns log-softmax;
 cross-entropy on logits is the same loss). `embeddings` selects the frozen (or trainable) embedding
@@ -176,7 +182,9 @@ class GPTOptions(ModelOptions):
     heads: int = 12
     mlp_hidden: int = 3072
     seq_len: Optional[int] = None  # position-table rows; default: the dataset's sequence length
-    freeze_embeddings: bool = True  # official: pretrained embeddings (and the tied output layer) are frozen
+    # true | false | null = by the data's tokenizer (`embeddings_frozen`): frozen for GPT-1's BPE (the official
+    # setting: pretrained embeddings and the tied output layer frozen), trained for a tokenizer of its own
+    freeze_embeddings: Optional[bool] = None
     embeddings: str = "random"  # random | gpt1 (Hugging Face hub) | path to an .npz (tokens, position)
 
 
@@ -189,13 +197,27 @@ class TinyGPTOptions(GPTOptions):
     mlp_hidden: int = 128
 
 
+# `vocabulary` values (DataBundle.extras["vocabulary"]) whose ids may be GPT-1's: its BPE, and None (ids of
+# no tokenizer: the synthetic token sets that stand in for WikiText-2)
+GPT1_COMPATIBLE_VOCABULARIES = (None, "gpt1")
+
+
+def embeddings_frozen(freeze_embeddings: Optional[bool], vocabulary: Optional[str]) -> bool:
+    """The one place that decides whether the token/position embeddings (and the tied output layer) train:
+    `model.freeze_embeddings` when set, else frozen exactly when the data's ids may be GPT-1's (the paper's
+    frozen pretrained GPT-1 embeddings), trained for any other tokenizer."""
+    if freeze_embeddings is not None:
+        return bool(freeze_embeddings)
+    return vocabulary in GPT1_COMPATIBLE_VOCABULARIES
+
+
 def _build_gpt(opts: GPTOptions, num_classes: int, input_shape: Optional[tuple], double_backward: bool,
-               default_seq_len: int) -> MiniGPT:
+               default_seq_len: int, vocabulary: Optional[str]) -> MiniGPT:
     if input_shape is not None and len(input_shape) != 1:
         raise UserError(f"{opts.name} takes token windows: input_shape (T,), got {tuple(input_shape)}")
     seq_len = opts.seq_len or (int(input_shape[0]) if input_shape else default_seq_len)
     model = MiniGPT(num_classes, opts.d_model, seq_len, opts.heads, opts.layers, opts.mlp_hidden,
-                    opts.freeze_embeddings, explicit_attention=double_backward)
+                    embeddings_frozen(opts.freeze_embeddings, vocabulary), explicit_attention=double_backward)
     if opts.embeddings == "gpt1":
         load_embeddings(model, *fetch_gpt1_embeddings(), source=GPT1_HUB_REPO)
     elif opts.embeddings != "random":
@@ -212,8 +234,8 @@ def _build_gpt(opts: GPTOptions, num_classes: int, input_shape: Optional[tuple],
     source="official definition (MiniGPT1)",
 )
 def build_gpt1_small(opts: GPTOptions, *, num_classes: int, input_shape: Optional[tuple],
-                     double_backward: bool) -> nn.Module:
-    return _build_gpt(opts, num_classes, input_shape, double_backward, default_seq_len=256)
+                     double_backward: bool, vocabulary: Optional[str] = None) -> nn.Module:
+    return _build_gpt(opts, num_classes, input_shape, double_backward, default_seq_len=256, vocabulary=vocabulary)
 
 
 @MODELS.register(
@@ -224,5 +246,5 @@ def build_gpt1_small(opts: GPTOptions, *, num_classes: int, input_shape: Optiona
     source="fisherbench",
 )
 def build_tiny_gpt(opts: TinyGPTOptions, *, num_classes: int, input_shape: Optional[tuple],
-                   double_backward: bool) -> nn.Module:
-    return _build_gpt(opts, num_classes, input_shape, double_backward, default_seq_len=32)
+                   double_backward: bool, vocabulary: Optional[str] = None) -> nn.Module:
+    return _build_gpt(opts, num_classes, input_shape, double_backward, default_seq_len=32, vocabulary=vocabulary)

@@ -1,6 +1,7 @@
 """The model registry: config name -> builder, with what the trainer needs to know about each model."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -36,19 +37,23 @@ def create_model(
     num_classes: int = 10,
     input_shape: Optional[Sequence[int]] = None,
     double_backward: bool = False,
+    vocabulary: Optional[str] = None,
     **options: Any,
 ) -> nn.Module:
     """Build a registered model by its config name.
 
     `input_shape` is the per-example shape (e.g. (3, 32, 32) or (256,) for token windows). When
     `double_backward` is true (AdaHessian, Sophia-H: `backward(create_graph=True)`), attention is written
-    out instead of using fused SDPA, whose second derivative is not implemented on CPU.
+    out instead of using fused SDPA, whose second derivative is not implemented on CPU. `vocabulary` is the
+    data's tokenizer family (`DataBundle.extras["vocabulary"]`, e.g. "gpt1"); it reaches only builders that
+    take a `vocabulary` argument (the GPT models decide from it whether their embeddings train).
     """
     entry = MODELS.get(name)
     opts = options_from(entry.schema, {"name": name, **options})
+    extra = {"vocabulary": vocabulary} if "vocabulary" in inspect.signature(entry.builder).parameters else {}
     return entry.builder(
         opts, num_classes=num_classes, input_shape=tuple(input_shape) if input_shape else None,
-        double_backward=double_backward,
+        double_backward=double_backward, **extra,
     )
 
 

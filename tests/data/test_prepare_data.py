@@ -57,7 +57,7 @@ def test_wikitext_is_tokenised_and_cached(prepare, tmp_path, capsys):
     assert prepare.main(["wikitext2", "--root", str(tmp_path), "--check", "--no-verify"]) == 0
     out = capsys.readouterr().out
     assert "GPT-1 tokens" in out and "sha256:" in out
-    assert len(list((tmp_path / "wikitext-2-raw" / "gpt1_cache").glob("*.npy"))) == 3
+    assert len(list((tmp_path / "wikitext-2-raw" / "gpt1_cache").glob("*.bin"))) == 3
 
 
 def test_imagenet_check(prepare, tmp_path, capsys):

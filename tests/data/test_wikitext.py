@@ -69,6 +69,7 @@ def test_bundle_splits_shapes_and_summed_nll_is_per_token(tmp_path, tok_dir):
     tok = wt.gpt1_tokenizer(tok_dir)
     assert b.task == "language_model" and b.num_classes == tok.get_vocab_size() and b.input_shape == (8,)
     assert set(b.evals) == {"val", "test"} and b.extras["ignore_index"] == -100
+    assert b.extras["vocabulary"] == "gpt1"  # GPT-1's ids: the GPT models keep the paper's frozen embeddings
     streams = {s: tok.encode(WIKI_TEXT[f] * 3, add_special_tokens=False).ids
                for s, f in (("train", "train"), ("val", "valid"), ("test", "test"))}
     assert b.extras["tokens"] == {s: len(v) for s, v in streams.items()}
@@ -93,7 +94,7 @@ def test_bundle_splits_shapes_and_summed_nll_is_per_token(tmp_path, tok_dir):
 def test_tokenised_splits_are_cached_and_invalidated_when_text_changes(tmp_path, tok_dir, monkeypatch):
     folder = make_wikitext_raw(tmp_path)
     first = build_data(wiki_opts(tmp_path, tok_dir))
-    cached = sorted((folder / "gpt1_cache").glob("*.npy"))
+    cached = sorted((folder / "gpt1_cache").glob("*.bin"))
     assert len(cached) == 3
 
     def no_tokenising(*a, **k):
@@ -105,6 +106,21 @@ def test_tokenised_splits_are_cached_and_invalidated_when_text_changes(tmp_path,
     (folder / "wiki.test.raw").write_text(" the end . \n")
     with pytest.raises(AssertionError, match="cache"):
         build_data(wiki_opts(tmp_path, tok_dir))
+
+
+def test_altered_token_ids_are_rebuilt_not_trained_on(tmp_path, tok_dir, capsys):
+    folder = make_wikitext_raw(tmp_path, repeat=3)
+    first = build_data(wiki_opts(tmp_path, tok_dir))
+    assert isinstance(first.train.tokens, np.memmap) and first.train.tokens.dtype == np.uint16
+    stream = first.train.tokens.tolist()
+    [train_bin] = (folder / "gpt1_cache").glob("wiki.train.raw.*.bin")
+    altered = np.frombuffer(train_bin.read_bytes(), dtype="<u2").copy()
+    altered[0] = (altered[0] + 1) % first.num_classes
+    train_bin.write_bytes(altered.tobytes())
+    capsys.readouterr()
+    second = build_data(wiki_opts(tmp_path, tok_dir))
+    assert "not usable" in capsys.readouterr().err
+    assert second.train.tokens.tolist() == stream and train_bin.read_bytes() != altered.tobytes()
 
 
 def test_tokens_variant_reads_the_tokens_files(tmp_path, tok_dir):
