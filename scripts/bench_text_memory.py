@@ -169,7 +169,7 @@ def main() -> None:
               f"(Python + torch)")
         print("| tokenizer | cache | peak RSS (MB) | above imports-only (MB) | build (s) | V | goal (MB) |")
         print("|---|---|---|---|---|---|---|")
-        for tok, phase, rss, wall, info, goal in rows:
+        for tok, phase, rss, _wall, info, goal in rows:
             print(f"| {tok} | {phase} | {rss:.0f} | {rss - rss0:+.0f} | {info['build_s']:.1f} | {info['V']} | "
                   f"{goal or '-'} |")
 
