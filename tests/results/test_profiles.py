@@ -171,6 +171,8 @@ def test_report_script_group_by_with_target(store, tmp_path, capsys):
     assert "adam       0.50    0.50    0.50    0.500" in console.splitlines()
     assert "sgd        0.00    1.00    1.00    0.667" in console.splitlines()
     md = (out / "tables" / "ttt.md").read_text()
+    # the title (and so every figure's title) names what is compared, never the store's path
+    assert md.splitlines()[0] == "# synthetic_image: runs by optimizer.name" and str(store) not in md.splitlines()[0]
     assert "## best test top-1 (%)" in md and "## final test top-1 (%)" in md
     assert "## Time to test/acc1>=0.8" in md and "### Performance profile" in md
     assert ("| a | 3.0 s [2.0–4.0] (2/2 reached; evals every 1.0 s) | not reached (0/2 reached; evals every 1.0 s) "
