@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports",
                    help="where tables/ and figures/ go (default: reports/ in the working directory)")
     p.add_argument("--group-by", default=None, metavar="KEY",
-                   help="no spec: compare the values of this config key as columns (e.g. optimizer.name)")
+                   help="no spec: compare the values of this config key as columns (optimizer: the option "
+                        "chosen, e.g. adafisher_paper apart from adafisher; or any dotted key, e.g. optimizer.name)")
     p.add_argument("--rows", dest="rows_keys", action="append", default=None, metavar="ROWS",
                    help="spec: row names (comma-separated); --group-by: a row key, KEY or KEY=V1,V2 (repeatable)")
     p.add_argument("--columns", default=None, help="column names (spec) or group-by values, comma-separated")

@@ -148,6 +148,20 @@ def test_adhoc_groups_filters_and_splits_experiments(store):
     assert t.best_cells() == {("a", "adam")}
 
 
+def test_adhoc_group_by_a_config_group(store):
+    """`--group-by optimizer`: the option chosen (meta.json `choices`); runs that did not record it give the
+    group's `name`."""
+    import json
+
+    (t,) = _tables(store, group_by="optimizer")
+    assert t.columns == ["adam", "lion", "sgd"]
+    paper = make_run(store, "a", "adafisher", 0, 3)
+    meta = json.loads(paper.meta_path.read_text())
+    paper.meta_path.write_text(json.dumps({**meta, "choices": {"optimizer": "adafisher_paper"}}))
+    (t,) = _tables(store, group_by="optimizer")
+    assert t.columns == ["adafisher_paper", "adam", "lion", "sgd"]
+
+
 def test_adhoc_errors_are_user_errors(store):
     from fisherbench.core.errors import UserError
     from fisherbench.results.runs import parse_where
