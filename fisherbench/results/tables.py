@@ -70,8 +70,19 @@ def ours_text(c: CellResult, budget: bool = True) -> str:
 METHOD_MARKS = {"match": "ᵐ", "calibration": "ᶜ"}
 
 
-def _num_text(v: float) -> str:
-    return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+def _digits(*vs: float) -> int:
+    """Decimals for a value and its interval, alike for all of them: 2 below 10, else 1 (9.80–10.2 reads as
+    two precisions)."""
+    return 2 if max(abs(v) for v in vs) < 10 else 1
+
+
+def _num_text(v: float, d: Optional[int] = None) -> str:
+    return f"{v:.{_digits(v) if d is None else d}f}"
+
+
+def _range_text(lo: float, hi: float) -> str:
+    d = _digits(lo, hi)
+    return f"{lo:.{d}f}–{hi:.{d}f}"
 
 
 def _span(pairs: list[tuple[float, float]]) -> Optional[tuple[float, float]]:
@@ -125,7 +136,7 @@ def budget_mark(c: CellResult) -> str:
         text = f"mixed (m {methods.get('match', 0)}, c {methods.get('calibration', 0)})"
     elif "calibration" in methods:
         ci = b["epochs_ci"]
-        text = "ᶜ" + (f"[{_num_text(ci[0])}–{_num_text(ci[1])} ep]" if ci else "")
+        text = "ᶜ" + (f"[{_range_text(*ci)} ep]" if ci else "")
     else:
         refs = b["references"]
         text = "ᵐ" + (f"[ref {refs[0][:8]}" + (f" +{len(refs) - 1}" if len(refs) > 1 else "") + "]" if refs else "")
@@ -147,9 +158,12 @@ def budgets_markdown(t: TableResult) -> Optional[str]:
         methods = ", ".join(f"{ {'match': 'matched', 'calibration': 'calibrated'}[m]} {k}"
                             for m, k in sorted(b["methods"].items()))
         epochs = b["epochs"]
-        ep = "" if not epochs else _num_text(sum(epochs) / len(epochs))
-        if b["epochs_ci"]:
-            ep += f" [{_num_text(b['epochs_ci'][0])}–{_num_text(b['epochs_ci'][1])}]"
+        ci = b["epochs_ci"]
+        mean_epochs = sum(epochs) / len(epochs) if epochs else None
+        d = _digits(*(ci or ()), *([mean_epochs] if mean_epochs is not None else []), 0.0)
+        ep = "" if mean_epochs is None else _num_text(mean_epochs, d)
+        if ci:
+            ep += f" [{ci[0]:.{d}f}–{ci[1]:.{d}f}]"
         ratio = "" if b["ratio"] is None else f"{b['ratio']:.3f}"
         if b["ratio_ci"]:
             ratio += f" [{b['ratio_ci'][0]:.3f}–{b['ratio_ci'][1]:.3f}]"

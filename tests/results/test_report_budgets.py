@@ -78,7 +78,7 @@ def test_equal_time_cells_show_method_and_certainty(table):
     from fisherbench.results import tables as render
 
     t = table
-    assert render.ours_text(t.cell("net A", "Adam")) == "97.20 ± 0.20 ᶜ[9.80–10.2 ep]"
+    assert render.ours_text(t.cell("net A", "Adam")) == "97.20 ± 0.20 ᶜ[9.8–10.2 ep]"
     assert render.ours_text(t.cell("net A", "SGD")) == "95.00 ± 1.00 ᵐ[ref 1a2b3c4d +2] ⚠busy 1/3 ⚠load 1/3"
     assert render.ours_text(t.cell("net B", "SGD")) == "95.00 ± 0.00"  # the reference arm: a fixed budget
     mixed = t.cell("net B", "Adam")
@@ -115,9 +115,9 @@ def test_budgets_section_golden(table):
 | row | column | budget | epochs [95% CI] | step-time ratio [95% CI] | blocks | calibrations | busy machine | \
 reference runs | load differs |
 |---|---|---|---|---|---|---|---|---|---|
-| net A | Adam | calibrated 3 | 10.0 [9.80–10.2] | 0.520 [0.510–0.530] | 12 | one, shared by all 3 seeds |  |  |  |
+| net A | Adam | calibrated 3 | 10.0 [9.8–10.2] | 0.520 [0.510–0.530] | 12 | one, shared by all 3 seeds |  |  |  |
 | net A | SGD | matched 3 |  |  |  |  | 1/3 | 1a2b3c4d, 9f8e7d6c, 01234567 | 1/3 |
-| net B | Adam | calibrated 1, matched 2 | 10.0 [9.80–10.5] | 0.520 [0.510–0.530] | 12 | 1 |  | ref0aaaa, ref1aaaa \
+| net B | Adam | calibrated 1, matched 2 | 10.0 [9.8–10.5] | 0.520 [0.510–0.530] | 12 | 1 |  | ref0aaaa, ref1aaaa \
 |  |
 """
     assert expected in md
