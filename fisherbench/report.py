@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fisherbench.core import plugins
 from fisherbench.core.config import TrainConfig
 from fisherbench.core.errors import UserError
 from fisherbench.core.scores import Target, get_metric, parse_target
@@ -270,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="the Hydra overrides the sweep was given (key=value)")
     p.add_argument("--store", "--results-dir", dest="results_dir", default=None,
                    help="results store (default: the config's results_dir, ./runs)")
+    p.add_argument("--config-dir", action="append", default=[], metavar="DIR",
+                   help="a folder of your own configs and specs, as given to the sweep (docs/own-optimizer.md)")
     p.add_argument("--out", default="reports",
                    help="where tables/ and figures/ go (default: reports/ in the working directory)")
     p.add_argument("--group-by", default=None, metavar="KEY",
@@ -296,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    plugins.add_config_dirs(args.config_dir)
     out = Path(args.out)
     target = parse_target(args.target) if args.target else None
     if args.tau_max <= 1:

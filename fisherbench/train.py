@@ -23,11 +23,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from fisherbench.core import plugins
 from fisherbench.core.distributed import shutdown as shutdown_distributed
 from fisherbench.core.errors import UserError, explain_compose_error, is_compose_error
 from fisherbench.core.status import EXIT_PREEMPTED, EXIT_USER_ERROR
 from fisherbench.core.store import LockLostError
-from fisherbench.engine.compose import TRAIN_GROUPS, attach_choices, compose_config, group_options, register_configs
+from fisherbench.engine.compose import (
+    TRAIN_GROUPS,
+    attach_choices,
+    compose_config,
+    group_options,
+    plugin_lines,
+    register_configs,
+)
 from fisherbench.engine.lifecycle import run
 from fisherbench.engine.summary import summary_line
 
@@ -91,6 +99,8 @@ HELP = """fisherbench: train one configuration under a budget and record it in t
 usage: python train.py [group=option ...] [key=value ...]     one run
        python train.py -m group=a,b key=x,y ...                a multirun (every combination)
        python train.py --cfg job [overrides]                   print the composed config and exit
+       python train.py --config-dir DIR optimizer=mine ...     your own optimizer/model/data configs in DIR
+                                                               (or $FISHERBENCH_CONFIG_PATH; docs/own-optimizer.md)
 
 Config groups (group=option):
 {groups}
@@ -106,6 +116,7 @@ running the same command). Docs: docs/running.md. The composed config{which}:
 def _print_help(argv: list[str]) -> None:
     """`--help`: only the groups train.py accepts (Hydra's own lists internal schema groups and sweep specs)."""
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    added = plugin_lines()
     groups = "\n".join(textwrap.fill(", ".join(group_options(g)), width=110, initial_indent=f"  {g + ':':<12} ",
                                       subsequent_indent=" " * 15) for g in TRAIN_GROUPS)
     try:
@@ -114,14 +125,25 @@ def _print_help(argv: list[str]) -> None:
     except Exception as exc:  # noqa: BLE001 - help must print even when the given overrides do not compose
         text = f"(the overrides do not compose: {str(exc).splitlines()[0]})"
     which = f" with {' '.join(overrides)}" if overrides else " (defaults)"
+    if added:
+        groups += "\n\nPlug-ins and your own configs (docs/own-optimizer.md):\n" + "\n".join(f"  {line}" for line in added)
     print(HELP.format(groups=groups, which=which, config=text.rstrip()))
 
 
 def main() -> None:
-    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
-        _print_help(sys.argv[1:])
-        return
-    register_configs()
+    try:
+        # `--config-dir DIR` (or hydra.searchpath) adds a user config folder: plug-ins and own configs there
+        # are read by the plug-in loader, typed; the folder goes into the environment, so runs a sweep or a
+        # multirun starts see it too
+        dirs, sys.argv[1:] = plugins.split_config_dir_args(sys.argv[1:])
+        plugins.add_config_dirs(dirs)
+        if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+            _print_help(sys.argv[1:])
+            return
+        register_configs()
+    except UserError as exc:
+        print(f"[fisherbench] configuration error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     user_wants_trace = bool(os.environ.get("HYDRA_FULL_ERROR"))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us, to explain them
     try:

@@ -17,8 +17,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fisherbench import data, models, optim
+from fisherbench.core import plugins
 from fisherbench.core.config import not_identity_fields, strip_non_identity
 from fisherbench.core.store import run_id
+from fisherbench.engine.compose import load_plugins
 
 _COMPONENTS = {"model": models.MODELS, "data": data.DATASETS, "optimizer": optim.OPTIMIZERS}
 
@@ -44,6 +46,7 @@ def identity_of(cfg: DictConfig, *, data_required: bool = False) -> dict[str, An
 def identity_of_resolved(resolved: dict[str, Any], *, data_required: bool = False) -> dict[str, Any]:
     """`identity_of` for a resolved config given as plain data (e.g. a reference run's, built by
     fisherbench/engine/calibrate.py to find it in the store)."""
+    load_plugins()  # a plug-in's name is only known (and its code only hashed) once it is registered
     identity = strip_non_identity(resolved)
     node = resolved.get("data")
     if isinstance(node, dict) and node.get("name") in data.DATASETS:
@@ -61,7 +64,28 @@ def identity_of_resolved(resolved: dict[str, Any], *, data_required: bool = Fals
         # (unused) calibration or reference settings say, so an equal-time run can find its reference run
         keep = ("mode", "warmup_steps", *BUDGET_FIELDS[budget["mode"]])
         identity["budget"] = {k: v for k, v in budget.items() if k in keep}
+    code = plugin_identity(identity)
+    if code:  # only plug-in runs carry the key: the ids of built-in runs are unchanged
+        identity["plugins"] = code
     return identity
+
+
+def plugin_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """Import path and source-file SHA-256 of every plug-in a run uses (its model, data, optimizer and a
+    plug-in reference optimizer), so that editing a plug-in's code makes a new run instead of skipping it.
+
+    Only the file that defines the class or factory is hashed: helpers it imports from other files are not
+    (docs/own-optimizer.md says so).
+    """
+    used = {group: (identity.get(group) or {}).get("name") for group in _COMPONENTS}
+    used["reference_optimizer"] = (identity.get("budget") or {}).get("reference_optimizer")
+    code = {}
+    for key, name in used.items():
+        group = "optimizer" if key == "reference_optimizer" else key
+        prov = plugins.provenance(group, name) if isinstance(name, str) else None
+        if prov is not None:
+            code[key] = prov.identity()
+    return code
 
 
 # the budget fields each mode reads (besides `mode` and `warmup_steps`)

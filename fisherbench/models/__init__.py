@@ -11,4 +11,11 @@ from fisherbench.models import (  # noqa: F401  (each module registers its model
     swin,
     tiny_vit,
 )
-from fisherbench.models.registry import MODELS, ModelCapabilities, ModelOptions, count_parameters, create_model  # noqa: F401
+from fisherbench.models.registry import (  # noqa: F401
+    MODELS,
+    ModelCapabilities,
+    ModelOptions,
+    count_parameters,
+    create_model,
+    register_plugin,
+)

@@ -1,12 +1,15 @@
 """The model registry: config name -> builder, with what the trainer needs to know about each model."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from torch import nn
 
+from fisherbench.core.errors import UserError
+from fisherbench.core.plugins import PluginSpec, check_capabilities, describe_target, options_schema, signature_options
 from fisherbench.core.registry import Registry, options_from
 
 
@@ -66,3 +69,40 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
         seen.add(id(p))
         total += p.numel()
     return total
+
+
+# ------------------------------------------------------------------------------------------------------------
+# plug-ins: a model from the user's code (an nn.Module class or a factory function)
+# ------------------------------------------------------------------------------------------------------------
+PLUGIN_CAPABILITIES = {"input_kind": str, "task": str, "family": str, "input_size": int}
+# what the suite passes a plug-in factory that has a parameter of that name (never options)
+PROVIDED = ("num_classes", "input_shape", "double_backward")
+
+
+def register_plugin(spec: PluginSpec) -> None:
+    """Register a plug-in model: `spec.target(**options, num_classes=..., input_shape=...)` -> nn.Module.
+
+    `num_classes` (classes, or the vocabulary for a language model), `input_shape` (per example, e.g.
+    (1, 28, 28) or (seq_len,)) and `double_backward` are passed where the factory has a parameter of that name.
+    """
+    factory = spec.target
+    if not callable(factory):
+        raise UserError(f"{spec.where}: `_target_` {describe_target(factory)} is not callable; point it at an "
+                        "nn.Module class or a function that returns one")
+    caps = check_capabilities(spec, PLUGIN_CAPABILITIES)
+    params, var_kw = signature_options(factory)
+    provided = [p for p in PROVIDED if p in params or var_kw]
+    schema = options_schema(spec, ModelOptions, factory, skip=PROVIDED)
+
+    def build(opts: Any, *, num_classes: int, input_shape: Optional[tuple[int, ...]],
+              double_backward: bool) -> nn.Module:
+        given = {"num_classes": num_classes, "input_shape": input_shape, "double_backward": double_backward}
+        kwargs = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name != "name"}
+        model = factory(**kwargs, **{k: given[k] for k in provided})
+        if not isinstance(model, nn.Module):
+            raise UserError(f"{spec.where}: {describe_target(factory)}(...) returned {type(model).__name__}, not "
+                            "a torch.nn.Module")
+        return model
+
+    MODELS.register(spec.name, schema=schema, capabilities=ModelCapabilities(**caps), summary=spec.summary,
+                    source=spec.where)(build)

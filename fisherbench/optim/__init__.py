@@ -22,6 +22,8 @@ from fisherbench.optim.registry import (  # noqa: F401
     StepOutput,
     build_optimizer,
     param_groups,
+    plugin_row,
+    register,
     row,
 )
 from fisherbench.optim.sgd_biascorrected import SGDBiasCorrected  # noqa: F401

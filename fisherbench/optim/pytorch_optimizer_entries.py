@@ -24,7 +24,14 @@ from torch import nn
 
 from fisherbench.core.errors import UserError
 from fisherbench.core.modules import unwrap
-from fisherbench.optim.registry import Capabilities, OptimizerAdapter, OptimizerOptions, OptimizerRow, register
+from fisherbench.optim.registry import (
+    Capabilities,
+    OptimizerAdapter,
+    OptimizerOptions,
+    OptimizerRow,
+    drop_graph_carrying_grads,
+    register,
+)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -77,9 +84,7 @@ class HutchinsonAdapter(OptimizerAdapter):
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, model: nn.Module, options: OptimizerOptions) -> None:
         super().__init__(optimizer, model=model, options=options)
-        # .grad of a create_graph backward holds the double-backward graph (and a parameter <-> grad cycle):
-        # drop it as soon as the step has used it, not at the next zero_grad (evaluation would keep it alive)
-        optimizer.register_step_post_hook(_drop_graph_carrying_grads)
+        optimizer.register_step_post_hook(drop_graph_carrying_grads)
 
     def backward(self, loss: torch.Tensor) -> None:
         # pytorch_optimizer refreshes the Hessian when the group step count is a multiple of update_period
@@ -88,13 +93,6 @@ class HutchinsonAdapter(OptimizerAdapter):
             # torch warns that create_graph makes .grad reference the graph; the post-step hook drops it
             warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
             loss.backward(create_graph=hessian_step)
-
-
-def _drop_graph_carrying_grads(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None and p.grad.requires_grad:
-                p.grad = None
 
 
 HUTCHINSON = dict(needs_create_graph=True, supports_ddp=False, supports_amp=False, period_option="update_period",

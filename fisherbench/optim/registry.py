@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, ContextManager, Iterable, Mapping, Optional, Union
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from fisherbench.core.errors import UserError
 from fisherbench.core.modules import unwrap
+from fisherbench.core.plugins import PluginSpec, check_capabilities, describe_target, options_schema, signature_options
 from fisherbench.core.registry import Registry, options_from
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -338,3 +340,121 @@ def build_optimizer(
     except ValueError as exc:
         # torch.optim's convention: a constructor raises ValueError for an invalid hyper-parameter value
         raise UserError(f"optimizer '{entry.name}': {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------------------------
+# plug-ins: an optimizer class from the user's code (a YAML with `_target_`, or an entry point)
+# ------------------------------------------------------------------------------------------------------------
+# `_capabilities_` a plug-in may declare, with their types (docs/own-optimizer.md says what each one means)
+PLUGIN_CAPABILITIES = {
+    "needs_closure": bool, "second_order_backward": bool, "create_graph": bool, "statistics_period": str,
+    "supports_compile": bool, "supports_ddp": bool, "supports_amp": bool, "family": str,
+}
+
+
+def drop_graph_carrying_grads(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Step post-hook: .grad of a create_graph backward holds the double-backward graph (and a parameter <->
+    grad cycle); drop it as soon as the step has used it, not at the next zero_grad (evaluation would keep it
+    alive)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.requires_grad:
+                p.grad = None
+
+
+class PluginAdapter(OptimizerAdapter):
+    """The adapter of a plug-in optimizer: the base loop, plus what its capabilities declare.
+
+    `weight_decay` is held back (and must stay 0) when the class takes no `weight_decay`: the option exists
+    for every optimizer, and a value the class would never see must not be recorded as if it had been used.
+    """
+
+    create_graph: ClassVar[bool] = False
+    needs_closure: ClassVar[bool] = False
+    takes_weight_decay: ClassVar[bool] = True
+    plugin_name: ClassVar[str] = ""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, model: nn.Module, options: OptimizerOptions) -> None:
+        super().__init__(optimizer, model=model, options=options)
+        if not self.takes_weight_decay and options.weight_decay:
+            raise UserError(f"optimizer '{self.plugin_name}': {describe(type(optimizer))} takes no weight_decay, "
+                            f"so optimizer.weight_decay={options.weight_decay} would not be used; leave it at 0")
+        if self.create_graph:
+            optimizer.register_step_post_hook(drop_graph_carrying_grads)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if not self.create_graph:
+            loss.backward()
+            return
+        with warnings.catch_warnings():
+            # torch warns that create_graph makes .grad reference the graph; the post-step hook drops it
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            loss.backward(create_graph=True)
+
+    def train_step(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: LossFn,
+        autocast: AutocastFactory = contextlib.nullcontext,
+    ) -> StepOutput:
+        if not self.needs_closure:
+            return super().train_step(model, inputs, targets, loss_fn, autocast)
+        # torch.optim's closure contract (LBFGS): the optimizer calls the closure for every evaluation it
+        # needs, the first one included, so the suite evaluates nothing itself (no step pays twice)
+        first: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def closure() -> torch.Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss, outputs = self.forward_backward(model, inputs, targets, loss_fn, autocast)
+            self.clip_gradients()
+            if not first:
+                first.append((loss.detach(), outputs.detach()))
+            return loss
+
+        self.optimizer.step(closure)
+        if not first:
+            raise RuntimeError(f"optimizer '{self.plugin_name}' declares needs_closure but its step() never called "
+                               "the closure (declare needs_closure: false, or call closure() in step)")
+        return StepOutput(*first[0])
+
+
+def plugin_row(spec: PluginSpec) -> OptimizerRow:
+    """The row of a plug-in optimizer (a `torch.optim.Optimizer` subclass; UserError naming its file else)."""
+    cls = spec.target
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        kind = "a class" if isinstance(cls, type) else type(cls).__name__
+        raise UserError(f"{spec.where}: `_target_` {describe_target(cls)} is {kind} but not a subclass of "
+                        f"torch.optim.Optimizer; point `_target_` at your optimizer class (class "
+                        f"MyOpt(torch.optim.Optimizer) with __init__(self, params, lr=..., ...) and step())")
+    caps = check_capabilities(spec, PLUGIN_CAPABILITIES)
+    params, _ = signature_options(cls, skip=("params",))
+    if "lr" not in params:
+        raise UserError(f"{spec.where}: {describe(cls)}.__init__ takes no `lr`; the suite's schedules set each "
+                        "param group's 'lr', so the class needs an `lr` parameter")
+    create_graph = bool(caps.get("second_order_backward") or caps.get("create_graph"))
+    takes_wd = "weight_decay" in params
+    adapter = type(f"{cls.__name__}Adapter", (PluginAdapter,), {
+        "create_graph": create_graph, "needs_closure": bool(caps.get("needs_closure")),
+        "takes_weight_decay": takes_wd, "plugin_name": spec.name,
+        "reads": (*PluginAdapter.reads, *(() if takes_wd else ("weight_decay",))),
+    })
+    schema = options_schema(spec, OptimizerOptions, cls, skip=("params",))
+    period = caps.get("statistics_period")
+    if period is not None:
+        hint = {f.name: f.type for f in dataclasses.fields(schema)}.get(period)
+        if hint not in (int, Optional[int]):
+            raise UserError(f"{spec.where}: statistics_period names the option that holds the statistics period "
+                            f"(an int option, e.g. update_interval), got {period!r}")
+    capabilities = Capabilities(
+        needs_create_graph=create_graph,
+        supports_ddp=caps.get("supports_ddp", True),
+        supports_amp=caps.get("supports_amp", True),
+        period_option=period,
+        # torch.compile does not trace a double backward
+        supports_compile=caps.get("supports_compile", not create_graph),
+    )
+    return OptimizerRow(spec.name, cls, schema, summary=spec.summary, source=spec.where,
+                        family=caps.get("family", "first-order"), adapter=adapter, capabilities=capabilities)

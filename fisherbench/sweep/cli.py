@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fisherbench.core import plugins
 from fisherbench.core.config import TrainConfig
 from fisherbench.core.errors import UserError
 from fisherbench.core.status import EXIT_USER_ERROR
@@ -41,9 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fisherbench sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("spec", nargs="?", help=f"a sweep spec (fisherbench/configs/sweep/): {', '.join(available_specs())}")
+    p.add_argument("spec", nargs="?", help=f"a sweep spec: a path, a name in a --config-dir's sweep/ folder, or one "
+                                           f"of the suite's: {', '.join(available_specs(SPEC_DIR))}")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (key=value)")
     p.add_argument("--list", action="store_true", help="list the sweep specs and exit")
+    p.add_argument("--config-dir", action="append", default=[], metavar="DIR",
+                   help="a folder of your own configs (optimizer/, model/, data/, sweep/ ...; docs/own-optimizer.md): "
+                        "added to $FISHERBENCH_CONFIG_PATH, which every run of the sweep inherits (repeatable)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the runs, epoch counts and device-hours (GPU or CPU); run nothing")
     p.add_argument("--arms", default="main", help=f"arm sets, comma-separated ({', '.join(ARM_SETS)})")
@@ -108,6 +113,7 @@ def _group_override(spec_name: str, overrides: list[str]) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
+        plugins.add_config_dirs(args.config_dir)
         return _main(args)
     except (SpecError, UserError) as exc:
         print(f"[sweep] {exc}", file=sys.stderr)
@@ -218,4 +224,6 @@ def report_command(spec, results_dir: Path, args: argparse.Namespace, overrides:
     cmd = ["python", "-m", "fisherbench", "report", str(spec.path) if spec.path.parent != SPEC_DIR else spec.name]
     if custom_dir:
         cmd += ["--results-dir", str(results_dir)]
+    for d in args.config_dir:  # the report composes the cells too: it needs the same plug-ins
+        cmd += ["--config-dir", str(Path(d).expanduser().resolve())]
     return cmd + list(overrides)

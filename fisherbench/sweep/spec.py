@@ -54,6 +54,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from fisherbench.core import plugins
 from fisherbench.core.config import CONFIG_DIR
 from fisherbench.core.scores import METRICS
 
@@ -442,20 +443,29 @@ def _checked_overrides(raw: dict[str, Any], path: Path) -> tuple[list[str], list
     return [o for o in top if not is_launcher_override(o)], [o for o in top if is_launcher_override(o)]
 
 
-def available_specs(spec_dir: Path = SPEC_DIR) -> list[str]:
+def spec_dirs(spec_dir: Optional[Path] = None) -> list[Path]:
+    """Where specs are looked up by name: `spec_dir` if given, else the `sweep/` folder of every user config
+    folder (`$FISHERBENCH_CONFIG_PATH`, `--config-dir`) and then the suite's own specs."""
+    if spec_dir is not None:
+        return [Path(spec_dir)]
+    return [*(d / "sweep" for d in plugins.config_dirs()), SPEC_DIR]
+
+
+def available_specs(spec_dir: Optional[Path] = None) -> list[str]:
     """Spec names (files starting with `_` are shared parts, not sweeps)."""
-    return sorted(p.stem for p in spec_dir.glob("*.yaml") if not p.stem.startswith("_"))
+    return sorted({p.stem for d in spec_dirs(spec_dir) for p in d.glob("*.yaml") if not p.stem.startswith("_")})
 
 
-def load_spec(name_or_path: str | Path, spec_dir: Path = SPEC_DIR) -> SweepSpec:
+def load_spec(name_or_path: str | Path, spec_dir: Optional[Path] = None) -> SweepSpec:
     path = Path(name_or_path)
     if path.suffix != ".yaml":
-        path = spec_dir / f"{name_or_path}.yaml"
+        candidates = [d / f"{name_or_path}.yaml" for d in spec_dirs(spec_dir)]
+        path = next((c for c in candidates if c.exists()), candidates[-1])
     if not path.exists():
         names = ", ".join(available_specs(spec_dir))
         raise SpecError(f"no sweep spec {name_or_path!r} (looked for {path}); available: {names}")
     try:
-        return _load_spec(path, spec_dir)
+        return _load_spec(path, SPEC_DIR if spec_dir is None else Path(spec_dir))
     except SpecError:
         raise
     except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a shape _check_shapes does not know yet
