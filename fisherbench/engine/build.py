@@ -7,6 +7,7 @@ bug and propagates as itself, so that the run records it as `failed` with its tr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fisherbench import data as data_pkg
 from fisherbench import models as models_pkg
 from fisherbench import optim as optim_pkg
+from fisherbench.core import plugins
 from fisherbench.core.distributed import DistInfo
 from fisherbench.core.env import compile_model, device_info, git_state, prepare_model, runtime_settings, versions
 from fisherbench.core.errors import UserError
@@ -108,6 +110,12 @@ def autocast_factory(cfg: DictConfig, device: torch.device) -> Callable[[], Any]
     return contextlib.nullcontext
 
 
+def plugin_facts(cfg: DictConfig) -> dict[str, Any]:
+    used = {group: cfg[group].name for group in ("model", "data", "optimizer")}
+    return {group: dataclasses.asdict(prov) for group, name in used.items()
+            if (prov := plugins.provenance(group, name)) is not None}
+
+
 def run_meta(cfg: DictConfig, device: torch.device, bundle: Any, info: DistInfo, param_count: int,
              started_at: str) -> dict[str, Any]:
     """What `meta.json` records about the environment of a run."""
@@ -126,6 +134,8 @@ def run_meta(cfg: DictConfig, device: torch.device, bundle: Any, info: DistInfo,
             **{k: v for k, v in bundle.extras.items() if k in DATASET_FACTS},
         },
         "param_count": param_count,
+        # the plug-ins this run used: import path, source file and its SHA-256 (the latter is in the run id)
+        "plugins": plugin_facts(cfg),
         "choices": dict(cfg.get("_choices", {}) or {}),
         "argv": list(sys.argv),
         "started_at": started_at,

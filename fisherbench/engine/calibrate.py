@@ -68,7 +68,7 @@ from fisherbench.core.tasks import get_task
 from fisherbench.data.registry import DataBundle
 from fisherbench.engine.build import autocast_factory
 from fisherbench.engine.compose import load_group_option
-from fisherbench.engine.identity import identity_of_resolved, resolved_dict
+from fisherbench.engine.identity import identity_of_resolved, plugin_identity, resolved_dict
 from fisherbench.optim.registry import OPTIMIZERS, BuildContext, OptimizerAdapter, build_optimizer
 
 CALIBRATION_SUBDIR = "_calibration"
@@ -318,6 +318,10 @@ def calibration_key(cfg: Any, reference_opts: dict[str, Any], device: torch.devi
             "steps": cfg.budget.calibration_steps,
             "blocks": cfg.budget.calibration_blocks,
             "warmup": cfg.budget.calibration_warmup,
+            # plug-ins' source hashes (built-in cells: none, key unchanged): edited code is timed again
+            **({"plugins": code} if (code := plugin_identity({
+                "model": _as_dict(cfg.model), "data": _as_dict(cfg.data), "optimizer": _as_dict(cfg.optimizer),
+                "budget": {"reference_optimizer": reference_opts.get("name")}})) else {}),
         },
         sort_keys=True,
         default=str,
