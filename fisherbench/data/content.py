@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from fisherbench.core.errors import UserError
 
 CACHE_VERSION = 1
 CHUNK = 1 << 20
-_HEX64 = frozenset("0123456789abcdef")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_CACHE_BYTES = 256 << 20  # a cache file larger than this is not ours: ignore it (and rewrite it)
 
 
@@ -43,7 +44,7 @@ class NotARegularFile(UserError):
 
 
 def is_sha256(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX64
+    return type(value) is str and _SHA256.fullmatch(value) is not None
 
 
 def open_regular(path: str | os.PathLike) -> int:
