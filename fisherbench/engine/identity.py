@@ -99,13 +99,19 @@ BUDGET_FIELDS = {
 }
 
 
+def run_identity(cfg: DictConfig, world_size: int = 1, *, data_required: bool = False) -> tuple[str, dict[str, Any]]:
+    """(run id, identity): see `run_id_of`. The identity's `data_content` is what meta.json records as the
+    dataset's `content`."""
+    identity = identity_of(cfg, data_required=data_required)
+    if world_size > 1:
+        identity["world_size"] = world_size
+    return run_id(identity), identity
+
+
 def run_id_of(cfg: DictConfig, world_size: int = 1, *, data_required: bool = False) -> str:
     """The run's identity hash. Data-parallel runs (world_size > 1) are other runs than single-process ones.
 
     `data_required=True` (a run about to be skipped, resumed or started) raises the dataset's error when its
     files are missing; False (planning or listing a sweep) gives such runs the id of absent data instead.
     """
-    identity = identity_of(cfg, data_required=data_required)
-    if world_size > 1:
-        identity["world_size"] = world_size
-    return run_id(identity)
+    return run_identity(cfg, world_size, data_required=data_required)[0]

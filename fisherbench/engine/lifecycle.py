@@ -40,7 +40,7 @@ from fisherbench.core.store import CorruptRunError, LockLostError, RunDir, RunLo
 from fisherbench.core.tasks import get_task
 from fisherbench.engine.build import autocast_factory, build_components, make_adapter, run_meta
 from fisherbench.engine.calibrate import describe, find_reference_run, match_budget, reference_budget
-from fisherbench.engine.identity import resolved_dict, run_id_of
+from fisherbench.engine.identity import resolved_dict, run_identity
 from fisherbench.engine.loggers import make_logger
 from fisherbench.engine.summary import flat, make_summary, utc_now
 from fisherbench.engine.trainer import Trainer
@@ -111,7 +111,8 @@ def run(cfg: DictConfig, on_trainer: Optional[Callable[[Trainer], None]] = None)
     configure_runtime(cfg)  # threads, determinism, cuDNN autotuning: before any CUDA work and calibration
     seed_everything(int(cfg.seed))
 
-    rid = run_id_of(cfg, info.world_size, data_required=True)  # hashes the data (cached) before skip/resume
+    # the id covers the data's content (hashed once, then cached by stat) before any skip/resume decision
+    rid, identity = run_identity(cfg, info.world_size, data_required=True)
     lock: Optional[RunLock] = None
     if info.is_main:
         _check_writable(root, "results_dir")
@@ -121,7 +122,7 @@ def run(cfg: DictConfig, on_trainer: Optional[Callable[[Trainer], None]] = None)
         _log(f"skipping: run {rid} is being run by another process (lock {lock.path if lock else ''})", info)
         return RunResult(root / rid, {"run_id": rid, "status": RUNNING_ELSEWHERE, "skipped": True}, skipped=True)
     try:
-        return _Run(cfg, info, device, rid, root, lock).execute(on_trainer)
+        return _Run(cfg, info, device, rid, root, lock, identity.get("data_content")).execute(on_trainer)
     finally:
         if lock is not None:
             lock.release()
@@ -131,11 +132,12 @@ class _Run:
     """The steps of one locked run, in order: check the store, build, place, train, record."""
 
     def __init__(self, cfg: DictConfig, info: DistInfo, device: torch.device, rid: str, root: Path,
-                 lock: Optional[RunLock]) -> None:
+                 lock: Optional[RunLock], data_content: Optional[str] = None) -> None:
         self.cfg, self.info, self.device, self.rid, self.root, self.lock = cfg, info, device, rid, root, lock
         self.final_dir = RunDir(root / rid)
         self.run_dir = self.final_dir  # the directory this attempt writes (a staging one under overwrite)
         self.derived: Optional[dict[str, Any]] = None
+        self.data_content = data_content  # the identity's content fingerprint of the data (None: fixed content)
 
     def guard(self) -> None:
         """Before every write to the store: this process must still hold the run's lock."""
@@ -278,7 +280,10 @@ class _Run:
                 self.guard()
                 remove_tree(rd.path)
             self.guard()
-            rd.create(resolved_dict(cfg), run_meta(cfg, self.device, self._bundle, info, param_count, utc_now()))
+            meta = run_meta(cfg, self.device, self._bundle, info, param_count, utc_now())
+            if self.data_content is not None:
+                meta["dataset"]["content"] = self.data_content  # what the run id holds of the data
+            rd.create(resolved_dict(cfg), meta)
         if info.is_main:
             meta = rd.meta() or {}
             rd.update_meta(budget_plan=trainer.plan.as_dict(), resumed=resumed,

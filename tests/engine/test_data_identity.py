@@ -47,6 +47,8 @@ def test_another_folder_with_the_same_options_is_another_run(tmp_path):
     assert not other.skipped and other.status == "completed"  # before: "skipped (already completed)" with a's result
     assert other.run_dir != first.run_dir
     meta = json.loads((other.run_dir / "meta.json").read_text())
+    assert meta["dataset"]["content"].startswith("image_folder:sha256=")  # what the run id holds of the data
+    assert meta["dataset"]["content"][19:35] in meta["dataset"]["fingerprint"]  # the same content hash
     assert meta["dataset"]["fingerprint"] != json.loads((first.run_dir / "meta.json").read_text())["dataset"][
         "fingerprint"]
     # unchanged data is still the same run (skipped), and so are the same files in another folder
