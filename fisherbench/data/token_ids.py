@@ -68,8 +68,9 @@ class TextSpan:
 
 
 def iter_blocks(path: Path, start: int = 0, end: Optional[int] = None,
-                block: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """The raw bytes of path[start:end] in blocks of at most `block` bytes."""
+                block: Optional[int] = None) -> Iterator[bytes]:
+    """The raw bytes of path[start:end] in blocks of at most `block` bytes (default `CHUNK_BYTES`)."""
+    block = block or CHUNK_BYTES  # read at call time: tests shrink it to cut texts into many blocks
     with open(path, "rb") as f:
         f.seek(start)
         left = (end - start) if end is not None else None
@@ -83,7 +84,7 @@ def iter_blocks(path: Path, start: int = 0, end: Optional[int] = None,
 
 
 def text_chunks(span: TextSpan, cut: Optional[Callable[[str], int]] = None,
-                block: int = CHUNK_BYTES) -> Iterator[str]:
+                block: Optional[int] = None) -> Iterator[str]:
     """The text of `span` decoded in pieces of about `block` bytes. With `cut`, each piece ends where
     `cut(buffer)` says (an index into the buffer; 0 = no safe place yet: read on), so that encoding piece by
     piece equals encoding the whole text; a text with no safe place holds its longest run in memory."""
@@ -141,7 +142,7 @@ _CONTROL = np.zeros(256, dtype=bool)
 _CONTROL[[b for b in range(32) if b not in (9, 10, 11, 12, 13, 27)] + [127]] = True
 
 
-def scan_text(path: Path, block: int = CHUNK_BYTES) -> TextScan:
+def scan_text(path: Path, block: Optional[int] = None) -> TextScan:
     h = hashlib.sha256()
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     size = chars = nul = control = 0

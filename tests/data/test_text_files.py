@@ -323,3 +323,40 @@ def test_text_files_learns_with_a_trained_tokenizer_out_of_the_box(run_train, tm
     vocab = int(meta["dataset"]["fingerprint"].split(":V=")[1].split(":")[0])
     val_loss = r.summary["final"]["val/loss"]
     assert val_loss < 0.75 * math.log(vocab), (val_loss, math.log(vocab))  # frozen: 0.97 ln V
+
+
+def test_no_cache_keeps_ids_in_an_unnamed_temporary_file(files, tmp_path):
+    b = build_data(opts(files, tmp_path, tokenizer="byte", cache=False))
+    assert isinstance(b.train.tokens, np.memmap)
+    assert tokens_of(b, "train").tolist() == list(files["train"].read_bytes())
+    assert not list((tmp_path / "cache").rglob("ids-*"))
+
+
+@pytest.mark.gpu
+def test_resident_ids_on_a_gpu_give_the_cpu_batches(files, tmp_path):
+    cpu = build_data(opts(files, tmp_path, tokenizer="byte", batch_size=4), BuildContext(seed=3))
+    gpu = build_data(opts(files, tmp_path, tokenizer="byte", batch_size=4),
+                     BuildContext(seed=3, device=torch.device("cuda")))
+    assert gpu.train.tokens.dtype == torch.int32 and gpu.train.tokens.is_cuda
+    for (x1, y1), (x2, y2) in zip(cpu.train.iterate(0), gpu.train.iterate(0)):
+        assert x2.is_cuda and torch.equal(x1, x2.cpu()) and torch.equal(y1, y2.cpu())
+    for (x1, y1), (x2, y2) in zip(cpu.evals["test"].iterate(0), gpu.evals["test"].iterate(0)):
+        assert torch.equal(x1, x2.cpu()) and torch.equal(y1, y2.cpu())
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.33, 0.5, 0.9])
+def test_streamed_val_cut_equals_the_in_memory_cut(tmp_path, monkeypatch, fraction):
+    """The held-out tail is cut where the in-memory code cut it: at the line start nearest the character
+    position len * (1 - fraction), the earlier one on a tie, read here in 13-byte blocks of multi-byte text."""
+    from fisherbench.data import token_ids as ti
+
+    monkeypatch.setattr(ti, "CHUNK_BYTES", 13)
+    files = make_text_files(tmp_path / "text", repeat=4)
+    text = "Ωmega naïve\n日本語の文\n" + files["train"].read_text(encoding="utf-8") + "end without newline"
+    files["train"].write_text(text, encoding="utf-8")
+    target = int(len(text) * (1 - fraction))
+    cuts = [c + 1 for c in (text.rfind("\n", 0, target), text.find("\n", target)) if 0 <= c < len(text) - 1]
+    cut = min(cuts, key=lambda c: abs(c - target))
+    b = build_data(opts(files, tmp_path, valid=None, val_fraction=fraction, tokenizer="byte", cache=False))
+    assert bytes(tokens_of(b, "train").astype(np.uint8)).decode("utf-8") == text[:cut]
+    assert bytes(tokens_of(b, "val").astype(np.uint8)).decode("utf-8") == text[cut:]

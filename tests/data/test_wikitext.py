@@ -213,3 +213,15 @@ def test_gpt1_tokenizer_comes_from_the_local_hf_cache_offline(tmp_path, hf_cache
     make_wikitext_raw(tmp_path)
     b = build_data({"name": "wikitext2", "root": str(tmp_path), "download": False, "batch_size": 1, "seq_len": 8})
     assert b.num_classes == wt.gpt1_tokenizer(folder).get_vocab_size()
+
+
+def test_tokenize_split_in_small_blocks_equals_the_whole_text(tmp_path, tok_dir, monkeypatch):
+    from fisherbench.data import token_ids as ti
+
+    monkeypatch.setattr(ti, "CHUNK_BYTES", 50)  # blocks cut mid-line: the encoder waits for a line break
+    folder = make_wikitext_raw(tmp_path, repeat=3)
+    path = folder / "wiki.train.raw"
+    path.write_text(path.read_text() + " Zoë's tail\r\n = B = \n\n last line without newline", encoding="utf-8")
+    tok = wt.gpt1_tokenizer(tok_dir)
+    ids = wt.tokenize_split(path, tok_dir, tok, cache=False)
+    assert ids.tolist() == tok.encode(path.read_bytes().decode("utf-8"), add_special_tokens=False).ids
