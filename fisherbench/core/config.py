@@ -146,7 +146,10 @@ class TrainConfig:
     # by timing them, so true with deterministic=true is refused.
     cudnn_benchmark: Optional[bool] = not_identity(None)
     compile: bool = not_identity(False)  # torch.compile the model (compile time goes to warmup_s, not the budget)
-    threads: Optional[int] = not_identity(None)  # torch CPU threads (null = torch's default); 1 when runs share a machine
+    # torch CPU threads: auto = the cores not busy with other processes when the run starts (an OMP_NUM_THREADS
+    # in the environment wins; core/env.py `auto_threads`), an integer, or null = torch's default (every core).
+    # Typed Any because OmegaConf 2.3 has no int-or-str fields; `validate` checks it.
+    threads: Any = not_identity("auto")
     # The host reads the loss buffer and decides on divergence every `check_every` steps (no per-step host sync;
     # see fisherbench/engine/trainer.py). Not identity: a diverged run may take up to 2 x check_every - 1 steps past its
     # first non-finite loss (its recorded divergence step is exact either way); nothing else depends on it.
@@ -230,8 +233,9 @@ def validate(cfg: Any) -> None:
                         f"{b.calibration_blocks}")
     if cfg.check_every < 1:
         raise UserError(f"check_every must be >= 1, got {cfg.check_every}")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise UserError(f"threads must be >= 1 or null, got {cfg.threads}")
+    if not (cfg.threads is None or cfg.threads == "auto"
+            or (isinstance(cfg.threads, int) and not isinstance(cfg.threads, bool) and cfg.threads >= 1)):
+        raise UserError(f"threads must be auto, an integer >= 1 or null (torch's default), got {cfg.threads!r}")
     if cfg.cudnn_benchmark and cfg.deterministic:
         raise UserError("cudnn_benchmark=true picks cuDNN kernels by timing them, so runs are not reproducible; "
                         "with deterministic=true use cudnn_benchmark=false or null")

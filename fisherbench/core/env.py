@@ -65,10 +65,58 @@ def configure_runtime(cfg: Any) -> dict[str, Any]:
 
     Returns them as `runtime_settings` records them (meta.json `runtime`, the calibration key).
     """
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    threads = resolve_threads(cfg.get("threads"))
+    if threads:
+        torch.set_num_threads(threads)
     set_determinism(bool(cfg.deterministic), cfg.get("cudnn_benchmark"))
     return runtime_settings(cfg)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a SLURM or `taskset` allocation), else all."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def idle_cores() -> tuple[int, int, Optional[float]]:
+    """(usable cores, cores not busy with other processes, the 1-minute load average): at least one idle core.
+
+    Oversubscribed OpenMP threads spin against each other: on a 2-core machine with two busy processes a small
+    CNN step took 1.0 s with 2 threads and 0.047 s with 1, so the cores left idle, not all cores, should set a
+    CPU run's thread count. The load average stands for the other processes (a process that is starting has
+    added little to it yet). Sweeps share these cores among their CPU workers; `threads=auto` takes them all.
+    """
+    cores, load = usable_cores(), load_average()
+    if load is None:
+        return cores, cores, None
+    return cores, max(1, min(cores, int(cores - load + 0.5))), load
+
+
+_auto_threads: Optional[int] = None  # resolved once per process: the run and its calibration agree
+
+
+def auto_threads() -> Optional[int]:
+    """`threads=auto`: OMP_NUM_THREADS when the environment sets it (a sweep worker, torchrun, the user: torch
+    then already uses it, so None), else the idle cores. Says so, once, when that is fewer than the cores."""
+    global _auto_threads
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return None
+    if _auto_threads is None:
+        cores, idle, load = idle_cores()
+        _auto_threads = idle
+        if idle < cores:
+            print(f"[fisherbench] threads=auto: {idle} thread{'s' if idle > 1 else ''} for {cores} cores (load "
+                  f"average {load:.1f} from other processes); threads=N sets the count", file=sys.stderr, flush=True)
+    return _auto_threads
+
+
+def resolve_threads(setting: Any) -> Optional[int]:
+    """The torch thread count a `threads` setting asks for (None: leave torch's default)."""
+    if setting == "auto":
+        return auto_threads()
+    return int(setting) if setting else None
 
 
 def runtime_settings(cfg: Any) -> dict[str, Any]:
@@ -81,7 +129,7 @@ def runtime_settings(cfg: Any) -> dict[str, Any]:
         "precision": str(cfg.precision),
         "channels_last": bool(cfg.get("channels_last", False)),
         "compile": bool(cfg.get("compile", False)),
-        "threads": int(cfg.get("threads") or torch.get_num_threads()),
+        "threads": resolve_threads(cfg.get("threads")) or torch.get_num_threads(),
     }
 
 

@@ -102,6 +102,8 @@ class InProcessRunner:
             OmegaConf.update(cfg, "logger.progress", "never", merge=False)
             if self.device:
                 OmegaConf.update(cfg, "device", self.device, merge=False)
+            if self.threads:  # the worker's share of the idle cores, not the run's own `threads=auto`
+                OmegaConf.update(cfg, "threads", self.threads, merge=False)
             for key, value in self.overrides.items():
                 OmegaConf.update(cfg, key, value, merge=False)
         return cfg

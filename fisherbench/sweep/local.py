@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from fisherbench.core.env import idle_cores
 from fisherbench.core.status import EXIT_OK, EXIT_PREEMPTED, EXIT_RUN_FAILED, FINAL
 from fisherbench.core.store import CorruptRunError, RunDir, lock_is_held
 from fisherbench.sweep.expand import PlannedRun
@@ -80,18 +81,9 @@ class Worker:
 
 
 def cpu_threads(workers: int) -> int:
-    """Threads per CPU worker: the cores left idle at sweep start, shared among the workers (at least 1).
-
-    Oversubscribed OpenMP threads spin against each other: on a busy 2-core machine a small CNN step took
-    1.0 s with 2 threads and 0.047 s with 1, so the free cores, not all cores, set the count.
-    """
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    free = max(1, int(cores - busy + 0.5))
-    return max(1, min(cores, free) // workers)
+    """Threads per CPU worker: the cores left idle at sweep start (`core.env.idle_cores`), shared among the
+    workers (at least 1)."""
+    return max(1, idle_cores()[1] // workers)
 
 
 def visible_gpus() -> list[str]:
