@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import textwrap
+import warnings
 from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,20 +27,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fisherbench.core import plugins
-from fisherbench.core.distributed import shutdown as shutdown_distributed
 from fisherbench.core.errors import UserError, explain_compose_error, is_compose_error
 from fisherbench.core.status import EXIT_PREEMPTED, EXIT_USER_ERROR
-from fisherbench.core.store import LockLostError
-from fisherbench.engine.compose import (
-    TRAIN_GROUPS,
-    attach_choices,
-    compose_config,
-    group_options,
-    plugin_lines,
-    register_configs,
-)
-from fisherbench.engine.lifecycle import run
-from fisherbench.engine.summary import summary_line
+
+# Everything below torch (engine, models, data, optim, wandb, timm, datasets: ~5 s) is imported only once the
+# config has composed (`_precheck`), so that a mistyped option is reported before the heavy stack loads.
 
 _jobs: list[dict] = []  # multirun: one entry per job, reported when the sweep ends
 
@@ -53,28 +47,39 @@ def _record_job(hc, overrides: list[str], run_id: str | None, status: str, code:
 
 @hydra.main(version_base=None, config_path="configs", config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    # lazy: the heavy stack, after the config composed (see the module's imports)
+    from fisherbench.core.distributed import shutdown as shutdown_distributed
+    from fisherbench.core.store import LockLostError
+    from fisherbench.engine.compose import attach_choices
+    from fisherbench.engine.labels import line_tag, run_label
+    from fisherbench.engine.lifecycle import run
+    from fisherbench.engine.summary import summary_line
+
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     overrides = list(hc.overrides.task)
     cfg = attach_choices(cfg, dict(hc.runtime.choices))
-    try:
-        result = run(cfg)
-    except UserError as exc:
-        print(f"[fisherbench] configuration error: {exc}", file=sys.stderr)
-        if multirun:  # the other jobs of the sweep still run
-            _record_job(hc, overrides, None, "configuration_error", EXIT_USER_ERROR)
-            return
-        sys.exit(EXIT_USER_ERROR)
-    except LockLostError as exc:
-        print(f"[fisherbench] stopped: {exc}. Another process may be running this run; this one wrote nothing "
-              "more to the store.", file=sys.stderr)
-        if multirun:
-            _record_job(hc, overrides, None, "lock_lost", 1)
-            return
-        sys.exit(1)
-    finally:
-        shutdown_distributed()
-    print(summary_line(result), flush=True)
+    label = _job_label(overrides, hc.job.num) if multirun else ""
+    with run_label(label):
+        try:
+            result = run(cfg)
+        except UserError as exc:
+            print(f"{line_tag()} configuration error: {exc}", file=sys.stderr)
+            if multirun:  # the other jobs of the sweep still run
+                _record_job(hc, overrides, None, "configuration_error", EXIT_USER_ERROR)
+                return
+            sys.exit(EXIT_USER_ERROR)
+        except LockLostError as exc:
+            print(f"{line_tag()} stopped: {exc}. Another process may be running this run; this one wrote nothing "
+                  "more to the store.", file=sys.stderr)
+            if multirun:
+                _record_job(hc, overrides, None, "lock_lost", 1)
+                return
+            sys.exit(1)
+        finally:
+            shutdown_distributed()
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank gets here; one line is enough
+            print(summary_line(result), flush=True)
     code = result.exit_code
     if multirun:
         _record_job(hc, overrides, result.summary.get("run_id"), result.status, code)
@@ -82,6 +87,115 @@ def _hydra_main(cfg: DictConfig) -> None:
             sys.exit(code)
     elif code:
         sys.exit(code)
+
+
+# ------------------------------------------------------------------------------------ multirun labels
+_multirun: dict[str, Any] = {"swept": [], "total": None}  # set by main() from the command line
+
+
+def _job_label(overrides: Sequence[str], num: int) -> str:
+    """`adafisher_paper s1 3/12`: the values that vary across the multirun (a group's option by itself, `seed`
+    as `s<n>`, other keys as `name=value`), then the job's place in it."""
+    swept, total = _multirun["swept"], _multirun["total"]
+    values = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    parts = []
+    for key in swept:
+        if key not in values:
+            continue
+        value = values[key]
+        parts.append(f"s{value}" if key == "seed" else value if "." not in key else f"{key.rsplit('.', 1)[1]}={value}")
+    return " ".join([*parts, f"{num + 1}/{total if total else '?'}"])
+
+
+def _multirun_plan(overrides: Sequence[str]) -> tuple[list[str], Optional[list[list[str]]]]:
+    """(the swept keys, every job's overrides) of a multirun command line, as Hydra's basic sweeper expands it
+    (None when the line uses a sweep this does not know how to expand)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # lazy: a Hydra internal, multirun only
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    swept = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+    try:
+        batches = BasicSweeper.split_arguments(parsed, None)
+    except Exception:  # noqa: BLE001 - a sweep kind (e.g. an interval) only a search plug-in expands
+        return swept, None
+    return swept, [list(job) for batch in batches for job in batch]
+
+
+# -------------------------------------------------------------------------------- the early check
+_SCHEMA_REF = re.compile(r"/schema/(\w+)/(\w+)")
+_HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p")
+
+
+def _command_overrides(argv: Sequence[str]) -> Optional[tuple[list[str], bool]]:
+    """(overrides, multirun) of a train.py command line, or None when it uses Hydra flags the early check leaves
+    to Hydra (another config path or name, --info, shell completion, ...)."""
+    overrides, multirun, skip = [], False, False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in _HYDRA_FLAGS_WITH_VALUE:
+            skip = True
+        elif arg == "--resolve":
+            pass
+        elif arg.startswith("-"):
+            return None
+        else:
+            overrides.append(arg)
+    return overrides, multirun
+
+
+def _plugins_in_use() -> bool:
+    """Whether user config folders or installed packages add options: those are registered by the plug-in
+    loader (which imports their code), so only the full composition knows them."""
+    from importlib import metadata
+
+    return bool(plugins.config_dirs()) or any(metadata.entry_points(group=g)
+                                               for g in plugins.ENTRY_POINT_GROUPS.values())
+
+
+def _precheck(overrides: Sequence[str], multirun: bool) -> None:
+    """Compose the config of every job before the heavy stack is imported: a mistyped group option, key or
+    top-level value is reported in the time Hydra alone takes (the registries' schemas, which live beside the
+    code of each model, dataset and optimizer, are stood in for by open nodes here; what they type is checked
+    when the real composition follows). Raises the composition error; returns when everything composes or the
+    check cannot decide (a config group of the user's own that names a schema only the registries know)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fisherbench.core.config import CONFIG_DIR, TrainConfig
+
+    jobs: list[list[str]] = [list(overrides)]
+    if multirun:
+        _multirun["swept"], expanded = _multirun_plan(overrides)
+        _multirun["total"] = len(expanded) if expanded is not None else None
+        if expanded is None:
+            return
+        jobs = expanded
+    if GlobalHydra.instance().is_initialized():  # composed in this process already (tests): nothing to gain
+        return
+    cs = ConfigStore.instance()
+    stand_ins = set()
+    for path in CONFIG_DIR.rglob("*.yaml"):
+        stand_ins.update(_SCHEMA_REF.findall(path.read_text(encoding="utf-8", errors="replace")))
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, name in stand_ins:
+        cs.store(group=f"schema/{group}", name=name, node=OmegaConf.create({}, flags={"struct": False}))
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            for job in jobs[:256]:  # a larger multirun: its first jobs (each one composes again when it runs)
+                try:
+                    compose("train", overrides=job)
+                except Exception as exc:
+                    if "schema/" in str(exc):  # a schema the stand-ins do not know: the real check decides
+                        return
+                    raise
+    finally:
+        for group, name in stand_ins:  # the real schemas are registered under the same names later
+            cs.repo.get("schema", {}).get(group, {}).pop(f"{name}.yaml", None)
 
 
 def _report_multirun() -> int:
@@ -115,6 +229,9 @@ running the same command). Docs: docs/running.md. The composed config{which}:
 
 def _print_help(argv: list[str]) -> None:
     """`--help`: only the groups train.py accepts (Hydra's own lists internal schema groups and sweep specs)."""
+    # lazy: the heavy stack
+    from fisherbench.engine.compose import TRAIN_GROUPS, compose_config, group_options, plugin_lines
+
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     added = plugin_lines()
     groups = "\n".join(textwrap.fill(", ".join(group_options(g)), width=110, initial_indent=f"  {g + ':':<12} ",
@@ -130,6 +247,14 @@ def _print_help(argv: list[str]) -> None:
     print(HELP.format(groups=groups, which=which, config=text.rstrip()))
 
 
+def quiet_third_party_warnings() -> None:
+    """Warnings users cannot act on, raised inside libraries we call: torch's `torch.jit.script` deprecation
+    (ASDL and timm script helpers at import) and ASDL's UserWarnings that echo one of its source lines. Ours
+    and every other warning still show."""
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"asdl(\.|$)")
+
+
 def main() -> None:
     try:
         # `--config-dir DIR` (or hydra.searchpath) adds a user config folder: plug-ins and own configs there
@@ -137,16 +262,26 @@ def main() -> None:
         # multirun starts see it too
         dirs, sys.argv[1:] = plugins.split_config_dir_args(sys.argv[1:])
         plugins.add_config_dirs(dirs)
-        if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
-            _print_help(sys.argv[1:])
-            return
-        register_configs()
     except UserError as exc:
         print(f"[fisherbench] configuration error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        _print_help(sys.argv[1:])
+        return
+    quiet_third_party_warnings()
     user_wants_trace = bool(os.environ.get("HYDRA_FULL_ERROR"))
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us, to explain them
+    command = _command_overrides(sys.argv[1:])
     try:
+        if command is not None and not _plugins_in_use():
+            _precheck(*command)
+        from fisherbench.engine.compose import register_configs  # lazy: the heavy stack, once the config composed
+
+        try:
+            register_configs()
+        except UserError as exc:  # a plug-in or user config that cannot be registered
+            print(f"[fisherbench] configuration error: {exc}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us, to explain them
         _hydra_main()
     except KeyboardInterrupt:  # Ctrl-C before training started (during training it is a stop signal)
         print("[fisherbench] interrupted before training started; nothing was recorded", file=sys.stderr)

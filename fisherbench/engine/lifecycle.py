@@ -42,6 +42,7 @@ from fisherbench.engine.build import autocast_factory, build_components, make_ad
 from fisherbench.engine.calibrate import describe, find_reference_run, match_budget, reference_budget
 from fisherbench.engine.identity import resolved_dict, run_identity
 from fisherbench.engine.loggers import make_logger
+from fisherbench.engine.labels import line_tag
 from fisherbench.engine.summary import flat, make_summary, utc_now
 from fisherbench.engine.trainer import Trainer
 from fisherbench.models.registry import count_parameters
@@ -72,7 +73,7 @@ class RunResult:
 
 def _log(msg: str, info: DistInfo) -> None:
     if info.is_main:
-        print(f"[fisherbench] {msg}", file=sys.stderr, flush=True)
+        print(f"{line_tag()} {msg}", file=sys.stderr, flush=True)
 
 
 def _check_writable(root: Path, what: str) -> None:

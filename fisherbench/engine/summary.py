@@ -8,6 +8,7 @@ from fisherbench.core.distributed import all_gather_object
 from fisherbench.core.env import peak_memory_bytes
 from fisherbench.core.modules import params_sha256
 from fisherbench.core.status import Status
+from fisherbench.engine.labels import line_tag
 
 
 def utc_now() -> str:
@@ -71,14 +72,14 @@ def summary_line(result: Any) -> str:
     """The one line `train.py` prints at the end of a run (`result` is an engine RunResult)."""
     s = result.summary
     if result.skipped:
-        return f"[fisherbench] skipped (already {s.get('status')}) · {result.run_dir}"
+        return f"{line_tag()} skipped (already {s.get('status')}) · {result.run_dir}"
     metric = s.get("select_metric", "")
     best = (s.get("best") or {}).get(metric)
     final = (s.get("final") or {}).get(metric)
     led = s.get("ledger", {})
     fmt = (lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "n/a")
     parts = [
-        f"[fisherbench] {s.get('status')}",
+        f"{line_tag()} {s.get('status')}",
         f"best {metric} {fmt(best)}",
         f"final {fmt(final)}",
         f"epochs {s.get('epochs_done', 0):.2f} ({s.get('steps')} steps)",

@@ -31,6 +31,7 @@ from fisherbench.core.store import RunDir
 from fisherbench.core.tasks import MetricSums, Task, selection_of
 from fisherbench.data.registry import DataBundle
 from fisherbench.optim.registry import OptimizerAdapter
+from fisherbench.engine.labels import current_label, line_tag
 
 # Fault injection for tests: hard-exit (no cleanup, like kill -9) after training step N, or send this process
 # a signal (e.g. "12:SIGTERM") after step N so that the real signal handling path runs.
@@ -156,21 +157,23 @@ class Progress:
     """What a run prints while it trains (`logger.progress`).
 
     `auto`: a tqdm bar on a terminal; without one (SLURM, `tee`, `nohup`) one plain line per evaluation, which
-    reads well in a log file. `always`: the bar; `lines`: the plain lines; `never`: nothing. Only the main rank
-    prints. The bar is updated when the host learns step losses (a window late), never with a device sync.
+    reads well in a log file. `always`: the bar, with the same line per evaluation written above it (they stay
+    on screen when the bar is cleared at the end); `lines`: the plain lines; `never`: nothing. Only the main rank
+    prints. Every line starts with the run's tag (its label inside a multirun, engine/labels.py). The bar is
+    updated when the host learns step losses (a window late), never with a device sync.
     """
 
     def __init__(self, mode: str, plan: BudgetPlan, initial_step: int, is_main: bool,
                  select_key: str = "") -> None:
         if mode == "auto":
             mode = "always" if sys.stderr.isatty() else "lines"
-        self.lines = is_main and mode == "lines"
+        self.lines = is_main and mode in ("lines", "always")
         self.select_key = select_key
         self.bar = None
         if is_main and mode == "always":
             total = plan.total_steps
             self.bar = tqdm(total=total, initial=initial_step if total else 0, unit="step", dynamic_ncols=True,
-                            leave=False, file=sys.stderr)
+                            leave=False, file=sys.stderr, desc=current_label() or None)
 
     def update(self, steps: int, epoch: int, loss: float) -> None:
         if self.bar is not None and steps:
@@ -178,7 +181,7 @@ class Progress:
             self.bar.set_postfix_str(f"epoch {epoch} loss {loss:.4f}", refresh=False)
 
     def evaluation(self, row: dict[str, Any]) -> None:
-        """One line per evaluation in `lines` mode: where the run is, its budget clock, the selection metric."""
+        """One line per evaluation: where the run is, its budget clock, the selection metric."""
         if not self.lines:
             return
         parts = [f"eval {row['eval']}", f"epoch {row['epoch']:.2f}", f"step {row['step']}",
@@ -187,7 +190,11 @@ class Progress:
             value = row.get(key)
             if key and isinstance(value, (int, float)):
                 parts.append(f"{key} {value:.4f}")
-        print("[fisherbench] " + " · ".join(parts), file=sys.stderr, flush=True)
+        line = f"{line_tag()} " + " · ".join(parts)
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)  # above the bar, which redraws below it
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
