@@ -41,8 +41,8 @@ from fisherbench.core.tasks import get_task
 from fisherbench.engine.build import autocast_factory, build_components, make_adapter, run_meta
 from fisherbench.engine.calibrate import describe, find_reference_run, match_budget, reference_budget
 from fisherbench.engine.identity import resolved_dict, run_identity
-from fisherbench.engine.loggers import make_logger
 from fisherbench.engine.labels import line_tag
+from fisherbench.engine.loggers import make_logger
 from fisherbench.engine.summary import flat, make_summary, utc_now
 from fisherbench.engine.trainer import Trainer
 from fisherbench.models.registry import count_parameters

@@ -30,8 +30,8 @@ from fisherbench.core.schedule import lr_multiplier, set_lr
 from fisherbench.core.store import RunDir
 from fisherbench.core.tasks import MetricSums, Task, selection_of
 from fisherbench.data.registry import DataBundle
-from fisherbench.optim.registry import OptimizerAdapter
 from fisherbench.engine.labels import current_label, line_tag
+from fisherbench.optim.registry import OptimizerAdapter
 
 # Fault injection for tests: hard-exit (no cleanup, like kill -9) after training step N, or send this process
 # a signal (e.g. "12:SIGTERM") after step N so that the real signal handling path runs.
