@@ -9,6 +9,8 @@ Exit codes: 0 completed / skipped, 1 failed or out of memory, 2 configuration er
 4 preempted (SIGTERM, SIGINT/Ctrl-C or SIGUSR1: checkpointed; launch the same command again to resume).
 A multirun (`-m`) exits with the largest code of its jobs and lists the jobs that did not complete; it
 writes `<results_dir>/_multirun/<time>/jobs.jsonl`, one line per job: its overrides, run id and status.
+With `FISHERBENCH_OUTCOME_FILE=<path>` set, a single run also writes how it ended to that file as JSON
+(run_id, status, exit_code, error, skipped; fisherbench/core/outcome.py): launchers read that, never stdout.
 """
 from __future__ import annotations
 
@@ -27,8 +29,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fisherbench.core import plugins
-from fisherbench.core.errors import UserError, explain_compose_error, is_compose_error
-from fisherbench.core.status import EXIT_PREEMPTED, EXIT_USER_ERROR
+from fisherbench.core.errors import CorruptRunDirectoryError, UserError, explain_compose_error, is_compose_error
+from fisherbench.core.outcome import ProcessOutcome, write_outcome
+from fisherbench.core.status import (
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_RUN_FAILED,
+    EXIT_USER_ERROR,
+    SETTLED,
+    OutcomeStatus,
+    RunOutcome,
+    Status,
+)
 
 # Everything below torch (engine, models, data, optim, wandb, timm, datasets: ~5 s) is imported only once the
 # config has composed (`_precheck`), so that a mistyped option is reported before the heavy stack loads.
@@ -36,13 +48,26 @@ from fisherbench.core.status import EXIT_PREEMPTED, EXIT_USER_ERROR
 _jobs: list[dict] = []  # multirun: one entry per job, reported when the sweep ends
 
 
-def _record_job(hc, overrides: list[str], run_id: str | None, status: str, code: int) -> None:
-    entry = {"job": hc.job.num, "overrides": overrides, "run_id": run_id, "status": status, "exit_code": code}
+def _record_job(hc, overrides: list[str], run_id: str | None, status: OutcomeStatus, code: int) -> None:
+    entry = {"job": hc.job.num, "overrides": overrides, "run_id": run_id, "status": str(status), "exit_code": code}
     _jobs.append(entry)
     index = Path(hc.sweep.dir) / "jobs.jsonl"
     index.parent.mkdir(parents=True, exist_ok=True)
     with open(index, "a") as f:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def _end(hc, overrides: list[str], outcome: ProcessOutcome) -> None:
+    """Report how this job ended: a multirun records it in jobs.jsonl (and goes on with the next job unless
+    the job was preempted); a single run writes the outcome file its launcher asked for and exits with its code."""
+    if hc.mode == RunMode.MULTIRUN:
+        _record_job(hc, overrides, outcome.run_id, outcome.status, outcome.exit_code)
+        if outcome.exit_code == EXIT_PREEMPTED:  # a stop signal stops the whole multirun, not just this job
+            sys.exit(outcome.exit_code)
+        return
+    write_outcome(outcome)
+    if outcome.exit_code != EXIT_OK:
+        sys.exit(outcome.exit_code)
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="train")
@@ -63,30 +88,23 @@ def _hydra_main(cfg: DictConfig) -> None:
     with run_label(label):
         try:
             result = run(cfg)
-        except UserError as exc:
+        except UserError as exc:  # the other jobs of a multirun still run
             print(f"{line_tag()} configuration error: {exc}", file=sys.stderr)
-            if multirun:  # the other jobs of the sweep still run
-                _record_job(hc, overrides, None, "configuration_error", EXIT_USER_ERROR)
-                return
-            sys.exit(EXIT_USER_ERROR)
+            status = Status.CORRUPT if isinstance(exc, CorruptRunDirectoryError) else RunOutcome.CONFIG_ERROR
+            _end(hc, overrides, ProcessOutcome(None, status, EXIT_USER_ERROR, str(exc)))
+            return
         except LockLostError as exc:
             print(f"{line_tag()} stopped: {exc}. Another process may be running this run; this one wrote nothing "
                   "more to the store.", file=sys.stderr)
-            if multirun:
-                _record_job(hc, overrides, None, "lock_lost", 1)
-                return
-            sys.exit(1)
+            _end(hc, overrides, ProcessOutcome(None, RunOutcome.LOCK_LOST, EXIT_RUN_FAILED, f"lock lost: {exc}"))
+            return
         finally:
             shutdown_distributed()
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank gets here; one line is enough
             print(summary_line(result), flush=True)
-    code = result.exit_code
-    if multirun:
-        _record_job(hc, overrides, result.summary.get("run_id"), result.status, code)
-        if code == EXIT_PREEMPTED:  # a stop signal stops the whole multirun, not just this job
-            sys.exit(code)
-    elif code:
-        sys.exit(code)
+    summary = result.summary
+    error = None if result.status in SETTLED else (summary.get("error") or summary.get("stop_reason"))
+    _end(hc, overrides, ProcessOutcome(summary.get("run_id"), result.status, result.exit_code, error, result.skipped))
 
 
 # ------------------------------------------------------------------------------------ multirun labels
@@ -199,9 +217,9 @@ def _precheck(overrides: Sequence[str], multirun: bool) -> None:
 
 
 def _report_multirun() -> int:
-    failed = [j for j in _jobs if j["exit_code"] != 0]
+    failed = [j for j in _jobs if j["exit_code"] != EXIT_OK]
     if not failed:
-        return 0
+        return EXIT_OK
     print(f"[fisherbench] {len(failed)} of {len(_jobs)} jobs did not complete:", file=sys.stderr)
     for j in failed:
         print(f"  job {j['job']}: {j['status']} (exit {j['exit_code']}) {' '.join(j['overrides'])}", file=sys.stderr)
@@ -264,6 +282,7 @@ def main() -> None:
         plugins.add_config_dirs(dirs)
     except UserError as exc:
         print(f"[fisherbench] configuration error: {exc}", file=sys.stderr)
+        write_outcome(ProcessOutcome(None, RunOutcome.CONFIG_ERROR, EXIT_USER_ERROR, str(exc)))
         sys.exit(EXIT_USER_ERROR)
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
         _print_help(sys.argv[1:])
@@ -280,16 +299,20 @@ def main() -> None:
             register_configs()
         except UserError as exc:  # a plug-in or user config that cannot be registered
             print(f"[fisherbench] configuration error: {exc}", file=sys.stderr)
+            write_outcome(ProcessOutcome(None, RunOutcome.CONFIG_ERROR, EXIT_USER_ERROR, str(exc)))
             sys.exit(EXIT_USER_ERROR)
         os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us, to explain them
         _hydra_main()
     except KeyboardInterrupt:  # Ctrl-C before training started (during training it is a stop signal)
         print("[fisherbench] interrupted before training started; nothing was recorded", file=sys.stderr)
+        write_outcome(ProcessOutcome(None, RunOutcome.INTERRUPTED, EXIT_PREEMPTED, "stopped before training started"))
         sys.exit(EXIT_PREEMPTED)
     except Exception as exc:  # noqa: BLE001
         if user_wants_trace or not is_compose_error(exc):
             raise
-        print(f"[fisherbench] configuration error: {explain_compose_error(exc)}", file=sys.stderr)
+        message = explain_compose_error(exc)
+        print(f"[fisherbench] configuration error: {message}", file=sys.stderr)
+        write_outcome(ProcessOutcome(None, RunOutcome.CONFIG_ERROR, EXIT_USER_ERROR, message))
         sys.exit(EXIT_USER_ERROR)
     code = _report_multirun()
     if code:

@@ -22,6 +22,11 @@ class UserError(ValueError):
     """
 
 
+class CorruptRunDirectoryError(UserError):
+    """The run directory of the requested run does not validate; nothing was changed in it (exit code 2). The
+    user inspects it, then deletes it or passes overwrite=true. Launchers report the run as `corrupt`."""
+
+
 def is_compose_error(exc: BaseException) -> bool:
     return isinstance(exc, (HydraException, OmegaConfBaseException))
 

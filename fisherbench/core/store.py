@@ -33,7 +33,7 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
-from fisherbench.core.status import Status
+from fisherbench.core.status import RECORDED, Status
 
 ID_LENGTH = 16
 
@@ -200,9 +200,11 @@ def validate_summary(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
         if key in summary and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
             raise CorruptRunError(path, f"'{key}' is a {type(value).__name__}, expected {' or '.join(t.__name__ for t in types)}")
     try:
-        Status.parse(summary["status"])
+        status = Status.parse(summary["status"])
     except ValueError as exc:
         raise CorruptRunError(path, str(exc)) from None
+    if status not in RECORDED:  # running/unfinished/corrupt are states a reader infers, never written
+        raise CorruptRunError(path, f"status '{status}' is never written to a summary")
     for key in ("ledger",):
         bad = [k for k, v in summary.get(key, {}).items() if not isinstance(v, _OPTIONAL_NUMBER)]
         if bad:

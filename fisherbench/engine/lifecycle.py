@@ -33,9 +33,9 @@ from fisherbench.core.budget import plan_budget
 from fisherbench.core.config import validate
 from fisherbench.core.distributed import DistInfo, broadcast_object, init_from_env
 from fisherbench.core.env import configure_runtime, reset_peak_memory, resolve_device, seed_everything
-from fisherbench.core.errors import UserError
+from fisherbench.core.errors import CorruptRunDirectoryError, UserError
 from fisherbench.core.modules import unwrap
-from fisherbench.core.status import Status
+from fisherbench.core.status import EXIT_OK, EXIT_RUN_FAILED, RECORDED, OutcomeStatus, RunOutcome, Status
 from fisherbench.core.store import CorruptRunError, LockLostError, RunDir, RunLock, remove_tree
 from fisherbench.core.tasks import get_task
 from fisherbench.engine.build import autocast_factory, build_components, make_adapter, run_meta
@@ -47,8 +47,6 @@ from fisherbench.engine.summary import flat, make_summary, utc_now
 from fisherbench.engine.trainer import Trainer
 from fisherbench.models.registry import count_parameters
 
-RUNNING_ELSEWHERE = "running_elsewhere"  # the outcome (not a stored status) when another process holds the lock
-
 
 @dataclass
 class RunResult:
@@ -57,18 +55,17 @@ class RunResult:
     skipped: bool = False
 
     @property
-    def status(self) -> str:
-        return str(self.summary.get("status"))
+    def status(self) -> OutcomeStatus:
+        """The recorded status, or `running_elsewhere` for a run skipped because another process holds it."""
+        return RunOutcome.parse(self.summary.get("status"))
 
     @property
     def exit_code(self) -> int:
         """`train.py`'s exit code for this outcome (a skipped run exits 0: there is nothing to do)."""
         if self.skipped:
-            return 0
-        try:
-            return Status.parse(self.status).exit_code
-        except ValueError:
-            return 1
+            return EXIT_OK
+        status = self.status
+        return status.exit_code if isinstance(status, Status) else EXIT_RUN_FAILED
 
 
 def _log(msg: str, info: DistInfo) -> None:
@@ -121,7 +118,7 @@ def run(cfg: DictConfig, on_trainer: Optional[Callable[[Trainer], None]] = None)
     busy = broadcast_object(lock is not None and not lock.acquire(), info)
     if busy:
         _log(f"skipping: run {rid} is being run by another process (lock {lock.path if lock else ''})", info)
-        return RunResult(root / rid, {"run_id": rid, "status": RUNNING_ELSEWHERE, "skipped": True}, skipped=True)
+        return RunResult(root / rid, {"run_id": rid, "status": RunOutcome.RUNNING_ELSEWHERE, "skipped": True}, skipped=True)
     try:
         return _Run(cfg, info, device, rid, root, lock, identity.get("data_content")).execute(on_trainer)
     finally:
@@ -171,6 +168,8 @@ class _Run:
         """The stored outcome when the run is finished already (skip), else None. Corrupt stores stop here."""
         decision: Optional[tuple[str, Any]] = self._decide() if self.info.is_main else None
         kind, value = broadcast_object(decision, self.info)  # every rank takes the main rank's decision
+        if kind == "corrupt":
+            raise CorruptRunDirectoryError(value)
         if kind == "error":
             raise UserError(value)
         if kind == "skip":
@@ -181,7 +180,7 @@ class _Run:
         rd, cfg = self.final_dir, self.cfg
         problem = rd.problem() if rd.path.exists() else None
         if problem is not None and not cfg.overwrite:
-            return "error", (f"run directory {rd.path} is corrupt ({problem}); nothing was changed. Inspect it, "
+            return "corrupt", (f"run directory {rd.path} is corrupt ({problem}); nothing was changed. Inspect it, "
                              "then delete it or pass overwrite=true to train this run again.")
         existing = rd.summary() if problem is None else None
         if existing and rd.is_final() and not cfg.overwrite:
@@ -296,7 +295,9 @@ class _Run:
         reset_peak_memory(self.device)
         try:
             state = trainer.fit()
-            return Status.parse(state.status), None
+            if state.status not in RECORDED:  # the loop returns only after deciding how the run ended
+                return Status.FAILED, f"bug: the training loop ended in state '{state.status}'"
+            return state.status, None
         except LockLostError:
             raise
         except torch.OutOfMemoryError:
@@ -319,7 +320,7 @@ class _Run:
             else:
                 rd.error_path.unlink(missing_ok=True)
             rd.write_summary(summary)
-            if status in (Status.COMPLETED, Status.BUDGET_EXHAUSTED, Status.DIVERGED) and not cfg.checkpoint.keep_final:
+            if status.is_final and not cfg.checkpoint.keep_final:
                 ckpt.remove(rd.checkpoint_path)
             elif status.is_success and cfg.checkpoint.keep_final:
                 trainer.save_checkpoint()
@@ -391,4 +392,4 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
             torch.cuda.empty_cache()
 
 
-__all__ = ["RunResult", "run", "calibrate", "RUNNING_ELSEWHERE", "autocast_factory"]
+__all__ = ["RunResult", "run", "calibrate", "autocast_factory"]

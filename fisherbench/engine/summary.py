@@ -7,7 +7,7 @@ from typing import Any, Optional
 from fisherbench.core.distributed import all_gather_object
 from fisherbench.core.env import peak_memory_bytes
 from fisherbench.core.modules import params_sha256
-from fisherbench.core.status import Status
+from fisherbench.core.status import SUCCESS, Status
 from fisherbench.engine.labels import line_tag
 
 
@@ -87,6 +87,6 @@ def summary_line(result: Any) -> str:
                            ("train_s", "eval_s", "log_s", "ckpt_s", "warmup_s", "wall_s")),
         str(result.run_dir),
     ]
-    if s.get("stop_reason") and s.get("status") not in (Status.COMPLETED, Status.BUDGET_EXHAUSTED):
+    if s.get("stop_reason") and s.get("status") not in SUCCESS:
         parts.insert(1, f"({s['stop_reason']})")
     return " · ".join(parts)

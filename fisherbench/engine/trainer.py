@@ -27,6 +27,7 @@ from fisherbench.core.env import to_channels_last
 from fisherbench.core.ledger import Clock, Ledger
 from fisherbench.core.modules import unwrap
 from fisherbench.core.schedule import lr_multiplier, set_lr
+from fisherbench.core.status import Status
 from fisherbench.core.store import RunDir
 from fisherbench.core.tasks import MetricSums, Task, selection_of
 from fisherbench.data.registry import DataBundle
@@ -52,7 +53,7 @@ class TrainState:
     best: Optional[dict[str, Any]] = None  # the evaluation row selected by the task's metric
     last_eval: Optional[dict[str, Any]] = None
     last_eval_step: int = -1
-    status: str = "running"
+    status: Status = Status.RUNNING  # checkpoints hold its string value
     stop_reason: Optional[str] = None
     diverged: Optional[dict[str, Any]] = None
     train_loss_sum: float = 0.0  # since the last evaluation
@@ -267,7 +268,7 @@ class Trainer:
     def _loop(self, signals: _StopSignals) -> None:
         st, plan, cfg, clock = self.state, self.plan, self.cfg, self.clock
         if plan.exhausted(st.step, self.ledger.train_s):
-            st.status = "completed"
+            st.status = Status.COMPLETED
             return
         while True:
             if cfg.schedule.interval == "epoch":
@@ -327,7 +328,7 @@ class Trainer:
                 if nonfinite:
                     self._learn(self.window.flush())
                     clock.close_segment(st.step, synced=self.window.synced)
-                    st.status, st.stop_reason = "diverged", "non-finite training loss"
+                    st.status, st.stop_reason = Status.DIVERGED, "non-finite training loss"
                     if st.diverged is None:  # another rank diverged: this one's losses were finite
                         st.diverged = {"step": st.step, "epoch": st.epoch, "train_s": self.ledger.train_s,
                                        "loss": math.nan}
@@ -338,10 +339,10 @@ class Trainer:
                     self.evaluate()
                 if stop_requested:
                     self.save_checkpoint()
-                    st.status, st.stop_reason = "preempted", f"signal {signals.received}"
+                    st.status, st.stop_reason = Status.PREEMPTED, f"signal {signals.received}"
                     return
                 if budget_done:
-                    st.status = "budget_exhausted" if plan.mode == "seconds" else "completed"
+                    st.status = Status.BUDGET_EXHAUSTED if plan.mode == "seconds" else Status.COMPLETED
                     return
                 if ckpt_due:
                     self.save_checkpoint()
@@ -550,7 +551,7 @@ class Trainer:
             "data_fingerprint": self.bundle.fingerprint,  # resuming on other data is refused (core/checkpoint.py)
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.adapter.state_dict(),
-            "state": asdict(self.state),
+            "state": asdict(self.state) | {"status": self.state.status.value},  # weights-only loadable
             "ledger": self.ledger.as_dict() | {"wall_s": self.clock.wall_so_far()},
             "rng": ckpt.rng_state(),
             "wandb_id": self.run_id,
@@ -573,7 +574,8 @@ class Trainer:
     def restore(self, payload: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(payload["model"])
         self.adapter.load_state_dict(payload["optimizer"])
-        self.state = TrainState(**payload["state"])
+        saved = payload["state"]
+        self.state = TrainState(**(saved | {"status": Status.parse(saved.get("status", Status.RUNNING))}))
         restored = Ledger.from_dict(payload["ledger"])
         for k in restored.__dataclass_fields__:
             setattr(self.ledger, k, getattr(restored, k))

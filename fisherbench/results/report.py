@@ -35,9 +35,9 @@ from fisherbench.core.scores import (  # noqa: F401  (part of the report API)
     get_metric,
     is_fraction,
 )
+from fisherbench.core.status import FINAL, Status
 from fisherbench.results.runs import (  # noqa: F401  (re-exported: the report API)
     MATCH_IGNORE,
-    OK_STATUSES,
     RunBudget,
     StoredRun,
     StoreIndex,
@@ -269,12 +269,12 @@ class CellResult:
 
     @property
     def diverged(self) -> int:
-        return sum(s.run.status == "diverged" for s in self.seeds)
+        return sum(s.run.status == Status.DIVERGED for s in self.seeds)
 
     @property
     def incomplete(self) -> int:
         """Runs found that neither finished nor diverged (failed, oom, preempted, unfinished, corrupt)."""
-        return sum(s.run.status not in (*OK_STATUSES, "diverged") for s in self.seeds)
+        return sum(s.run.status not in FINAL for s in self.seeds)
 
     @property
     def no_value(self) -> int:
@@ -283,7 +283,7 @@ class CellResult:
 
     @property
     def corrupt(self) -> int:
-        return sum(s.run.status == "corrupt" for s in self.seeds)
+        return sum(s.run.status == Status.CORRUPT for s in self.seeds)
 
     @property
     def duplicates(self) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from fisherbench.core.config import strip_non_identity
 from fisherbench.core.errors import UserError
 from fisherbench.core.scores import as_number
-from fisherbench.core.status import Status
+from fisherbench.core.status import SUCCESS, Status
 from fisherbench.core.store import CorruptRunError, RunDir, canonical, iter_run_dirs
 
 # Config keys that do not change the experiment, so runs that differ only in them are the same cell.
@@ -26,7 +26,6 @@ MATCH_IGNORE = (
     "data.tokenizer_dir", "deterministic", "budget.calibration_steps", "budget.calibration_warmup",
     "budget.calibration_blocks", "budget.warmup_steps", "budget.recalibrate", "budget.reference_method",
 )
-OK_STATUSES = tuple(s.value for s in Status if s.is_success)  # completed, budget_exhausted
 # A matched pair (budget=match) replays the reference's measured seconds; when the two runs trained under 1-minute
 # load averages that differ by more than this, the same seconds bought a different amount of work and reports flag
 # the pair (docs/reports.md). Used only for runs that do not record the verdict themselves (`loads_differ`).
@@ -149,7 +148,7 @@ class StoredRun:
 
     @property
     def ok(self) -> bool:
-        return self.status in OK_STATUSES
+        return self.status in SUCCESS
 
     def rows(self) -> list[dict[str, Any]]:
         """The run's metric rows (read once; an unreadable file marks the run corrupt and gives no rows)."""
@@ -264,7 +263,7 @@ def filter_runs(runs: Iterable[StoredRun], where: Sequence[Where]) -> list[Store
 def prefer(run: StoredRun) -> tuple:
     """Which of several runs of one cell and seed to use: finished, then diverged, then the most recent."""
     s = run.summary or {}
-    rank = 2 if run.ok else 1 if run.status == Status.DIVERGED.value else 0
+    rank = 2 if run.ok else 1 if run.status == Status.DIVERGED else 0
     return (rank, str(s.get("finished_at") or ""), run.run_id)
 
 

@@ -20,6 +20,7 @@ import yaml
 
 from fisherbench.core.errors import UserError
 from fisherbench.core.scores import VALIDATION_COUNTERPART, get_metric
+from fisherbench.core.status import Status
 from fisherbench.results.adhoc import default_metric
 from fisherbench.results.runs import StoreIndex
 from fisherbench.results.tables import format_columns
@@ -117,7 +118,7 @@ def _join_runs(row: TrialRow, index: StoreIndex) -> None:
             errors.append(run.problem)
         elif s.get("error"):
             errors.append(str(s["error"]))
-        elif run.status == "diverged":
+        elif run.status == Status.DIVERGED:
             d = s.get("diverged") or {}
             errors.append(f"diverged at step {d.get('step')}" if d.get("step") is not None else "diverged")
     if statuses:
@@ -285,9 +286,9 @@ def from_run_tags(index: StoreIndex, metric: Optional[str] = None) -> list[Study
                 state, value = "COMPLETE", sum(values) / len(values)  # type: ignore[arg-type]
             else:
                 value = None
-                state = ("RUNNING" if any(s == "unfinished" for s in statuses)
-                         else "PRUNED" if "diverged" in statuses and not any(s in ("failed", "oom", "corrupt")
-                                                                                for s in statuses) else "FAIL")
+                failed = any(s in (Status.FAILED, Status.OOM, Status.CORRUPT) for s in statuses)
+                state = ("RUNNING" if Status.UNFINISHED in statuses
+                         else "PRUNED" if Status.DIVERGED in statuses and not failed else "FAIL")
             row = TrialRow(number, state, value, params, set(), [r.run_id for r in rs], statuses)
             _join_runs(row, index)
             rows.append(row)

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 from fisherbench.core import plugins
 from fisherbench.core.config import TrainConfig
 from fisherbench.core.errors import UserError
-from fisherbench.core.status import EXIT_USER_ERROR
+from fisherbench.core.status import EXIT_OK, EXIT_RUN_FAILED, EXIT_USER_ERROR, FINAL
 from fisherbench.sweep.expand import expand
 from fisherbench.sweep.overrides import override, parse_override_value, shell_line
 from fisherbench.sweep.spec import ARM_SETS, SPEC_DIR, WCT_MODES, SpecError, available_specs, load_spec
@@ -192,9 +192,9 @@ def _main(args: argparse.Namespace) -> int:
             counts[str(o.get("status"))] = counts.get(str(o.get("status")), 0) + 1
         print(f"[sweep] {len(outcomes)} jobs: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         for o in outcomes:
-            if o.get("status") not in ("completed", "budget_exhausted", "diverged"):
+            if o.get("status") not in FINAL:
                 print(f"  {o.get('status')} {o.get('run_id')}" + (f": {o['error']}" if o.get("error") else ""))
-        return 0 if all(o.get("status") in ("completed", "budget_exhausted", "diverged") for o in outcomes) else 1
+        return EXIT_OK if all(o.get("status") in FINAL for o in outcomes) else EXIT_RUN_FAILED
 
     # lazy: pulls in torch (2-4 s); --list and --help start without it
     from fisherbench.sweep.local import LocalRunner, exit_code, make_workers, summarize

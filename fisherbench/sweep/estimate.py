@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 
 from fisherbench.core.env import resolve_device
+from fisherbench.core.status import FINAL, Status
 from fisherbench.core.store import CorruptRunError, RunDir, read_json
 from fisherbench.engine.calibrate import calibration_key, epochs_from_calibration  # the runs' own cache key and formula
 from fisherbench.engine.compose import load_group_option
@@ -112,7 +113,7 @@ def estimate(spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path, npr
     for r in runs:
         b = _budget(r.config)
         rd = RunDir(results_dir / r.run_id)
-        store = ("corrupt" if rd.problem() is not None else str(rd.status())) if rd.path.exists() else "-"
+        store = str(Status.CORRUPT if rd.problem() is not None else rd.status()) if rd.path.exists() else "-"
         epochs, e_src, calib = None, "?", None
         if b["mode"] == "epochs":
             epochs, e_src = float(b["epochs"]), "budget"
@@ -179,7 +180,7 @@ def format_plan(estimates: Sequence[Estimate], nproc: int = 1, device: str = "GP
         hrs = f"{e.hours:.3g}" if e.hours is not None else "?"
         lines.append(f"{i:>4}  {e.run.cell.row:<{w_row}}  {e.run.cell.column:<{w_col}}  {e.run.seed:>4}  "
                      f"{e.run.run_id:<16}  {e.store:<16}  {ep:>7} {'(' + e.epochs_source + ')':<12}  {hrs:>7}")
-    todo = [e for e in estimates if e.store not in ("completed", "budget_exhausted", "diverged")]
+    todo = [e for e in estimates if e.store not in FINAL]
     known = [e.hours for e in todo if e.hours is not None]
     lines.append("-" * len(header))
     sources = {}

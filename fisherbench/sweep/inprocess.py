@@ -26,12 +26,12 @@ import torch
 from omegaconf import OmegaConf
 
 from fisherbench.core.errors import UserError
+from fisherbench.core.status import SETTLED, OutcomeStatus, RunOutcome, Status
 from fisherbench.core.store import CorruptRunError, LockLostError, RunDir
 from fisherbench.engine.compose import unlocked
-from fisherbench.engine.lifecycle import RUNNING_ELSEWHERE
 from fisherbench.engine.lifecycle import run as run_one
 from fisherbench.sweep.expand import PlannedRun
-from fisherbench.sweep.local import DONE, STOP_SIGNALS, SWEEP_SUBDIR, EventLog, Outcome, store_state
+from fisherbench.sweep.local import NOT_TRAINED, STOP_SIGNALS, SWEEP_SUBDIR, EventLog, Outcome, store_state
 
 
 class _Abandon(BaseException):
@@ -87,7 +87,7 @@ class InProcessRunner:
             out = []
             for r in runs:
                 if self._stop.is_set():
-                    out.append(Outcome(r, "not_started"))
+                    out.append(Outcome(r, RunOutcome.NOT_STARTED))
                     continue
                 out.append(self._one(r))
             return out
@@ -114,46 +114,48 @@ class InProcessRunner:
             state = store_state(self.results_dir, run.run_id)
             if state == "final":
                 summary = rd.summary() or {}
-                return Outcome(run, str(summary.get("status")), summary=summary)
+                return Outcome(run, Status.parse(summary.get("status")), summary=summary)
             if state == "corrupt":
-                return Outcome(run, "corrupt", error=rd.problem() or "does not validate")
+                return Outcome(run, Status.CORRUPT, error=rd.problem() or "does not validate")
             if state == "running":
-                return Outcome(run, "running_elsewhere")
+                return Outcome(run, RunOutcome.RUNNING_ELSEWHERE)
             cfg = self._config(run)
         except (CorruptRunError, OSError) as exc:
-            return Outcome(run, "error", error=f"{type(exc).__name__}: {exc}")
+            return Outcome(run, RunOutcome.ERROR, error=f"{type(exc).__name__}: {exc}")
         self.events.write(event="start", run_id=run.run_id, cell=[run.cell.row, run.cell.column], seed=run.seed,
                           worker="in-process", resume=state == "resume")
         t0 = time.time()
-        status, summary, error = "error", {}, None
+        status: OutcomeStatus = RunOutcome.ERROR
+        summary: dict[str, Any] = {}
+        error: Optional[str] = None
         self._phase = "setup"
         try:
             result = run_one(cfg, on_trainer=self._on_trainer)
             self._phase = "idle"
             summary = dict(result.summary)
-            status = str(result.status)
-            if status == RUNNING_ELSEWHERE:
-                status, summary = "running_elsewhere", {}
-            elif status not in DONE:
+            status = result.status
+            if status == RunOutcome.RUNNING_ELSEWHERE:
+                summary = {}
+            elif status not in SETTLED:
                 error = summary.get("error") or summary.get("stop_reason")
         except _Abandon:
-            status, error = "interrupted", "stopped by a signal before training started"
+            status, error = RunOutcome.INTERRUPTED, "stopped by a signal before training started"
         except UserError as exc:
-            status, error = "config_error", str(exc)
+            status, error = RunOutcome.CONFIG_ERROR, str(exc)
         except LockLostError as exc:
-            status, error = "error", f"lock lost: {exc}"
+            status, error = RunOutcome.ERROR, f"lock lost: {exc}"
         except Exception as exc:  # noqa: BLE001 - a run must not take the search down; its error is the outcome
-            status, error = "error", f"{type(exc).__name__}: {exc}"
+            status, error = RunOutcome.ERROR, f"{type(exc).__name__}: {exc}"
             print(f"[sweep] run {run.run_id} raised:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         finally:
             self._phase, self._trainer = "idle", None
             _release_memory()
-        if status == "preempted":  # the trainer's own handler saw the signal
+        if status == Status.PREEMPTED:  # the trainer's own handler saw the signal
             self._stop.set()
         seconds = time.time() - t0
         self.events.write(event="end", run_id=run.run_id, status=status, seconds=seconds, worker="in-process",
                           error=error)
-        ran = status not in ("running_elsewhere", "config_error", "interrupted") and not summary.get("skipped")
+        ran = status not in NOT_TRAINED and not summary.get("skipped")
         return Outcome(run, status, None, seconds, ran=ran, summary=summary, error=error)
 
 

@@ -22,6 +22,7 @@ from hydra.types import HydraContext, RunMode
 from omegaconf import DictConfig
 
 from fisherbench.core.errors import UserError
+from fisherbench.core.status import RunOutcome
 from fisherbench.engine.compose import attach_choices
 from fisherbench.engine.lifecycle import run as run_one
 from fisherbench.sweep.expand import PlannedRun, hydra_context
@@ -36,8 +37,8 @@ def hydra_task(cfg: DictConfig) -> dict[str, Any]:
     try:
         result = run_one(cfg)
     except UserError as exc:
-        return {"status": "config_error", "error": str(exc)}
-    return {"run_id": result.summary.get("run_id"), "status": result.status, "skipped": result.skipped,
+        return {"status": str(RunOutcome.CONFIG_ERROR), "error": str(exc)}
+    return {"run_id": result.summary.get("run_id"), "status": str(result.status), "skipped": result.skipped,
             "run_dir": str(result.run_dir)}
 
 
@@ -79,5 +80,5 @@ def launch(runs: Sequence[PlannedRun], results_dir: Path, launcher: str, launche
         if ret.status == JobStatus.COMPLETED:
             outcomes.append({"run_id": run.run_id, **(ret.return_value or {})})
         else:
-            outcomes.append({"run_id": run.run_id, "status": "crashed", "error": repr(ret._return_value)})
+            outcomes.append({"run_id": run.run_id, "status": str(RunOutcome.CRASHED), "error": repr(ret._return_value)})
     return outcomes

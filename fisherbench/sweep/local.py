@@ -30,12 +30,24 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
 from fisherbench.core.env import idle_cores
-from fisherbench.core.status import EXIT_OK, EXIT_PREEMPTED, EXIT_RUN_FAILED, FINAL
+from fisherbench.core.outcome import OUTCOME_FILE_ENV, ProcessOutcome, read_outcome
+from fisherbench.core.status import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_RUN_FAILED,
+    EXIT_USER_ERROR,
+    OUTCOME_OF_EXIT,
+    SETTLED,
+    OutcomeStatus,
+    RunOutcome,
+    Status,
+)
 from fisherbench.core.store import CorruptRunError, RunDir, lock_is_held
 from fisherbench.sweep.expand import PlannedRun
 from fisherbench.sweep.overrides import override, shell_line
@@ -45,13 +57,15 @@ from fisherbench.sweep.overrides import override, shell_line
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 TRAIN_MODULE = ("-m", "fisherbench", "train")
 SWEEP_SUBDIR = "_sweeps"
-# train.py exit codes (train.py's docstring): what a run ended as when it left no summary to read
-EXIT_MEANING = {0: "completed", 1: "failed", 2: "config_error", 3: "diverged", 4: "preempted"}
-# `python -m fisherbench sweep` exit codes: 0 every run finished (or is being finished by another process), 1 some run did
-# not (failed, crashed, corrupt, ...: listed at the end), 2 a usage/spec error, 4 stopped by a signal (resumable)
-EXIT_INTERRUPTED = EXIT_PREEMPTED
-# outcomes that need nothing more from this sweep
-DONE = (*(str(s) for s in FINAL), "running_elsewhere")
+# `python -m fisherbench sweep` exits EXIT_OK when every run finished (or is being finished by another
+# process), EXIT_RUN_FAILED when some run did not (failed, crashed, corrupt, ...: listed at the end),
+# EXIT_USER_ERROR for a usage/spec error, EXIT_INTERRUPTED when stopped by a signal (resumable).
+# outcomes of runs no process of this sweep trained
+NOT_TRAINED = frozenset({RunOutcome.RUNNING_ELSEWHERE, RunOutcome.CONFIG_ERROR, RunOutcome.INTERRUPTED})
+# outcomes the closing lines list as needing attention besides `corrupt`
+_STOPPED = frozenset({RunOutcome.NOT_STARTED, RunOutcome.INTERRUPTED, Status.PREEMPTED})
+# outcomes whose run log is worth opening
+_SEE_LOG = frozenset({Status.FAILED, Status.OOM, RunOutcome.CRASHED, RunOutcome.CONFIG_ERROR})
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s)
 
 
@@ -125,10 +139,8 @@ def train_command(run: PlannedRun, results_dir: Path, nproc: int = 1, extra: Seq
 @dataclass
 class Outcome:
     run: PlannedRun
-    # a store status, or: running_elsewhere (another process holds the lock), crashed (no summary),
-    # config_error (train.py exit 2), corrupt (the run directory does not validate), error (an exception while
-    # serving the run), interrupted (stopped by the sweep's signal before it recorded a status), not_started
-    status: str
+    # a store status (corrupt: the run directory does not validate), or a RunOutcome (core/status.py)
+    status: OutcomeStatus
     returncode: Optional[int] = None
     seconds: float = 0.0
     ran: bool = False  # trained by a train.py process of this sweep (not skipped as done / held elsewhere)
@@ -249,7 +261,7 @@ class LocalRunner:
         done: list[Outcome] = []
         for r, o in zip(runs, outcomes):
             if o is None:  # only a stopped sweep leaves runs unserved; say so rather than drop them
-                o = Outcome(r, "not_started" if self._stop.is_set() else "error",
+                o = Outcome(r, RunOutcome.NOT_STARTED if self._stop.is_set() else RunOutcome.ERROR,
                             error=None if self._stop.is_set() else "never served (a bug in the sweep's queue)")
             done.append(o)
         self.events.write(event="sweep_end", interrupted=self._stop.is_set(),
@@ -293,7 +305,7 @@ class LocalRunner:
             try:
                 outcome = self._one(worker, run)
             except Exception as exc:  # noqa: BLE001 - a worker thread must survive anything one run does
-                outcome = Outcome(run, "error", error=f"{type(exc).__name__}: {exc}")
+                outcome = Outcome(run, RunOutcome.ERROR, error=f"{type(exc).__name__}: {exc}")
                 self.events.write(event="error", run_id=run.run_id, worker=worker.name, error=outcome.error)
             outcomes[i] = outcome
             try:
@@ -307,25 +319,27 @@ class LocalRunner:
         state = "new" if self.overwrite else store_state(self.results_dir, run.run_id)
         if state == "final":
             summary = rd.summary() or {}
-            return Outcome(run, str(summary.get("status")), summary=summary)
+            return Outcome(run, Status.parse(summary.get("status")), summary=summary)
         if state == "corrupt":
             problem = rd.problem() or "does not validate"
             self.events.write(event="corrupt", run_id=run.run_id, path=str(rd.path), problem=problem)
-            return Outcome(run, "corrupt", error=problem)
+            return Outcome(run, Status.CORRUPT, error=problem)
         if state == "running":
-            return Outcome(run, "running_elsewhere")
+            return Outcome(run, RunOutcome.RUNNING_ELSEWHERE)
         extra = [*self.extra_args, *(["overwrite=true"] if self.overwrite else [])]
         cmd = train_command(run, self.results_dir, worker.nproc, extra)
         log_path = self.log_dir / f"{run.run_id}.log"
         self.events.write(event="start", run_id=run.run_id, cell=[run.cell.row, run.cell.column], seed=run.seed,
                           worker=worker.name, resume=state == "resume", command=cmd)
         t0 = time.time()
-        said = _TrainOutput()
+        outcome_path = self.log_dir / f"{run.run_id}.outcome.json"
+        outcome_path.unlink(missing_ok=True)  # a previous attempt's file says nothing about this one
         with open(log_path, "a") as log:
             log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {worker.name}: {shell_line(cmd)}\n")
             log.flush()
             env = {**worker.env(), **self.extra_env}
             env["PYTHONPATH"] = os.pathsep.join(x for x in (PACKAGE_PARENT, env.get("PYTHONPATH")) if x)
+            env[OUTCOME_FILE_ENV] = str(outcome_path)  # how the run ended, as data (its output is for people)
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                     start_new_session=True)
             with self._procs_lock:
@@ -337,7 +351,6 @@ class LocalRunner:
                 for line in proc.stdout:  # relay to the run's log; our own process's output only
                     log.write(line)
                     log.flush()
-                    said.read(line)
                 rc = proc.wait()
             finally:
                 with self._procs_lock:
@@ -346,66 +359,62 @@ class LocalRunner:
                     _kill(proc, signal.SIGTERM)
                     proc.wait()
         seconds = time.time() - t0
+        said = _own_outcome(read_outcome(outcome_path), run, rc)
+        outcome_path.unlink(missing_ok=True)
         status, summary, error = self._read_back(run, rc, said)
+        trained = not (said is not None and said.skipped) and status != RunOutcome.CONFIG_ERROR
         self.events.write(event="end", run_id=run.run_id, status=status, returncode=rc, seconds=seconds,
-                          worker=worker.name, trained=said.skipped is None, error=error)
-        return Outcome(run, status, rc, seconds, ran=said.skipped is None and status != "config_error",
-                       summary=summary, error=error)
+                          worker=worker.name, trained=trained, error=error)
+        return Outcome(run, status, rc, seconds, ran=trained, summary=summary, error=error)
 
-    def _read_back(self, run: PlannedRun, rc: int, said: "_TrainOutput") -> tuple[str, dict[str, Any], Optional[str]]:
-        """(outcome status, summary, error message) of a finished train.py process."""
-        if said.skipped and "running_elsewhere" in said.skipped:
-            return "running_elsewhere", {}, None
+    def _read_back(self, run: PlannedRun, rc: int,
+                   said: Optional[ProcessOutcome]) -> tuple[OutcomeStatus, dict[str, Any], Optional[str]]:
+        """(outcome status, summary, error message) of a finished train.py process, from the store, its exit
+        code and the outcome file it wrote (`said`: validated, None when it wrote none); never from its output."""
+        if said is not None and said.status == RunOutcome.RUNNING_ELSEWHERE:
+            return RunOutcome.RUNNING_ELSEWHERE, {}, None
         rd = RunDir(self.results_dir / run.run_id)
         try:
             summary = rd.summary() or {}
         except CorruptRunError as exc:
-            return "corrupt", {}, exc.problem
+            return Status.CORRUPT, {}, exc.problem
         if summary.get("status"):
-            status = str(summary["status"])
-            error = None if status in DONE else (summary.get("error") or summary.get("stop_reason"))
+            status = Status.parse(summary["status"])
+            error = None if status in SETTLED else (summary.get("error") or summary.get("stop_reason"))
             return status, summary, error
-        if rc == 2:
-            if said.error and "is corrupt" in said.error:
-                return "corrupt", {}, said.error
-            return "config_error", {}, said.error
         if self._stop.is_set() and (rc == EXIT_PREEMPTED or rc < 0):
-            return "interrupted", {}, f"stopped by the sweep's signal before it recorded a status (exit {rc})"
-        if rc in (0, EXIT_PREEMPTED):
-            return EXIT_MEANING[rc], {}, None
-        return "crashed", {}, said.error or f"train.py exited {rc} without a summary"
+            return RunOutcome.INTERRUPTED, {}, f"stopped by the sweep's signal before it recorded a status (exit {rc})"
+        if said is not None and not said.skipped:  # no summary: the process says why (config error, lost lock, ...)
+            return said.status, {}, said.error
+        if rc in (EXIT_OK, EXIT_USER_ERROR, EXIT_PREEMPTED):
+            return OUTCOME_OF_EXIT[rc], {}, None
+        return RunOutcome.CRASHED, {}, f"train.py exited {rc} without a summary"
 
     def _report(self, outcome: Outcome, worker: Worker) -> None:
         with self._print_lock:
             self._done += 1
             elapsed = time.time() - self._t0
             n = f"[{self._done:>{len(str(self._total))}}/{self._total}]"
-            detail = _metric_text(outcome.summary) if outcome.status not in ("running_elsewhere",) else ""
+            detail = _metric_text(outcome.summary) if outcome.status != RunOutcome.RUNNING_ELSEWHERE else ""
             took = f"{outcome.seconds:.0f}s" if outcome.ran else "-"
             hint = ""
-            if outcome.status == "corrupt":
+            if outcome.status == Status.CORRUPT:
                 hint = f" (corrupt: {outcome.error})"
-            elif outcome.status == "error":
+            elif outcome.status == RunOutcome.ERROR:
                 hint = f" (error: {outcome.error})"
-            elif outcome.status in ("failed", "crashed", "config_error", "oom"):
+            elif outcome.status in _SEE_LOG:
                 hint = f" (log: {self.log_dir / (outcome.run.run_id + '.log')})"
             print(f"{n} {outcome.status:<17} {outcome.run.label:<44} {detail:<26} {took:>6} "
                   f"{outcome.run.run_id} · {worker.name} · {elapsed / 60:.1f} min{hint}",
                   file=self.out, flush=True)
 
 
-class _TrainOutput:
-    """What a train.py process said that the sweep needs: whether it skipped the run, and its error line."""
-
-    def __init__(self) -> None:
-        self.skipped: Optional[str] = None
-        self.error: Optional[str] = None
-
-    def read(self, line: str) -> None:
-        if line.startswith("[fisherbench] skipped"):
-            self.skipped = line
-        elif line.startswith(("[fisherbench] configuration error:", "[fisherbench] stopped:", "[fisherbench] bug")):
-            self.error = line.split(":", 1)[1].strip() if ":" in line else line.strip()
+def _own_outcome(said: Optional[ProcessOutcome], run: PlannedRun, rc: int) -> Optional[ProcessOutcome]:
+    """`said` if it is this process's account of this run (same run id when it names one, same exit code),
+    else None: the sweep then decides from the exit code and the store alone."""
+    if said is None or (said.run_id is not None and said.run_id != run.run_id) or said.exit_code != rc:
+        return None
+    return said
 
 
 def _kill(proc: subprocess.Popen, sig: int) -> None:
@@ -415,10 +424,10 @@ def _kill(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _count(items) -> dict[str, int]:
+def _count(items: Iterable[OutcomeStatus]) -> dict[str, int]:
     out: dict[str, int] = {}
     for x in items:
-        out[x] = out.get(x, 0) + 1
+        out[str(x)] = out.get(str(x), 0) + 1
     return out
 
 
@@ -426,7 +435,7 @@ def exit_code(outcomes: Sequence[Outcome], interrupted: bool = False) -> int:
     """The sweep's exit code: 4 stopped by a signal, 1 a run did not finish, else 0 (see EXIT_INTERRUPTED)."""
     if interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_OK if all(o.status in DONE for o in outcomes) else EXIT_RUN_FAILED
+    return EXIT_OK if all(o.status in SETTLED for o in outcomes) else EXIT_RUN_FAILED
 
 
 def summarize(outcomes: Sequence[Outcome], results_dir: Optional[Path] = None, interrupted: bool = False) -> str:
@@ -435,16 +444,16 @@ def summarize(outcomes: Sequence[Outcome], results_dir: Optional[Path] = None, i
     ran = sum(o.ran for o in outcomes)
     parts = [f"{k} {v}" for k, v in sorted(counts.items())]
     lines = [f"[sweep] {len(outcomes)} runs: " + ", ".join(parts) + f" ({ran} trained now)"]
-    if counts.get("running_elsewhere"):
+    if counts.get(RunOutcome.RUNNING_ELSEWHERE):
         lines[0] += "; running_elsewhere = another process holds the run (its lock); it finishes them"
-    corrupt = [o for o in outcomes if o.status == "corrupt"]
+    corrupt = [o for o in outcomes if o.status == Status.CORRUPT]
     if corrupt:
         lines.append(f"[sweep] {len(corrupt)} corrupt run director{'y' if len(corrupt) == 1 else 'ies'} (nothing "
                      "was changed in them; inspect, then delete them or pass --overwrite to train them again):")
         for o in corrupt:
             path = (Path(results_dir) / o.run.run_id) if results_dir is not None else o.run.run_id
             lines.append(f"  {path}  {o.run.label}: {o.error}")
-    problems = [o for o in outcomes if o.status not in (*DONE, "corrupt", "not_started", "interrupted", "preempted")]
+    problems = [o for o in outcomes if o.status not in SETTLED | _STOPPED | {Status.CORRUPT}]
     if problems:
         lines.append(f"[sweep] {len(problems)} run(s) did not finish:")
         for o in problems:
@@ -452,6 +461,6 @@ def summarize(outcomes: Sequence[Outcome], results_dir: Optional[Path] = None, i
     if interrupted:
         lines.append("[sweep] stopped by a signal (exit 4): run the same command again to resume the interrupted "
                      "runs and start the others")
-    elif any(o.status not in DONE for o in outcomes):
+    elif any(o.status not in SETTLED for o in outcomes):
         lines.append("[sweep] re-launch the same command to retry/resume the unfinished ones")
     return "\n".join(lines)

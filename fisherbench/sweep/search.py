@@ -47,7 +47,7 @@ from typing import Any, Optional, Sequence
 import optuna
 
 from fisherbench.core.errors import UserError
-from fisherbench.core.status import EXIT_OK, EXIT_RUN_FAILED
+from fisherbench.core.status import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, SUCCESS, RunOutcome, Status
 from fisherbench.engine.identity import run_id_of
 from fisherbench.sweep.expand import PlannedRun, compose_cell, hydra_context
 from fisherbench.sweep.inprocess import InProcessRunner
@@ -57,10 +57,10 @@ from fisherbench.sweep.selection import has_validation_split, score_run, selecti
 from fisherbench.sweep.spec import SpecError, SweepSpec, merge_overrides
 
 SEARCH_KEYS = {"row", "column", "seeds", "trials", "params", "metric", "overrides", "sampler_seed"}
-RETRY = ("crashed", "preempted", "interrupted", "not_started")  # the process died / was stopped: run it again
-PRUNE = ("diverged",)
+# the process died / was stopped: run it again
+RETRY = frozenset({RunOutcome.CRASHED, Status.PREEMPTED, RunOutcome.INTERRUPTED, RunOutcome.NOT_STARTED})
+PRUNE = frozenset({Status.DIVERGED})
 MAX_FAILURES_IN_A_ROW = 5
-EXIT_INTERRUPTED = 4
 
 
 def _distribution(name: str, spec: dict[str, Any]):
@@ -289,7 +289,7 @@ def run_search(spec: SweepSpec, results_dir: Path, user_overrides: Sequence[str]
         t0 = time.time()
         runner = executor.runner(trial_tags(study_name, trial.number, trial.params), study_name)
         outcomes = runner.run(runs)
-        statuses = [o.status for o in outcomes]
+        statuses = [str(o.status) for o in outcomes]  # plain strings: Optuna stores user attributes as JSON
         errors = [f"{o.status}: {o.error}" for o in outcomes if o.error]
         trial.set_user_attr("statuses", statuses)
         if errors:
@@ -304,7 +304,7 @@ def run_search(spec: SweepSpec, results_dir: Path, user_overrides: Sequence[str]
             print(f"{head}: interrupted · {params}\n[sweep] stopped by a signal (exit 4): run the same command "
                   "again to continue the study (this trial's runs resume)", file=out, flush=True)
             return EXIT_INTERRUPTED
-        if all(s in ("completed", "budget_exhausted") for s in statuses):
+        if all(s in SUCCESS for s in statuses):
             values = [score_run(results_dir, r.run_id, metric) for r in runs]
             if any(v is None for v in values):
                 trial.set_user_attr("error", f"finished runs have no {metric.name}")

@@ -19,9 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fisherbench import data
 from fisherbench.core.scores import VALIDATION_COUNTERPART, Metric, get_metric
+from fisherbench.core.status import SUCCESS
 from fisherbench.core.store import CorruptRunError, RunDir
-
-SUCCESS = ("completed", "budget_exhausted")
 
 
 def has_validation_split(cfg: DictConfig) -> bool:

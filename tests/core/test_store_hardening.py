@@ -264,7 +264,7 @@ def test_multirun_with_a_failed_job_exits_nonzero_and_lists_it(tmp_path):
     assert "1 of 2 jobs did not complete" in p.stderr and "optimizer.lr=-1" in p.stderr
     (index,) = list((tmp_path / "runs" / "_multirun").glob("*/jobs.jsonl"))
     jobs = [json.loads(line) for line in index.read_text().splitlines()]
-    assert sorted(j["status"] for j in jobs) == ["completed", "configuration_error"]
+    assert sorted(j["status"] for j in jobs) == ["completed", "config_error"]
     assert all(j["run_id"] for j in jobs if j["status"] == "completed")
 
 
