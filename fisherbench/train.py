@@ -6,7 +6,8 @@
     python train.py optimizer=sgd budget=reference budget.reference_optimizer=adamw budget.reference_epochs=2
 
 Exit codes: 0 completed / skipped, 1 failed or out of memory, 2 configuration error, 3 diverged,
-4 preempted (SIGTERM, SIGINT/Ctrl-C or SIGUSR1: checkpointed; launch the same command again to resume).
+4 preempted (SIGTERM, SIGINT/Ctrl-C or SIGUSR1: checkpointed) or stopped by a full disk: launch the same
+command again to resume.
 A multirun (`-m`) exits with the largest code of its jobs and lists the jobs that did not complete; it
 writes `<results_dir>/_multirun/<time>/jobs.jsonl`, one line per job: its overrides, run id and status.
 With `FISHERBENCH_OUTCOME_FILE=<path>` set, a single run also writes how it ended to that file as JSON
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fisherbench.core import plugins
 from fisherbench.core.errors import CorruptRunDirectoryError, UserError, explain_compose_error, is_compose_error
+from fisherbench.core.orphans import watch_parent_from_env
 from fisherbench.core.outcome import ProcessOutcome, write_outcome
 from fisherbench.core.status import (
     EXIT_OK,
@@ -51,10 +53,13 @@ _jobs: list[dict] = []  # multirun: one entry per job, reported when the sweep e
 def _record_job(hc, overrides: list[str], run_id: str | None, status: OutcomeStatus, code: int) -> None:
     entry = {"job": hc.job.num, "overrides": overrides, "run_id": run_id, "status": str(status), "exit_code": code}
     _jobs.append(entry)
+    from fisherbench.core.store import append_text  # lazy: see the module's imports
+
     index = Path(hc.sweep.dir) / "jobs.jsonl"
-    index.parent.mkdir(parents=True, exist_ok=True)
-    with open(index, "a") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
+    try:
+        append_text(index, json.dumps(entry, sort_keys=True) + "\n")  # never through a planted link
+    except OSError as exc:  # e.g. a full disk: the index is a record of the multirun, not the multirun
+        print(f"[fisherbench] cannot write {index} ({exc.strerror or exc})", file=sys.stderr)
 
 
 def _end(hc, overrides: list[str], outcome: ProcessOutcome) -> None:
@@ -74,7 +79,7 @@ def _end(hc, overrides: list[str], outcome: ProcessOutcome) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     # lazy: the heavy stack, after the config composed (see the module's imports)
     from fisherbench.core.distributed import shutdown as shutdown_distributed
-    from fisherbench.core.store import LockLostError
+    from fisherbench.core.store import DiskFullError, LockLostError
     from fisherbench.engine.compose import attach_choices
     from fisherbench.engine.labels import line_tag, run_label
     from fisherbench.engine.lifecycle import run
@@ -97,6 +102,10 @@ def _hydra_main(cfg: DictConfig) -> None:
             print(f"{line_tag()} stopped: {exc}. Another process may be running this run; this one wrote nothing "
                   "more to the store.", file=sys.stderr)
             _end(hc, overrides, ProcessOutcome(None, RunOutcome.LOCK_LOST, EXIT_RUN_FAILED, f"lock lost: {exc}"))
+            return
+        except DiskFullError as exc:  # resumable, like a preempted run (a multirun stops: the disk stays full)
+            print(f"{line_tag()} stopped: {exc}", file=sys.stderr)
+            _end(hc, overrides, ProcessOutcome(None, RunOutcome.DISK_FULL, EXIT_PREEMPTED, str(exc)))
             return
         finally:
             shutdown_distributed()
@@ -239,7 +248,7 @@ Config groups (group=option):
 
 Top-level keys: seed, results_dir (default runs), device (auto|cpu|cuda|cuda:N), precision (fp32|bf16),
 deterministic, overwrite, tags, and the sections schedule.*, eval.*, checkpoint.*, budget.*, logger.*.
-Exit codes: 0 completed/skipped, 1 failed/oom, 2 configuration error, 3 diverged, 4 preempted (resume by
+Exit codes: 0 completed/skipped, 1 failed/oom, 2 configuration error, 3 diverged, 4 preempted/disk full (resume by
 running the same command). Docs: docs/running.md. The composed config{which}:
 
 {config}"""
@@ -288,6 +297,7 @@ def main() -> None:
         _print_help(sys.argv[1:])
         return
     quiet_third_party_warnings()
+    watch_parent_from_env()  # started by a sweep: stop (checkpointed) if the sweep dies (fisherbench/core/orphans.py)
     user_wants_trace = bool(os.environ.get("HYDRA_FULL_ERROR"))
     command = _command_overrides(sys.argv[1:])
     try:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from fisherbench.core.store import atomic_write_bytes
+from fisherbench.core.store import atomic_write_bytes, finite_number, remove_stale_temps
 
 FORMAT_VERSION = 2  # 2: weights-only payloads (RNG states as tensors and plain values)
 REQUIRED_KEYS = ("run_id", "model", "optimizer", "state", "ledger", "rng", "format_version")
@@ -89,7 +89,9 @@ def save(path: Path, payload: dict[str, Any]) -> None:
         raise TypeError(f"checkpoint payload holds a value that is not a tensor or plain data: {exc}") from exc
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.new")
-    atomic_write_bytes(tmp, buf.getbuffer())
+    # only the run's lock holder writes its checkpoints: every temporary file of an earlier write that was
+    # killed (`..checkpoint.pt.new.*.tmp`) is stale, whatever its age
+    atomic_write_bytes(tmp, buf.getbuffer(), stale_temps_after=0)
     if path.exists():
         os.replace(path, prev_path(path))
     os.replace(tmp, path)
@@ -113,6 +115,9 @@ def read_checkpoint(path: Path, map_location: Any = "cpu") -> tuple[Optional[dic
         return None, "has a malformed run id or training state"
     if not isinstance(payload.get("data_fingerprint", ""), str):
         return None, "has a malformed data fingerprint"
+    ledger = payload["ledger"]  # the budget used so far: a NaN or negative time would never (or wrongly) stop
+    if not isinstance(ledger, dict) or not all(finite_number(v, 0) for v in ledger.values()):
+        return None, "has a ledger whose times are not finite non-negative numbers"
     return payload, ""
 
 
@@ -156,5 +161,7 @@ def load_latest(path: Path, run_id: str, map_location: Any = "cpu", data_fingerp
 
 
 def remove(path: Path) -> None:
+    """Remove the checkpoint, its previous one and the temporary files of killed writes of either."""
     for p in (path, prev_path(path)):
         p.unlink(missing_ok=True)
+    remove_stale_temps(path.parent, f".{path.name}.new", 0)

@@ -8,11 +8,12 @@ therefore fails when Hydra composes the config, before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from fisherbench.core.errors import UserError
 
@@ -32,19 +33,64 @@ def not_identity(default: Any = MISSING, *, default_factory: Any = MISSING) -> A
     return field(default=default, metadata={"identity": False})
 
 
+def in_range(default: Any = MISSING, *, ge: Optional[float] = None, gt: Optional[float] = None,
+             le: Optional[float] = None, lt: Optional[float] = None, identity: bool = True,
+             default_factory: Any = MISSING) -> Any:
+    """A numeric config field with its valid range (checked by `check_numbers` when a config is composed; for a
+    list of numbers, each element). `identity=False` is `not_identity` as well."""
+    meta: dict[str, Any] = {"range": NumberRange(ge, gt, le, lt)}
+    if not identity:
+        meta["identity"] = False
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class NumberRange:
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+
+    def holds(self, x: float) -> bool:
+        return not ((self.ge is not None and x < self.ge) or (self.gt is not None and x <= self.gt)
+                    or (self.le is not None and x > self.le) or (self.lt is not None and x >= self.lt))
+
+    def __str__(self) -> str:
+        lo = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else "(-inf"
+        hi = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else "inf)"
+        return f"{lo}, {hi}"
+
+
+# Ranges of optimizer options that mean the same in every optimizer, by name; an optimizer schema's own
+# `in_range` field wins. Hyper-parameters outside them make no sense for any optimizer of the suite.
+OPTIMIZER_OPTION_RANGES: dict[str, NumberRange] = {
+    "lr": NumberRange(ge=0),
+    "weight_decay": NumberRange(ge=0),
+    "grad_clip": NumberRange(gt=0),
+    "eps": NumberRange(gt=0),
+    "momentum": NumberRange(ge=0, lt=1),
+    "beta": NumberRange(ge=0, lt=1),
+    "betas": NumberRange(ge=0, lt=1),
+    "damping": NumberRange(ge=0),
+    "dampening": NumberRange(ge=0, le=1),
+}
+
+
 @dataclass
 class BudgetConfig:
     """How long a run trains. Exactly the field(s) of the chosen mode must be set."""
 
     mode: str = "epochs"  # epochs | steps | seconds | reference | match
-    epochs: Optional[int] = None
-    steps: Optional[int] = None
-    seconds: Optional[float] = None
+    epochs: Optional[int] = in_range(None, gt=0)
+    steps: Optional[int] = in_range(None, gt=0)
+    seconds: Optional[float] = in_range(None, gt=0)
     # reference: train for the time optimizer `reference_optimizer` (an optimizer config option, e.g.
     # "adafisher") needs for `reference_epochs` epochs on this machine (the paper's WCT protocol), as
     # estimated by an interleaved calibration (fisherbench/engine/calibrate.py); the derived arm is budgeted in steps.
     reference_optimizer: Optional[str] = None
-    reference_epochs: Optional[float] = None
+    reference_epochs: Optional[float] = in_range(None, gt=0)
     # match: train for exactly the measured `train_s` of a finished reference run in the store, on the same
     # machine kind: `match_run` names it (a run id); without it, the reference run of this cell is looked up
     # (this config with `reference_optimizer` for `reference_epochs` epochs, same seed). No estimate involved.
@@ -207,8 +253,47 @@ def schema_fields(obj_type: Any) -> list[str]:
     return []
 
 
+def _range_of(schema: Any, key: str, section: str) -> Optional[NumberRange]:
+    if dataclasses.is_dataclass(schema):
+        for f in dataclasses.fields(schema):
+            if f.name == key and "range" in f.metadata:
+                return f.metadata["range"]
+    return OPTIMIZER_OPTION_RANGES.get(key) if section == "optimizer" else None
+
+
+def check_numbers(cfg: Any) -> None:
+    """Every number of a composed config is finite (`nan`, `inf`, `1e999` are refused: `budget.seconds=nan`
+    would never stop), and within its declared range (`in_range` fields, `OPTIMIZER_OPTION_RANGES`); every
+    group's schema included. Raises UserError naming the key."""
+    stack: list[tuple[Any, str, Any]] = [(cfg, "", None)]
+    while stack:
+        node, prefix, schema = stack.pop()
+        if isinstance(node, DictConfig):
+            schema = OmegaConf.get_type(node)
+            items = [(str(k), node[k]) for k in node.keys()]
+        elif isinstance(node, ListConfig):
+            items = [(f"[{i}]", v) for i, v in enumerate(node)]
+        else:
+            continue
+        for key, value in items:
+            dotted = f"{prefix}{key}" if key.startswith("[") or not prefix else f"{prefix}.{key}"
+            if isinstance(value, (DictConfig, ListConfig)):
+                # a list's elements are checked against the range of the list's key
+                stack.append((value, dotted, schema) if isinstance(value, ListConfig) else (value, dotted, None))
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):
+                raise UserError(f"{dotted}={value} is not a finite number; every numeric option must be finite")
+            name = dotted.split(".")[-1].split("[")[0]
+            rng = _range_of(schema, name, dotted.split(".")[0])
+            if rng is not None and not rng.holds(value):
+                raise UserError(f"{dotted}={value} is out of range: it must be in {rng}")
+
+
 def validate(cfg: Any) -> None:
     """Checks Hydra cannot express as types (value ranges, mode-dependent fields). Raises UserError."""
+    check_numbers(cfg)
     b = cfg.budget
     if b.mode not in BUDGET_MODES:
         raise UserError(f"budget.mode must be one of {', '.join(BUDGET_MODES)}; got {b.mode!r}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fisherbench.core.status import OutcomeStatus, RunOutcome
-from fisherbench.core.store import atomic_write_json
+from fisherbench.core.store import StoreLinkError, atomic_write_json
 
 OUTCOME_FILE_ENV = "FISHERBENCH_OUTCOME_FILE"
 _MAX_BYTES = 1 << 16  # an outcome is a few hundred bytes; a larger file is not one
@@ -50,8 +50,8 @@ def write_outcome(outcome: ProcessOutcome, path: Optional[str] = None) -> None:
         return
     try:
         atomic_write_json(Path(path), outcome.as_dict())
-    except OSError as exc:
-        print(f"[fisherbench] cannot write the outcome file {path} ({exc.strerror or exc})", flush=True)
+    except (OSError, StoreLinkError) as exc:  # StoreLinkError: a link planted where the file goes
+        print(f"[fisherbench] cannot write the outcome file {path} ({getattr(exc, 'strerror', None) or exc})", flush=True)
 
 
 def read_outcome(path: Path) -> Optional[ProcessOutcome]:

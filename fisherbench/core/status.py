@@ -14,7 +14,7 @@ EXIT_OK = 0
 EXIT_RUN_FAILED = 1  # a run failed (a bug, out of memory, an unreadable store): see its error.txt
 EXIT_USER_ERROR = 2  # something the user can fix (the message says what); nothing was trained
 EXIT_DIVERGED = 3
-EXIT_PREEMPTED = 4  # stopped by a signal after a checkpoint; launch the same command again to resume
+EXIT_PREEMPTED = 4  # stopped by a signal after a checkpoint, or by a full disk; launch the same command again to resume
 # a sweep or search stopped by a signal: its runs were preempted, so the same code (launch again to resume)
 EXIT_INTERRUPTED = EXIT_PREEMPTED
 
@@ -72,6 +72,7 @@ class RunOutcome(str, enum.Enum):
     ERROR = "error"  # an exception in the sweep while serving the run (the sweep went on)
     INTERRUPTED = "interrupted"  # stopped by the sweep's signal before the run recorded a status
     NOT_STARTED = "not_started"  # the sweep was stopped before the run's turn
+    DISK_FULL = "disk_full"  # the store's disk filled up while the run wrote (exit 4): resumable, nothing recorded
 
     def __str__(self) -> str:
         return self.value

@@ -17,6 +17,17 @@ validates what it reads (types and required fields) and raises `CorruptRunError`
 problem; `RunDir.status()` turns that into `Status.CORRUPT`, so that sweeps and reports carry on and list
 the run by path. Every file is written with the process umask's permissions (as `open()` would), so a
 store shared by a group stays readable by it.
+
+A store is also a place where others can plant files. So (issue 19):
+- no write follows a symbolic link: files are created with `O_NOFOLLOW` (and `O_EXCL` for new files)
+  relative to a directory opened with `O_NOFOLLOW`, atomic writes rename over the target only when it is not
+  a link, and a link where the suite writes raises `StoreLinkError` (a `UserError`) naming it;
+- no read follows a link or waits on a FIFO, and every read is bounded: a file larger than the suite writes
+  there (`MAX_BYTES`), JSON or YAML nested deeper than `MAX_DEPTH`, YAML with anchors or aliases (an
+  "alias bomb" of a few hundred bytes expands to gigabytes), JSON with NaN/Infinity literals (the suite
+  writes non-finite numbers as strings) and numbers out of their range make the run corrupt;
+- a full disk (`ENOSPC`/`EDQUOT`) while a run writes raises `DiskFullError`: the run stops with a message
+  and stays resumable from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -26,16 +37,26 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
+import stat
+import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import yaml
 
+from fisherbench.core.errors import UserError
 from fisherbench.core.status import RECORDED, Status
 
 ID_LENGTH = 16
+MiB = 1 << 20
+# the most bytes a reader accepts per file: generous multiples of what the suite writes there
+MAX_BYTES = {"config.yaml": MiB, "summary.json": MiB, "meta.json": 8 * MiB, "metrics.jsonl": 256 * MiB,
+             "json": 8 * MiB}
+MAX_ERROR_TAIL = 64 * 1024  # error.txt: only its end is ever shown
+MAX_DEPTH = 32  # nesting of a JSON/YAML store file (the suite writes at most ~6 levels)
+STALE_TEMP_S = 3600.0  # a temporary file of an atomic write this old belongs to a killed writer
 
 
 class CorruptRunError(Exception):
@@ -48,6 +69,66 @@ class CorruptRunError(Exception):
 
 class LockLostError(RuntimeError):
     """This process's run lock no longer names the lock file (deleted or replaced by someone else)."""
+
+
+class StoreLinkError(UserError):
+    """A symbolic link (or something else that is not a plain file or directory) sits where the suite writes."""
+
+    def __init__(self, path: Path | str, what: str = "a file") -> None:
+        super().__init__(
+            f"{path} is a symbolic link (or not a plain {'directory' if what == 'a directory' else 'file'}) where "
+            f"the suite writes {what}: refusing to follow it, since it could point at any file of yours. Nothing "
+            "was written through it. Remove it (and find out who planted it), or choose another results_dir.")
+        self.path = Path(path)
+
+
+class DiskFullError(RuntimeError):
+    """The disk (or quota) of the store is full: the run stopped and can be resumed once there is space."""
+
+    def __init__(self, path: Path | str, exc: BaseException) -> None:
+        super().__init__(
+            f"disk full while writing {path} ({getattr(exc, 'strerror', None) or exc}); the run is resumable: free "
+            "some space and launch the same command again (it resumes from its last checkpoint)")
+        self.path = Path(path)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError that says the device or the quota is full."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+# ------------------------------------------------------------------------------------------- numbers
+def finite_number(value: Any, lo: Optional[float] = None, hi: Optional[float] = None, *, integer: bool = False,
+                  lo_open: bool = False) -> bool:
+    """Whether `value` is a finite int/float (not a bool; an int when `integer`) within [lo, hi] ((lo, hi] when
+    `lo_open`). The one check for numbers read back from a store (ledgers, summaries, calibration caches)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        return False
+    if not math.isfinite(value):
+        return False
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        return False
+    return hi is None or value <= hi
+
+
+def check_number(path: Path | str, where: str, value: Any, lo: Optional[float] = None, hi: Optional[float] = None,
+                 *, integer: bool = False, lo_open: bool = False, optional: bool = False) -> Any:
+    """`value` when `finite_number(value, lo, hi, ...)` (or None when `optional`); else CorruptRunError naming
+    the file, the field and the range."""
+    if optional and value is None:
+        return None
+    if finite_number(value, lo, hi, integer=integer, lo_open=lo_open):
+        return value
+    lo_text = "-inf" if lo is None else f"{lo:g}"
+    hi_text = "inf" if hi is None else f"{hi:g}"
+    kind = "an integer" if integer else "a finite number"
+    raise CorruptRunError(Path(path), f"'{where}' is {_short_repr(value)}, expected {kind} in "
+                                      f"{'(' if lo_open else '['}{lo_text}, {hi_text}]")
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # ---------------------------------------------------------------------------------------------- identity
@@ -92,69 +173,336 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _open_dir(path: Path, below: Optional[Path] = None) -> int:
+    """An O_RDONLY descriptor of directory `path`, created where missing, opened without following a link in
+    any component below `below` (default: `path.parent`, i.e. only `path` itself is checked). `below` is the
+    store's root (or its parent): a results_dir that is itself a link is the user's choice and is followed."""
+    path = Path(path)
+    base = Path(below) if below is not None else path.parent
+    parts = path.relative_to(base).parts if path != base else ()
+    base.mkdir(parents=True, exist_ok=True)
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, name in enumerate(parts):
+            try:
+                os.mkdir(name, 0o777, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise StoreLinkError(base.joinpath(*parts[: i + 1]), "a directory") from None
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give a new file in this process
+def ensure_dir(path: Path, *, below: Optional[Path] = None) -> Path:
+    """Create directory `path` where missing and check that no component below `below` is a link (see
+    `_open_dir`); StoreLinkError otherwise. For directories whose files another library writes (SQLite)."""
+    os.close(_open_dir(Path(path), below))
+    return Path(path)
 
 
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+def refuse_link(path: Path, what: str = "a file") -> Path:
+    """`path` unless it exists and is not a regular file (a link, a FIFO, ...): then StoreLinkError."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return Path(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreLinkError(path, what)
+    return Path(path)
+
+
+def _refuse_link(dir_fd: int, name: str, path: Path, what: str) -> None:
+    """StoreLinkError when `name` in the directory exists and is not a regular file."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreLinkError(path, what)
+
+
+def remove_stale_temps(directory: Path, name: str, older_than: float = STALE_TEMP_S) -> list[str]:
+    """Remove `.<name>.*.tmp` in `directory` (temporary files of atomic writes of `name` whose writer was killed)
+    last modified more than `older_than` seconds ago (0: all of them, for a file only one process writes,
+    such as a checkpoint under its run's lock). Returns the names removed; links are removed, not followed."""
+    removed = []
+    prefix = f".{name}."
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode) or now - st.st_mtime < older_than:
+                continue
+            os.unlink(entry.path)
+            removed.append(entry.name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview, *, below: Optional[Path] = None,
+                       stale_temps_after: float = STALE_TEMP_S) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`.
 
-    `mkstemp` creates its file with mode 0600; it gets the umask's mode before the rename so that atomically
-    written files have the same permissions as appended ones.
+    Nothing follows a link: the directory is opened with O_NOFOLLOW (every component below `below`, see
+    `_open_dir`), the temporary file is created with O_EXCL|O_NOFOLLOW in it, and a `path` that is a link (or a
+    directory, a FIFO, ...) is refused with `StoreLinkError` before the rename. The file gets the umask's mode,
+    as `open()` would give it. Temporary files of earlier writes of `path` whose writer was killed are removed
+    (`remove_stale_temps`, those older than `stale_temps_after` seconds).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    path = Path(path)
+    dfd = _open_dir(path.parent, below)
     try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        remove_stale_temps(path.parent, path.name, stale_temps_after)
+        tmp = f".{path.name}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dfd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            _refuse_link(dfd, path.name, path, "a file")
+            os.replace(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+            raise
+    finally:
+        os.close(dfd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def open_append(path: Path, *, below: Optional[Path] = None) -> int:
+    """A descriptor of `path` opened for appending (created with the umask's mode if missing), without following
+    a link (see `atomic_write_bytes`); `StoreLinkError` for a link, a FIFO or anything else not a regular file."""
+    path = Path(path)
+    dfd = _open_dir(path.parent, below)
+    try:
+        try:  # O_NONBLOCK: a FIFO planted under the name must not block the open
+            fd = os.open(path.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, 0o666, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                raise StoreLinkError(path) from None
+            raise
+    finally:
+        os.close(dfd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StoreLinkError(path)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def append_text(path: Path, text: str, *, below: Optional[Path] = None) -> None:
+    """Append `text` to `path` in one write (`open_append`), then fsync."""
+    fd = open_append(path, below=below)
+    try:
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str, *, below: Optional[Path] = None) -> None:
     """`atomic_write_bytes` of UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), below=below)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=True, default=_json_default) + "\n")
+def atomic_write_json(path: Path, obj: Any, *, below: Optional[Path] = None) -> None:
+    atomic_write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=True, default=_json_default) + "\n",
+                      below=below)
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a value shared by two keys twice: store readers refuse anchors and aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.dump(obj, Dumper=_NoAliasDumper, sort_keys=False)
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def read_json(path: Path) -> Optional[Any]:
-    """The parsed JSON in `path`, or None when the file is missing or not JSON. The caller checks its type."""
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file `path`, read without following a link or opening a FIFO, at most `limit`
+    bytes. FileNotFoundError/NotADirectoryError when it is missing; CorruptRunError when it is a link, not a
+    regular file, larger than `limit` or unreadable."""
+    path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptRunError(path, "is a symbolic link (the suite never writes one; not followed)") from None
+        raise CorruptRunError(path, f"unreadable ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptRunError(path, "unreadable (not a regular file; the suite writes one there)")
+        if st.st_size > limit:
+            raise CorruptRunError(path, f"is {st.st_size} bytes, more than the {limit} a reader accepts there")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(limit + 1 - size, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise CorruptRunError(path, f"grew past the {limit} bytes a reader accepts there")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise CorruptRunError(path, f"unreadable ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
 
 
-def read_json_object(path: Path) -> Optional[dict[str, Any]]:
-    """`read_json` for files that must hold a JSON object: None when missing; CorruptRunError otherwise."""
+def read_tail(path: Path, limit: int = MAX_ERROR_TAIL) -> Optional[str]:
+    """The last `limit` bytes of the regular file `path` as text (undecodable bytes replaced), without following
+    a link; None when missing; CorruptRunError when it is a link or not a regular file."""
     try:
-        text = path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CorruptRunError(path, f"unreadable ({exc})") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptRunError(path, "is a symbolic link (the suite never writes one; not followed)") from None
+        raise CorruptRunError(path, f"unreadable ({exc.strerror or exc})") from None
     try:
-        obj = json.loads(text)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptRunError(path, "unreadable (not a regular file; the suite writes one there)")
+        os.lseek(fd, max(0, st.st_size - limit), os.SEEK_SET)
+        return os.read(fd, limit).decode("utf-8", errors="replace")
+    finally:
+        os.close(fd)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} (the suite writes non-finite numbers as strings)")
+
+
+def check_depth(obj: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether the dicts/lists of `obj` nest at most `limit` levels (checked without recursion)."""
+    stack = [(obj, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list, tuple)):
+            if depth >= limit:
+                return False
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return True
+
+
+def parse_json(path: Path, text: str | bytes) -> Any:
+    """`text` parsed as the store's JSON: no NaN/Infinity literals, at most MAX_DEPTH levels; CorruptRunError
+    otherwise."""
+    try:
+        obj = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise CorruptRunError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except ValueError as exc:
+        raise CorruptRunError(path, f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CorruptRunError(path, f"nested deeper than the {MAX_DEPTH} levels a reader accepts") from None
+    if not check_depth(obj):
+        raise CorruptRunError(path, f"nested deeper than the {MAX_DEPTH} levels a reader accepts")
+    return obj
+
+
+def read_json(path: Path, limit: Optional[int] = None) -> Optional[Any]:
+    """The parsed JSON in `path`, or None when the file is missing or not valid store JSON (a link, too large,
+    too deep, not JSON). The caller checks its type and numbers (`check_number`)."""
+    try:
+        return parse_json(path, read_bounded(path, limit or MAX_BYTES["json"]))
+    except (FileNotFoundError, NotADirectoryError, CorruptRunError):
+        return None
+
+
+def read_json_object(path: Path, limit: Optional[int] = None) -> Optional[dict[str, Any]]:
+    """`read_json` for files that must hold a JSON object: None when missing; CorruptRunError otherwise."""
+    try:
+        raw = read_bounded(path, limit or MAX_BYTES.get(Path(path).name, MAX_BYTES["json"]))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptRunError(path, f"unreadable ({exc})") from None
+    obj = parse_json(path, text)
     if not isinstance(obj, dict):
         raise CorruptRunError(path, f"holds a JSON {type(obj).__name__}, not an object")
     return obj
+
+
+class _StoreYamlLoader(yaml.SafeLoader):
+    """yaml.SafeLoader for store files: no anchors or aliases (the suite never writes them, and a few hundred
+    bytes of nested aliases expand into gigabytes), at most MAX_DEPTH levels of nesting (deeper input would
+    exhaust Python's recursion in the composer and in every reader after it)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases are not allowed in a store file",
+                                              event.start_mark)
+        if self._depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def parse_yaml(path: Path, text: str) -> Any:
+    """`text` parsed as a store YAML file (see `_StoreYamlLoader`); CorruptRunError when it is not one."""
+    try:
+        return yaml.load(text, Loader=_StoreYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise CorruptRunError(path, f"not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+    except RecursionError:
+        raise CorruptRunError(path, f"nested deeper than the {MAX_DEPTH} levels a reader accepts") from None
+
+
+def read_yaml_mapping(path: Path, limit: int = MAX_BYTES["config.yaml"]) -> Optional[dict[str, Any]]:
+    """The YAML mapping in the store file `path`: None when missing; CorruptRunError when it is a link, too
+    large, not UTF-8, not store YAML (anchors, aliases, too deep) or not a mapping."""
+    try:
+        raw = read_bounded(path, limit)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptRunError(path, f"unreadable ({exc})") from None
+    cfg = parse_yaml(path, text)
+    if not isinstance(cfg, dict):
+        raise CorruptRunError(path, f"holds a YAML {type(cfg).__name__}, not a mapping")
+    return cfg
 
 
 _NUMBER = (int, float)
@@ -205,10 +553,13 @@ def validate_summary(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
         raise CorruptRunError(path, str(exc)) from None
     if status not in RECORDED:  # running/unfinished/corrupt are states a reader infers, never written
         raise CorruptRunError(path, f"status '{status}' is never written to a summary")
-    for key in ("ledger",):
-        bad = [k for k, v in summary.get(key, {}).items() if not isinstance(v, _OPTIONAL_NUMBER)]
-        if bad:
-            raise CorruptRunError(path, f"'{key}' has non-numeric entries {bad}")
+    for key, value in summary.get("ledger", {}).items():  # seconds: a budget is charged from these
+        check_number(path, f"ledger.{key}", value, 0, optional=True)
+    for key, lo, integer in (("epochs_done", 0, False), ("steps", 0, True), ("steps_per_epoch", 0, True),
+                             ("peak_memory_bytes", 0, True), ("optimizer_state_bytes", 0, True),
+                             ("param_count", 0, True)):
+        if key in summary:
+            check_number(path, key, summary[key], lo, integer=integer, optional=True)
     for key in ("best", "final"):
         row = summary.get(key)
         if isinstance(row, dict):
@@ -220,6 +571,19 @@ def _check_row_values(path: Path, row: dict[str, Any], where: str) -> None:
     bad = [k for k, v in row.items() if not isinstance(v, (*_OPTIONAL_NUMBER, bool))]
     if bad:
         raise CorruptRunError(path, f"'{where}' has non-numeric metrics {bad[:5]}")
+
+
+# C0/C1 control characters and the Unicode bidirectional overrides (which reorder what a terminal shows)
+_CONTROL = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+            for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+_CONTROL_KEEP_LINES = {c: v for c, v in _CONTROL.items() if chr(c) not in "\n\t"}
+
+
+def printable(text: Any, lines: bool = True) -> str:
+    """`text` safe to print on a terminal: control characters (ESC sequences that move the cursor, retitle the
+    window or hide output, ...) written as `\\xNN`; newlines and tabs kept when `lines`. Names and contents
+    read from a store go through it before they are printed."""
+    return str(text).translate(_CONTROL_KEEP_LINES if lines else _CONTROL)
 
 
 def metric_value(value: Any) -> float:
@@ -255,31 +619,42 @@ class RunDir:
         return self.config_path.exists()
 
     # -- writing (only the process that holds the run's lock writes) -------------------------------------
+    # Every write goes through `atomic_write_*` / `append_text` with `below=` the store root: neither the run
+    # directory nor any file in it may be a link (StoreLinkError).
+    @property
+    def _below(self) -> Path:
+        return self.path.parent
+
     def create(self, config: dict[str, Any], meta: dict[str, Any]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.config_path, yaml.safe_dump(config, sort_keys=False))
-        atomic_write_json(self.meta_path, meta)
+        atomic_write_text(self.config_path, dump_yaml(config), below=self._below)
+        atomic_write_json(self.meta_path, meta, below=self._below)
 
     def update_meta(self, **fields: Any) -> None:
+        refuse_link(self.meta_path)  # a writer: a planted link is StoreLinkError, not a corrupt read
         meta = self.meta() or {}
         meta.update(fields)
-        atomic_write_json(self.meta_path, meta)
+        atomic_write_json(self.meta_path, meta, below=self._below)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         line = json.dumps(_clean(row), sort_keys=True, default=_json_default)
-        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        with os.fdopen(fd, "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_text(self.metrics_path, line + "\n", below=self._below)
 
     def truncate_metrics(self, keep_rows: int) -> None:
         """Keep the rows of the first `keep_rows` evaluations (resume: drop rows written after the checkpoint)."""
+        refuse_link(self.metrics_path)
         lines = [line for line, row in self._metric_lines() if row["eval"] < keep_rows]
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in lines))
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in lines), below=self._below)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_json(self.summary_path, summary)
+        atomic_write_json(self.summary_path, summary, below=self._below)
+
+    def write_error(self, text: str) -> None:
+        """error.txt: the traceback of a failed run (atomically, never through a link)."""
+        atomic_write_text(self.error_path, text, below=self._below)
+
+    def error_tail(self) -> Optional[str]:
+        """The end of error.txt (None when there is none); CorruptRunError when it is a link or not a file."""
+        return read_tail(self.error_path)
 
     # -- reading -------------------------------------------------------------------------------------------
     def _metric_lines(self) -> list[tuple[str, dict[str, Any]]]:
@@ -289,16 +664,16 @@ class RunDir:
         are skipped; two processes that once wrote the same run are de-duplicated by evaluation index.
         """
         try:
-            text = self.metrics_path.read_text()
+            text = read_bounded(self.metrics_path, MAX_BYTES["metrics.jsonl"]).decode("utf-8")
         except (FileNotFoundError, NotADirectoryError):
             return []
-        except (OSError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError as exc:
             raise CorruptRunError(self.metrics_path, f"unreadable ({exc})") from None
         by_index: dict[int, tuple[str, dict[str, Any]]] = {}
         for line in text.splitlines():
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+                row = parse_json(self.metrics_path, line)
+            except CorruptRunError:
                 continue
             if not isinstance(row, dict) or not isinstance(row.get("eval"), int) or isinstance(row["eval"], bool):
                 continue
@@ -319,20 +694,8 @@ class RunDir:
         return read_json_object(self.meta_path)
 
     def config(self) -> Optional[dict[str, Any]]:
-        """The resolved config; None when missing; CorruptRunError when it is not a YAML mapping."""
-        try:
-            text = self.config_path.read_text()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CorruptRunError(self.config_path, f"unreadable ({exc})") from None
-        try:
-            cfg = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise CorruptRunError(self.config_path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(cfg, dict):
-            raise CorruptRunError(self.config_path, f"holds a YAML {type(cfg).__name__}, not a mapping")
-        return cfg
+        """The resolved config; None when missing; CorruptRunError when it is not a store YAML mapping."""
+        return read_yaml_mapping(self.config_path)
 
     def status(self) -> Status:
         """Status from the summary; UNFINISHED when there is none; CORRUPT when it does not validate."""
@@ -361,12 +724,20 @@ def iter_run_dirs(root: Path | str) -> Iterator[RunDir]:
     if not root.is_dir():
         return
     for p in sorted(root.iterdir()):
-        if not p.name.startswith((".", "_")) and p.is_dir() and (p / "config.yaml").exists():
+        if not p.name.startswith((".", "_")) and p.is_dir() and os.path.lexists(p / "config.yaml"):
             yield RunDir(p)
 
 
 def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove the directory `path` and everything in it (nothing when missing). A link there is not the suite's:
+    StoreLinkError rather than removing the link and then writing where it pointed, or ignoring it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreLinkError(path, "a directory")
+    shutil.rmtree(path, ignore_errors=True)  # rmtree never follows links inside the tree
 
 
 # ------------------------------------------------------------------------------------------------- locks
@@ -393,7 +764,7 @@ class RunLock:
     def acquire(self) -> bool:
         """Take the lock if it is free; False if another process holds it."""
         for _ in range(100):  # retried only while other processes release/replace the file under us
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -413,6 +784,26 @@ class RunLock:
                 return True
             os.close(fd)  # we locked a file that was removed or replaced meanwhile: try the current one
         raise LockLostError(f"could not take the lock {self.path}: it keeps being replaced")
+
+    def _open(self) -> int:
+        """The lock file, created (O_EXCL) or opened without following a link (O_NOFOLLOW): run ids are predictable,
+        and a planted `.<run id>.lock -> victim` would otherwise have the victim truncated to our PID. A lock file
+        with another hard link is refused for the same reason."""
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            try:
+                fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                fd = os.open(self.path, flags)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.ENOTDIR):
+                raise StoreLinkError(self.path, "a run's lock file") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # 0: removed meanwhile (retried)
+            os.close(fd)
+            raise StoreLinkError(self.path, "a run's lock file")
+        return fd
 
     def verify(self) -> None:
         """Raise LockLostError unless the lock path still names the file this process locked."""
@@ -444,9 +835,13 @@ def lock_is_held(root: Path | str, rid: str) -> bool:
     """True when a process holds the run's lock (a probe that neither creates nor removes the lock file)."""
     path = Path(root) / f".{rid}.lock"
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
+    except OSError as exc:  # a link or a FIFO is nobody's lock (taking the lock then refuses it with a message)
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            return False
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

@@ -36,7 +36,15 @@ from fisherbench.core.env import configure_runtime, reset_peak_memory, resolve_d
 from fisherbench.core.errors import CorruptRunDirectoryError, UserError
 from fisherbench.core.modules import unwrap
 from fisherbench.core.status import EXIT_OK, EXIT_RUN_FAILED, RECORDED, OutcomeStatus, RunOutcome, Status
-from fisherbench.core.store import CorruptRunError, LockLostError, RunDir, RunLock, remove_tree
+from fisherbench.core.store import (
+    CorruptRunError,
+    DiskFullError,
+    LockLostError,
+    RunDir,
+    RunLock,
+    is_disk_full,
+    remove_tree,
+)
 from fisherbench.core.tasks import get_task
 from fisherbench.engine.build import autocast_factory, build_components, make_adapter, run_meta
 from fisherbench.engine.calibrate import describe, find_reference_run, match_budget, reference_budget
@@ -121,6 +129,10 @@ def run(cfg: DictConfig, on_trainer: Optional[Callable[[Trainer], None]] = None)
         return RunResult(root / rid, {"run_id": rid, "status": RunOutcome.RUNNING_ELSEWHERE, "skipped": True}, skipped=True)
     try:
         return _Run(cfg, info, device, rid, root, lock, identity.get("data_content")).execute(on_trainer)
+    except OSError as exc:
+        if is_disk_full(exc):  # wherever it happened: the run stays resumable (see DiskFullError)
+            raise DiskFullError(getattr(exc, "filename", None) or root / rid, exc) from None
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -298,12 +310,14 @@ class _Run:
             if state.status not in RECORDED:  # the loop returns only after deciding how the run ended
                 return Status.FAILED, f"bug: the training loop ended in state '{state.status}'"
             return state.status, None
-        except LockLostError:
+        except (LockLostError, UserError):  # UserError: e.g. a link planted where a checkpoint is written
             raise
         except torch.OutOfMemoryError:
             trainer.state.stop_reason = "out of memory"
             return Status.OOM, traceback.format_exc()
-        except Exception:  # noqa: BLE001 - any training failure is recorded as a result
+        except Exception as exc:  # noqa: BLE001 - any training failure is recorded as a result
+            if is_disk_full(exc):  # not the run's failure: it stops, resumable from its last checkpoint
+                raise DiskFullError(getattr(exc, "filename", None) or self.run_dir.path, exc) from None
             error = traceback.format_exc()
             trainer.state.stop_reason = error.strip().splitlines()[-1]
             return Status.FAILED, error
@@ -316,7 +330,7 @@ class _Run:
         try:
             self.guard()
             if error:
-                rd.error_path.write_text(error)
+                rd.write_error(error)
             else:
                 rd.error_path.unlink(missing_ok=True)
             rd.write_summary(summary)
@@ -326,6 +340,8 @@ class _Run:
                 trainer.save_checkpoint()
             self._promote_staging()
         except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(getattr(exc, "filename", None) or rd.path, exc) from None
             raise UserError(
                 f"could not record run {self.rid} in {rd.path} ({exc.strerror or exc}); the run stopped with status "
                 f"'{status}'. Free space / fix permissions and launch the same command again: it resumes from its "
@@ -367,7 +383,7 @@ class _Run:
             if not rd.exists():
                 remove_tree(rd.path)
                 rd.create(resolved_dict(cfg), {"argv": list(sys.argv), "started_at": utc_now()})
-            rd.error_path.write_text(error)
+            rd.write_error(error)
             rd.write_summary(summary)
         _log(f"bug: building run {self.rid} raised {last} (this is not a configuration problem; the traceback "
              f"is in {rd.error_path}; please report it)", self.info)

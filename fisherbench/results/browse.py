@@ -22,6 +22,7 @@ from fisherbench.core.config import TrainConfig
 from fisherbench.core.errors import UserError
 from fisherbench.core.scores import as_number, get_metric
 from fisherbench.core.status import EXIT_USER_ERROR
+from fisherbench.core.store import CorruptRunError, printable
 from fisherbench.results import trials
 from fisherbench.results.adhoc import _identity_items, default_metric
 from fisherbench.results.runs import (
@@ -37,6 +38,12 @@ from fisherbench.results.runs import (
 )
 from fisherbench.results.tables import format_columns
 from fisherbench.results.wandb_offline import print_run, resolve_run_files
+
+
+def _out(*parts: Any, **kwargs: Any) -> None:
+    """print() of text that may come from a store (run-directory names, configs, errors): control characters
+    are escaped (`printable`), so a planted name cannot drive the terminal."""
+    print(*(printable(p) for p in parts), **kwargs)
 
 
 def default_store() -> Path:
@@ -143,20 +150,20 @@ def cmd_ls(args) -> int:
     body += [[c.path.name, "?", "?", "?", *["?"] * len(keys), "?", "corrupt", "", "", ""] for c in unreadable]
     if args.limit:
         body = body[: args.limit]
-    print(format_columns(header, body))
+    _out(format_columns(header, body))
     counts: dict[str, int] = {}
     for r in runs:
         counts[r.status] = counts.get(r.status, 0) + 1
     for _ in unreadable:
         counts["corrupt"] = counts.get("corrupt", 0) + 1
-    print(f"\n{len(runs) + len(unreadable)} runs in {index.root}"
+    _out(f"\n{len(runs) + len(unreadable)} runs in {index.root}"
           + (f" matching {' '.join(w.text for w in where)}" if where else "") + ": "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     problems = [(r.run_dir.path, r.problem) for r in runs if r.problem] + [(c.path, c.problem) for c in unreadable]
     if problems:
-        print("\ncorrupt runs (left out of reports):")
+        _out("\ncorrupt runs (left out of reports):")
         for path, problem in problems:
-            print(f"  {path}: {problem}")
+            _out(f"  {path}: {problem}")
     return 0
 
 
@@ -169,43 +176,46 @@ def cmd_show(args) -> int:
     found = find_run(index, args.run)
     if isinstance(found, Path):
         problem = next(c.problem for c in index.corrupt if c.path == found)
-        print(f"run {found.name}  ({found})\nstatus: corrupt\nproblem: {problem}")
-        print("files: " + ", ".join(sorted(p.name for p in found.iterdir())))
+        _out(f"run {found.name}  ({found})\nstatus: corrupt\nproblem: {problem}")
+        _out("files: " + ", ".join(sorted(p.name for p in found.iterdir())))
         return 0
     r = found
-    print(f"run {r.run_id}  ({r.run_dir.path})")
-    print(f"status: {r.status}" + (f"\nproblem: {r.problem}" if r.problem else ""))
-    print("\nconfig:")
+    _out(f"run {r.run_id}  ({r.run_dir.path})")
+    _out(f"status: {r.status}" + (f"\nproblem: {r.problem}" if r.problem else ""))
+    _out("\nconfig:")
     for key, value in r.config.items():  # one line per group: `optimizer: name=adam lr=0.001 ...`
         if isinstance(value, dict):
-            print(f"  {key}: " + " ".join(f"{k}={value_text(v)}" for k, v in flatten(value).items()))
+            _out(f"  {key}: " + " ".join(f"{k}={value_text(v)}" for k, v in flatten(value).items()))
         else:
-            print(f"  {key}: {value_text(value)}")
+            _out(f"  {key}: {value_text(value)}")
     s = r.summary
     if s:
-        print("\nsummary:")
+        _out("\nsummary:")
         skip = {"best", "final", "choices", "ledger", "budget"}
         for k, v in s.items():
             if k not in skip and v not in (None, {}, []):
-                print(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+                _out(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
         for k in ("ledger", "budget"):
             if s.get(k):
-                print(f"  {k}: " + ", ".join(f"{a}={_fmt(b, 2)}" for a, b in s[k].items() if b is not None))
+                _out(f"  {k}: " + ", ".join(f"{a}={_fmt(b, 2)}" for a, b in s[k].items() if b is not None))
         for k in ("best", "final"):
             if s.get(k):
-                print(f"  {k}: " + ", ".join(f"{a}={_fmt(b)}" for a, b in s[k].items()))
+                _out(f"  {k}: " + ", ".join(f"{a}={_fmt(b)}" for a, b in s[k].items()))
     rows = r.rows()
-    print(f"\nmetrics: {len(rows)} evaluations" + (f"; the last {min(args.rows, len(rows))}:" if rows else ""))
+    _out(f"\nmetrics: {len(rows)} evaluations" + (f"; the last {min(args.rows, len(rows))}:" if rows else ""))
     if rows:
         keys = list(dict.fromkeys(k for row in rows for k in row if not k.startswith("opt/")))
         tail = rows[-args.rows:]
-        print(format_columns(keys, [[_fmt(row.get(k)) for k in keys] for row in tail]))
+        _out(format_columns(keys, [[_fmt(row.get(k)) for k in keys] for row in tail]))
     if r.problem:
-        print(f"\nproblem: {r.problem}")
-    err = r.run_dir.error_path
-    if err.exists():
-        lines = err.read_text(errors="replace").strip().splitlines()
-        print("\nerror.txt (last lines):\n  " + "\n  ".join(lines[-5:]))
+        _out(f"\nproblem: {r.problem}")
+    try:
+        tail = r.run_dir.error_tail()  # never through a link: a planted error.txt -> /etc/passwd is not shown
+    except CorruptRunError as exc:
+        _out(f"\nerror.txt: not shown ({exc.problem})")
+    else:
+        if tail is not None:
+            _out("\nerror.txt (last lines):\n  " + "\n  ".join(tail.strip().splitlines()[-5:]))
     return 0
 
 
@@ -225,7 +235,7 @@ def cmd_best(args) -> int:
         if v is not None and r.ok:
             groups.setdefault(tuple(value_text(r.get(k)) for k in keys), []).append((v, r))
     if not groups:
-        print(f"no finished run with {metric.name} in {index.root}")
+        _out(f"no finished run with {metric.name} in {index.root}")
         return 0
     sign = 1 if metric.higher_is_better else -1
     body = []
@@ -233,8 +243,8 @@ def cmd_best(args) -> int:
         scored = groups[group]
         v, r = max(scored, key=lambda vr: (sign * vr[0], vr[1].run_id))
         body.append([*group, r.run_id, str(r.seed), f"{v:.{metric.digits}f}", f"{len(scored)}", _train_s(r)])
-    print(f"best run per {', '.join(keys)} by {metric.label} ({'higher' if sign > 0 else 'lower'} is better):")
-    print(format_columns([*keys, "run", "seed", metric.name, "runs", "train s"], body))
+    _out(f"best run per {', '.join(keys)} by {metric.label} ({'higher' if sign > 0 else 'lower'} is better):")
+    _out(format_columns([*keys, "run", "seed", metric.name, "runs", "train s"], body))
     return 0
 
 
@@ -243,11 +253,11 @@ def cmd_trials(args) -> int:
     index = open_store(args.store)
     studies, problems = trials.from_store(index.root, index)
     for p in problems:
-        print(p, file=sys.stderr)
+        _out(p, file=sys.stderr)
     if not studies:
-        print(f"no Optuna studies in {index.root / '_optuna'}")
+        _out(f"no Optuna studies in {index.root / '_optuna'}")
     for s in studies:
-        print(trials.console(s) + "\n")
+        _out(trials.console(s) + "\n")
     return 0
 
 
@@ -321,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args))
     except UserError as exc:
-        print(f"[results] {exc}", file=sys.stderr)
+        _out(f"[results] {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # `python -m fisherbench results ls | head`
         return 0

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
+from urllib.parse import quote
 
 import yaml
 
@@ -68,41 +69,84 @@ def load_studies(db: Path | str, index: Optional[StoreIndex] = None,
                  study_name: Optional[str] = None) -> list[StudyReport]:
     """Every study in an Optuna SQLite file (or the one named), joined with the runs of `index`."""
     db = Path(db)
+    if db.is_symlink():
+        raise UserError(f"{db} is a symbolic link; a search writes a plain file there, and a link is not followed")
     if not db.is_file():
         raise UserError(f"no Optuna storage at {db} (a search writes <results_dir>/_optuna/<spec>.db)")
+    check_optuna_db(db)
     import optuna  # lazy: ~0.3 s to import; only stores with Optuna studies need it
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{db.resolve()}"
+    storage = read_only_storage(db)
     try:
         summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+        return [_study_report(optuna, storage, db, summary, index) for summary in summaries
+                if study_name is None or summary.study_name == study_name]
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/Optuna raise many types for a file that is not a study
-        raise UserError(f"{db} is not a readable Optuna storage ({type(exc).__name__}: {exc})") from None
-    out = []
-    for summary in summaries:
-        if study_name is not None and summary.study_name != study_name:
-            continue
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        reclaimed = {int(k.split("_", 1)[1]) for k in study.user_attrs if k.startswith(("reclaimed_", "retried_"))}
-        direction = "maximize" if study.direction == optuna.study.StudyDirection.MAXIMIZE else "minimize"
-        rows = []
-        for t in study.get_trials(deepcopy=False):
-            row = TrialRow(t.number, t.state.name, t.value, dict(t.params),
-                           {k for k, d in t.distributions.items() if getattr(d, "log", False)},
-                           [str(x) for x in t.user_attrs.get("run_ids") or []],
-                           [str(x) for x in t.user_attrs.get("statuses") or []])
-            if t.number in reclaimed:
-                row.note = "interrupted; re-queued"
-            elif t.user_attrs.get("retry_of") is not None:
-                row.note = f"retry of #{t.user_attrs['retry_of']}"
-            if index is not None:
-                _join_runs(row, index)
-            if not row.errors and t.user_attrs.get("error"):
-                row.errors = [str(t.user_attrs["error"])]
-            rows.append(row)
-        metric = study.user_attrs.get("metric")
-        out.append(StudyReport(summary.study_name, str(db), direction, rows, str(metric) if metric else None))
-    return out
+        raise UserError(f"{db} is not a readable Optuna storage ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+
+
+# the tables every Optuna RDB storage has (optuna/storages/_rdb/models.py); a reader checks them before Optuna
+# sees the file, since Optuna would otherwise create them in any SQLite file it is given
+OPTUNA_TABLES = frozenset({"studies", "study_directions", "trials", "trial_params", "trial_values", "version_info",
+                           "alembic_version"})
+
+
+def check_optuna_db(db: Path) -> None:
+    """UserError unless `db` is an SQLite file with Optuna's tables (opened read-only: nothing is written)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{quote(str(db.resolve()))}?mode=ro", uri=True)
+        try:
+            names = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise UserError(f"{db} is not a readable Optuna storage: not an SQLite database ({exc}). It was left "
+                        "unchanged; move it out of _optuna/.") from None
+    missing = OPTUNA_TABLES - names
+    if missing:
+        raise UserError(f"{db} is not a readable Optuna storage: an SQLite database without Optuna's tables "
+                        f"{', '.join(sorted(missing))}. It was left unchanged; move it out of _optuna/.")
+
+
+def read_only_storage(db: Path) -> Any:
+    """An Optuna storage on `db` that cannot write to it (SQLite's read-only URI mode)."""
+    import optuna
+
+    url = f"sqlite:///file:{quote(str(db.resolve()))}?mode=ro&uri=true"
+    return optuna.storages.RDBStorage(url, skip_compatibility_check=False)
+
+
+def _study_report(optuna: Any, storage: Any, db: Path, summary: Any,
+                  index: Optional[StoreIndex]) -> StudyReport:
+    """One study of the storage as a report, each trial joined with its runs in `index`."""
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    reclaimed = {int(k.split("_", 1)[1]) for k in study.user_attrs if k.startswith(("reclaimed_", "retried_"))}
+    direction = "maximize" if study.direction == optuna.study.StudyDirection.MAXIMIZE else "minimize"
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row = TrialRow(t.number, t.state.name, t.value, dict(t.params),
+                       {k for k, d in t.distributions.items() if getattr(d, "log", False)},
+                       [str(x) for x in t.user_attrs.get("run_ids") or []],
+                       [str(x) for x in t.user_attrs.get("statuses") or []])
+        if t.number in reclaimed:
+            row.note = "interrupted; re-queued"
+        elif t.user_attrs.get("retry_of") is not None:
+            row.note = f"retry of #{t.user_attrs['retry_of']}"
+        if index is not None:
+            _join_runs(row, index)
+        if not row.errors and t.user_attrs.get("error"):
+            row.errors = [str(t.user_attrs["error"])]
+        rows.append(row)
+    metric = study.user_attrs.get("metric")
+    return StudyReport(summary.study_name, str(db), direction, rows, str(metric) if metric else None)
+
+
 
 
 def _join_runs(row: TrialRow, index: StoreIndex) -> None:

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from fisherbench.core.env import idle_cores
+from fisherbench.core.orphans import child_env, die_with_parent_kwargs
 from fisherbench.core.outcome import OUTCOME_FILE_ENV, ProcessOutcome, read_outcome
 from fisherbench.core.status import (
     EXIT_INTERRUPTED,
@@ -48,7 +49,7 @@ from fisherbench.core.status import (
     RunOutcome,
     Status,
 )
-from fisherbench.core.store import CorruptRunError, RunDir, lock_is_held
+from fisherbench.core.store import CorruptRunError, RunDir, append_text, lock_is_held, open_append
 from fisherbench.sweep.expand import PlannedRun
 from fisherbench.sweep.overrides import override, shell_line
 
@@ -151,8 +152,9 @@ class Outcome:
 class EventLog:
     """Append-only JSONL of what the sweep did (one line per event, written atomically by O_APPEND)."""
 
-    def __init__(self, path: Path, out=None) -> None:
+    def __init__(self, path: Path, out=None, below: Optional[Path] = None) -> None:
         self.path = path
+        self.below = below  # the store root: no directory between it and the log may be a link
         self.out = out or sys.stderr
         self._lock = threading.Lock()
         self._warned = False
@@ -163,12 +165,7 @@ class EventLog:
         line = json.dumps(event, sort_keys=True, default=str) + "\n"
         with self._lock:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-                try:
-                    os.write(fd, line.encode())
-                finally:
-                    os.close(fd)
+                append_text(self.path, line, below=self.below)  # never through a planted link
             except OSError as exc:
                 if not self._warned:
                     self._warned = True
@@ -219,7 +216,8 @@ class LocalRunner:
         self.extra_args = list(extra_args)
         self.out = out or sys.stdout
         self.extra_env = dict(env or {})
-        self.events = EventLog(self.results_dir / SWEEP_SUBDIR / f"{sweep_name}.events.jsonl", self.out)
+        self.events = EventLog(self.results_dir / SWEEP_SUBDIR / f"{sweep_name}.events.jsonl", self.out,
+                               below=self.results_dir)
         self.log_dir = self.results_dir / SWEEP_SUBDIR / "logs"
         self._procs: dict[str, subprocess.Popen] = {}
         self._procs_lock = threading.Lock()
@@ -334,14 +332,15 @@ class LocalRunner:
         t0 = time.time()
         outcome_path = self.log_dir / f"{run.run_id}.outcome.json"
         outcome_path.unlink(missing_ok=True)  # a previous attempt's file says nothing about this one
-        with open(log_path, "a") as log:
+        with os.fdopen(open_append(log_path, below=self.results_dir), "a") as log:  # never through a link
             log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {worker.name}: {shell_line(cmd)}\n")
             log.flush()
             env = {**worker.env(), **self.extra_env}
             env["PYTHONPATH"] = os.pathsep.join(x for x in (PACKAGE_PARENT, env.get("PYTHONPATH")) if x)
             env[OUTCOME_FILE_ENV] = str(outcome_path)  # how the run ended, as data (its output is for people)
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                    start_new_session=True)
+            # the child stops (SIGTERM: it checkpoints) when this process dies, even of SIGKILL
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env=child_env(env), start_new_session=True, **die_with_parent_kwargs())
             with self._procs_lock:
                 self._procs[run.run_id] = proc
                 stopping = self._stop.is_set()

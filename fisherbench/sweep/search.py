@@ -48,6 +48,7 @@ import optuna
 
 from fisherbench.core.errors import UserError
 from fisherbench.core.status import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, SUCCESS, RunOutcome, Status
+from fisherbench.core.store import ensure_dir, refuse_link
 from fisherbench.engine.identity import run_id_of
 from fisherbench.sweep.expand import PlannedRun, compose_cell, hydra_context
 from fisherbench.sweep.inprocess import InProcessRunner
@@ -248,9 +249,10 @@ def run_search(spec: SweepSpec, results_dir: Path, user_overrides: Sequence[str]
     metric = selection.metric
 
     results_dir = Path(results_dir)
-    if storage is None:
-        (results_dir / "_optuna").mkdir(parents=True, exist_ok=True)
-        storage = f"sqlite:///{results_dir / '_optuna' / (spec.name + '.db')}"
+    if storage is None:  # SQLite follows links: neither _optuna/ nor the database may be one (StoreLinkError)
+        db = refuse_link(ensure_dir(results_dir / "_optuna", below=results_dir) / (spec.name + ".db"),
+                         "an Optuna study")
+        storage = f"sqlite:///{db}"
     study_name = f"{spec.name}:{cell.row}:{cell.column}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(

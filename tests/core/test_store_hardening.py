@@ -233,14 +233,15 @@ def test_disk_full_while_writing_the_summary_is_a_message(tmp_path, monkeypatch)
 
     import fisherbench.core.store as store
 
-    def full(path, obj):
+    def full(path, obj, **kw):
         if Path(path).name == "summary.json":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, obj)
+        return real(path, obj, **kw)
 
     real = store.atomic_write_json
     monkeypatch.setattr(store, "atomic_write_json", full)
-    with pytest.raises(UserError, match="No space left on device.*launch the same command again"):
+    with pytest.raises(store.DiskFullError, match="disk full.*No space left on device.*the run is resumable.*"
+                                                  "launch the same command again"):
         run(_cfg(tmp_path))
     monkeypatch.setattr(store, "atomic_write_json", real)
     assert run(_cfg(tmp_path)).status == "completed"  # and the next launch records it

@@ -65,7 +65,7 @@ LOAD = textwrap.dedent("""
 
 def test_the_dtype_payload_is_refused_never_a_segfault(tmp_path):
     paths = []
-    for i, (name, blob) in enumerate(_payloads()):
+    for i, (_name, blob) in enumerate(_payloads()):
         path = tmp_path / f"payload{i}" / "batches.meta"
         path.parent.mkdir()
         path.write_bytes(blob)
