@@ -1,6 +1,9 @@
 """The dataset registry: config name -> builder returning a `DataBundle` of deterministic batch sources."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +92,21 @@ DATASETS: Registry = Registry("data")
 # dataset name -> function(options) -> fingerprint of the content of the files it reads (fisherbench.data.content)
 _CONTENT: dict[str, Callable[[Any], str]] = {}
 MISSING_CONTENT = "missing"  # data_content(required=False) of data that is not there and cannot be fetched
+_MEMO: Optional[dict[str, Optional[str]]] = None  # see `unchanged_data`
+
+
+@contextlib.contextmanager
+def unchanged_data() -> Iterator[None]:
+    """Within this block the data is taken as unchanged: `data_content` is computed once per dataset and options.
+
+    For planning a sweep, whose runs share a few datasets: without it every run's id would list and `stat`
+    the dataset again (seconds per run for ImageNet). A run itself always computes its own."""
+    global _MEMO
+    outer, _MEMO = _MEMO, ({} if _MEMO is None else _MEMO)
+    try:
+        yield
+    finally:
+        _MEMO = outer
 
 
 def content_function(name: str) -> Callable[[Callable[[Any], str]], Callable[[Any], str]]:
@@ -114,12 +132,19 @@ def data_content(options: Any, *, required: bool = True) -> Optional[str]:
     fn = _CONTENT.get(name)
     if fn is None:
         return None
+    opts = options_from(DATASETS.get(name).schema, options)
+    key = json.dumps(dataclasses.asdict(opts), sort_keys=True, default=str) + f"|{required}"
+    if _MEMO is not None and key in _MEMO:
+        return _MEMO[key]
     try:
-        return fn(options_from(DATASETS.get(name).schema, options))
+        content = fn(opts)
     except UserError:
         if required:
             raise
-        return MISSING_CONTENT
+        content = MISSING_CONTENT
+    if _MEMO is not None:
+        _MEMO[key] = content
+    return content
 
 
 def default_root() -> Path:

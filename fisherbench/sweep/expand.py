@@ -133,12 +133,13 @@ def expand(
 ) -> list[PlannedRun]:
     """The runs of a sweep, cell by cell (spec order), seeds innermost."""
     # lazy: engine pulls in torch and every model (~4 s); every sweep command, --list too, imports this module
+    from fisherbench.data.registry import unchanged_data
     from fisherbench.engine.identity import run_id_of
 
     cells = spec.cells(arm_sets, rows, columns)
     seeds = list(spec.seeds if seeds is None else seeds)
     runs: list[PlannedRun] = []
-    with hydra_context():
+    with hydra_context(), unchanged_data():  # each dataset's content hashed (or stat-checked) once for the plan
         for i, cell in enumerate(cells):
             composed = compose_cell(spec, cell, wct_mode, user_overrides)
             for seed in seeds:

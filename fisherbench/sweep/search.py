@@ -49,6 +49,7 @@ import optuna
 from fisherbench.core.errors import UserError
 from fisherbench.core.status import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, SUCCESS, RunOutcome, Status
 from fisherbench.core.store import ensure_dir, refuse_link
+from fisherbench.data.registry import unchanged_data
 from fisherbench.engine.identity import run_id_of
 from fisherbench.sweep.expand import PlannedRun, compose_cell, hydra_context
 from fisherbench.sweep.inprocess import InProcessRunner
@@ -145,10 +146,11 @@ def trial_runs(spec: SweepSpec, cell, params: dict[str, Any], seeds: Sequence[in
     with hydra_context():
         composed = compose_cell(spec, cell, wct_mode, merge_overrides(search_overrides, user_overrides, param_ovs))
     runs = []
-    for seed in seeds:
-        cfg = composed.config.copy()
-        cfg.seed = int(seed)
-        runs.append(PlannedRun(cell, int(seed), [*composed.overrides, f"seed={seed}"], run_id_of(cfg), cfg))
+    with unchanged_data():  # the seeds share the data: its content is checked once
+        for seed in seeds:
+            cfg = composed.config.copy()
+            cfg.seed = int(seed)
+            runs.append(PlannedRun(cell, int(seed), [*composed.overrides, f"seed={seed}"], run_id_of(cfg), cfg))
     return runs
 
 

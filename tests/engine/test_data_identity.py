@@ -145,3 +145,17 @@ def test_planning_without_the_data_lists_the_run_and_a_run_needs_it(tmp_path):
     assert run_id_of(cfg) != run_id_of(compose_config([*MODEL, "data=mnist5k"]))  # planned, data absent
     with pytest.raises(UserError, match="cifar10"):
         run_id_of(cfg, data_required=True)
+
+
+def test_planning_a_sweep_checks_each_dataset_once(tmp_path, monkeypatch):
+    """Planning computes every run's id; within `unchanged_data()` (sweep expansion) a dataset's content is
+    computed once for all its runs, while a run computes its own every time."""
+    root = make_user_images(tmp_path / "imgs", {"train": 3, "test": 1})
+    calls = []
+    real = registry._CONTENT["image_folder"]
+    monkeypatch.setitem(registry._CONTENT, "image_folder", lambda opts: calls.append(1) or real(opts))
+    cfgs = [compose_config(_images(tmp_path, root, f"seed={s}")) for s in range(3)]
+    with registry.unchanged_data():
+        ids = [run_id_of(c) for c in cfgs]
+    assert len(calls) == 1 and len(set(ids)) == 3
+    assert [run_id_of(c) for c in cfgs] == ids and len(calls) == 4
