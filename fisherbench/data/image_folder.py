@@ -414,7 +414,13 @@ def scan_images(root: Path, paths: Sequence[str], cache_dir: Path, check: str) -
     old = old if isinstance(old, dict) else {}
     entries, changed = {}, False
     for path, rel in zip(paths, relative_paths(root, paths)):
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc:  # removed (or made unreadable) since it was listed: reported with the bad files
+            entries[rel] = {"size": -1, "mtime_ns": -1, "ino": -1, "ctime_ns": -1, "sha256": "", "w": 0, "h": 0,
+                            "error": f"{type(exc).__name__}: {exc.strerror or exc}", "check": check}
+            changed = True
+            continue
         e = old.get(rel)
         if (type(e) is dict and e.get("size") == st.st_size and e.get("mtime_ns") == st.st_mtime_ns
                 and e.get("ino") == st.st_ino and e.get("ctime_ns") == st.st_ctime_ns

@@ -163,3 +163,10 @@ def test_no_warning_for_a_clean_tree(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         build_data(opts(root, tmp_path))
+
+
+def test_a_file_removed_after_listing_is_reported_not_a_crash(tmp_path):
+    root = make_user_images(tmp_path / "imgs", {"train": 1, "test": 1})
+    gone = str(root / "train" / "cat" / "gone.png")
+    scan = imf.scan_images(root, [gone], tmp_path / "cache", "decode")
+    assert "FileNotFoundError" in scan.errors(["train/cat/gone.png"])["train/cat/gone.png"]
