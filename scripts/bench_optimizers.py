@@ -7,7 +7,7 @@ Every name is an option of the `optimizer` config group (`fisherbench/configs/op
 Hydra exactly as a training run would and built through `optim.build_optimizer`; nothing here knows any
 particular optimizer.
 
-Timing is the WCT protocol's own measurement, `engine.calibrate.measure` (the one `budget=reference` uses,
+Timing is the WCT protocol's own measurement, `engine.calibration_measure.measure` (the one `budget=reference` uses,
 docs/wall-clock.md): every arm alive in one process, warmed up past its first curvature step, then timed in
 blocks of two periods per arm in ABBA order (A B C C B A, rotated per block), a period being whole curvature
 periods of the arm's *configured* interval (and at least `--min-period-steps`); steps run back to back as in
@@ -42,7 +42,7 @@ import torch
 from fisherbench import models, optim
 from fisherbench.core.env import compile_model, prepare_model, to_channels_last
 from fisherbench.core.tasks import get_task
-from fisherbench.engine import calibrate as cal
+from fisherbench.engine import calibration_measure as cal
 from fisherbench.engine.compose import load_group_option
 
 MEMORY_PERIOD = 2  # the memory pass runs periodic arms with every other step a curvature step
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         m = measured["arms"][arm.name]
         timing[arm.name] = {"ordinary_s": m["ordinary_s"], "curvature_s": m["curvature_s"],
                             "amortised_s": m["amortised_s"], "period": m["period"],
-                            "steps_per_period": m["steps_per_period"], "timed_steps": m["timed_steps"],
+                            "steps_per_visit": m["steps_per_visit"], "timed_steps": m["timed_steps"],
                             "block_step_s": m["block_step_s"]}
     del arms
     gc.collect()
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for n in names:
         t, mem = timing[n], memory.get(n, {})
-        vs = cal.ratio_interval(t["block_step_s"], ref_t["block_step_s"]) if n != reference else None
+        vs = cal.ratio_of(t["block_step_s"], ref_t["block_step_s"]) if n != reference else None
         rows.append({
             "optimizer": n,
             **t,
@@ -265,7 +265,7 @@ def markdown(result: dict[str, Any]) -> str:
     ref = result["reference"]
     lines = [
         f"{result['model']}, batch {result['batch_size']}, {result['device']}, {result['threads']} threads, "
-        f"{result['precision']}, {result['blocks']} ABBA blocks (engine.calibrate.measure, the WCT protocol's "
+        f"{result['precision']}, {result['blocks']} ABBA blocks (engine.calibration_measure.measure, the WCT protocol's "
         f"measurement); ratios to `{ref}` (amortised: per-block geometric mean, 95% CI).",
         "",
         f"| optimizer | ordinary step ms | curvature step ms | curvature / ordinary | amortised ms (period) "
@@ -307,7 +307,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=120,
                    help="timed steps per arm (at least; periods are whole curvature periods)")
     p.add_argument("--rounds", type=int, default=None, dest="blocks_alias",
-                   help="(old name) sets --blocks; timing now follows engine.calibrate.measure")
+                   help="(old name) sets --blocks; timing now follows engine.calibration_measure.measure")
     p.add_argument("--min-period-steps", type=int, default=None,
                    help="shortest run of consecutive steps per arm (default: 32 on CUDA, 1 on CPU)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first (at least one period + 1)")
@@ -321,7 +321,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.blocks_alias is not None:
-        print("bench_optimizers: --rounds is the old name of --blocks (ABBA blocks of engine.calibrate.measure)",
+        print("bench_optimizers: --rounds is the old name of --blocks (ABBA blocks of engine.calibration_measure.measure)",
               file=sys.stderr)
         args.blocks = max(2, args.blocks_alias)
     return args

@@ -90,6 +90,7 @@ class BudgetConfig:
     # "adafisher") needs for `reference_epochs` epochs on this machine (the paper's WCT protocol), as
     # estimated by an interleaved calibration (fisherbench/engine/calibrate.py); the derived arm is budgeted in steps.
     reference_optimizer: Optional[str] = None
+    # E, fractional allowed: the reference trains round(E x steps per epoch) steps
     reference_epochs: Optional[float] = in_range(None, gt=0)
     # match: train for exactly the measured `train_s` of a finished reference run in the store, on the same
     # machine kind: `match_run` names it (a run id); without it, the reference run of this cell is looked up
@@ -100,15 +101,22 @@ class BudgetConfig:
     # calibrates; `match` requires the reference run. The method used is recorded (reference_budget.method),
     # and a resumed run keeps the method it started with.
     reference_method: str = "auto"
-    # Calibration effort. Part of the run identity (a derived budget depends on them) and of the calibration
-    # cache key: at least `calibration_steps` timed steps per arm, in at least `calibration_blocks` (>= 3) ABBA
-    # blocks of whole curvature periods (fisherbench/engine/calibrate.py says how they are laid out).
+    # Calibration effort of the first look. Part of the run identity (a derived budget depends on them) and of
+    # the calibration cache key: at least `calibration_steps` timed steps per arm, in at least
+    # `calibration_blocks` (>= 6) ABBA blocks of whole curvature periods (docs/wall-clock.md says how they are
+    # laid out and when more blocks are measured).
     calibration_steps: int = 320
-    calibration_blocks: int = 3
+    calibration_blocks: int = 6
+    # The sequential rule: more blocks until the ratio's 95% CI half-width is <= `calibration_tolerance`
+    # (relative; 0.02 = 2%), or stop with exit 2 when the cap `calibration_max_s` (seconds; null: 10% of the
+    # reference's time for its E epochs, estimated from the warm-up) would be passed. How precisely a budget is
+    # estimated, not what it estimates: not part of the run identity.
+    calibration_tolerance: float = not_identity(0.02)
+    calibration_max_s: Optional[float] = not_identity(None)
     calibration_warmup: int = 3  # untimed steps per arm first (at least one curvature period + 1 is used)
     recalibrate: bool = not_identity(False)  # ignore a cached calibration for the same (machine, model, data, optimizers)
-    # untimed warm-up steps (cudnn autotune, allocator, compile) on a throw-away copy of the model/optimizer
-    warmup_steps: int = 0
+    # untimed warm-up steps (cudnn autotune, allocator, compile), whose effects on the model/optimizer are undone
+    warmup_steps: int = 0  # at least 1 is always taken (2 with compile): one-off costs never land in train_s
 
 
 @dataclass
@@ -313,9 +321,17 @@ def validate(cfg: Any) -> None:
         raise UserError("budget.mode=reference needs budget.reference_optimizer (an optimizer config, e.g. adafisher)")
     if b.calibration_steps < 2 or b.calibration_warmup < 0 or b.warmup_steps < 0:
         raise UserError("budget.calibration_steps must be >= 2 and the warm-up counts >= 0")
-    if b.calibration_blocks < 3:
-        raise UserError(f"budget.calibration_blocks must be >= 3 (a confidence interval needs them), got "
-                        f"{b.calibration_blocks}")
+    if b.calibration_blocks < 6:
+        raise UserError(f"budget.calibration_blocks must be >= 6 (the interval's first look needs 5 degrees of "
+                        f"freedom), got {b.calibration_blocks}")
+    if not (0 < b.calibration_tolerance < math.inf):  # also refuses nan
+        raise UserError(f"budget.calibration_tolerance must be a positive relative half-width, e.g. 0.02 for "
+                        f"±2%; got {b.calibration_tolerance}")
+    if b.calibration_max_s is not None and not (0 < b.calibration_max_s < math.inf):
+        raise UserError(f"budget.calibration_max_s must be a positive number of seconds (or null: 10% of the "
+                        f"reference's estimated time); got {b.calibration_max_s}")
+    if b.mode in ("reference", "match") and b.reference_epochs is not None and not math.isfinite(b.reference_epochs):
+        raise UserError(f"budget.reference_epochs must be a finite number of epochs; got {b.reference_epochs}")
     if cfg.check_every < 1:
         raise UserError(f"check_every must be >= 1, got {cfg.check_every}")
     if not (cfg.threads is None or cfg.threads == "auto"

@@ -527,6 +527,8 @@ SUMMARY_FIELDS: dict[str, tuple[type, ...]] = {
     "steps": (int,),
     "steps_per_epoch": (int,),
     "ledger": (dict,),
+    "step_s": (float, int, type(None)),
+    "load_avg": (list,),
     "budget": (dict,),
     "peak_memory_bytes": (int, type(None)),
     "optimizer_state_bytes": (int, type(None)),

@@ -29,10 +29,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fisherbench.core import checkpoint as ckpt
-from fisherbench.core.budget import plan_budget
+from fisherbench.core.budget import DerivedBudget, plan_budget
 from fisherbench.core.config import validate
 from fisherbench.core.distributed import DistInfo, broadcast_object, init_from_env
-from fisherbench.core.env import configure_runtime, reset_peak_memory, resolve_device, seed_everything
+from fisherbench.core.env import configure_runtime, load_average, reset_peak_memory, resolve_device, seed_everything
 from fisherbench.core.errors import CorruptRunDirectoryError, UserError
 from fisherbench.core.modules import unwrap
 from fisherbench.core.status import EXIT_OK, EXIT_RUN_FAILED, RECORDED, OutcomeStatus, RunOutcome, Status
@@ -42,15 +42,18 @@ from fisherbench.core.store import (
     LockLostError,
     RunDir,
     RunLock,
+    atomic_write_json,
     is_disk_full,
     remove_tree,
 )
 from fisherbench.core.tasks import get_task
 from fisherbench.engine.build import autocast_factory, build_components, make_adapter, run_meta
-from fisherbench.engine.calibrate import describe, find_reference_run, match_budget, reference_budget
+from fisherbench.engine.calibrate import RUN_FILE as CALIBRATION_FILE
+from fisherbench.engine.calibrate import describe, reference_budget
 from fisherbench.engine.identity import resolved_dict, run_identity
 from fisherbench.engine.labels import line_tag
 from fisherbench.engine.loggers import make_logger
+from fisherbench.engine.match import find_reference_run, match_budget
 from fisherbench.engine.summary import flat, make_summary, utc_now
 from fisherbench.engine.trainer import Trainer
 from fisherbench.models.registry import count_parameters
@@ -146,7 +149,8 @@ class _Run:
         self.cfg, self.info, self.device, self.rid, self.root, self.lock = cfg, info, device, rid, root, lock
         self.final_dir = RunDir(root / rid)
         self.run_dir = self.final_dir  # the directory this attempt writes (a staging one under overwrite)
-        self.derived: Optional[dict[str, Any]] = None
+        self.derived: Optional[DerivedBudget] = None
+        self.load_avg_start: Optional[float] = None
         self.data_content = data_content  # the identity's content fingerprint of the data (None: fixed content)
 
     def guard(self) -> None:
@@ -219,14 +223,16 @@ class _Run:
             raise UserError(f"selection.metric={cfg.selection.metric}: data '{cfg.data.name}' has no '{split}' "
                             f"split; it evaluates {', '.join(bundle.evals)}{hint}")
         if cfg.budget.mode == "reference" and broadcast_object(info.is_main and self._match_reference(), info):
-            derived = match_budget(cfg, self.root, device, log=lambda m: _log(m, info)) if info.is_main else None
+            derived = (match_budget(cfg, self.root, device, steps_per_epoch, log=lambda m: _log(m, info))
+                       if info.is_main else None)
             self.derived = broadcast_object(derived, info)
             _log(describe(self.derived, cfg.optimizer.name), info)
         elif cfg.budget.mode == "reference":
             self.derived = broadcast_object(
                 reference_budget(cfg, bundle, parts.build_model, device, log=lambda m: _log(m, info)), info)
-        elif cfg.budget.mode == "match":  # the measured train_s of a finished reference run (fisherbench/engine/calibrate.py)
-            derived = match_budget(cfg, self.root, device, log=lambda m: _log(m, info)) if info.is_main else None
+        elif cfg.budget.mode == "match":  # the measured train_s of a finished reference run (engine/match.py)
+            derived = (match_budget(cfg, self.root, device, steps_per_epoch, log=lambda m: _log(m, info))
+                       if info.is_main else None)
             self.derived = broadcast_object(derived, info)
             _log(describe(self.derived, cfg.optimizer.name), info)
         plan = plan_budget(cfg.budget, steps_per_epoch, self.derived)
@@ -300,11 +306,16 @@ class _Run:
             meta = rd.meta() or {}
             rd.update_meta(budget_plan=trainer.plan.as_dict(), resumed=resumed,
                            resume_count=int(meta.get("resume_count", 0) or 0) + int(resumed))
+            if self.derived is not None and self.derived.record is not None:
+                # the raw block times stay with the run (the cache may be recalibrated over)
+                self.guard()
+                atomic_write_json(rd.path / CALIBRATION_FILE, self.derived.record)
         trainer.run_dir = rd if info.is_main else None
         return resumed
 
     def _train(self, trainer: Trainer) -> tuple[Status, Optional[str]]:
         reset_peak_memory(self.device)
+        self.load_avg_start = load_average()  # summary.json `load_avg` (a matched pair compares the loads)
         try:
             state = trainer.fit()
             if state.status not in RECORDED:  # the loop returns only after deciding how the run ended
@@ -324,7 +335,8 @@ class _Run:
 
     def _record(self, trainer: Trainer, status: Status, error: Optional[str], param_count: int) -> RunResult:
         cfg, info, rd = self.cfg, self.info, self.run_dir
-        summary = make_summary(cfg, trainer, status, self.rid, param_count, error, self.device, self.derived)
+        summary = make_summary(cfg, trainer, status, self.rid, param_count, error, self.device, self.derived,
+                               load_avg_start=self.load_avg_start)
         if not info.is_main:
             return RunResult(self.final_dir.path, summary)
         try:
@@ -390,7 +402,7 @@ class _Run:
         return RunResult(rd.path, summary)
 
 
-def calibrate(cfg: DictConfig) -> dict[str, Any]:
+def calibrate(cfg: DictConfig) -> DerivedBudget:
     """Calibrate a `budget=reference` config on this machine without training it (sweeps' --calibrate).
 
     The result is cached under `results_dir/_calibration/`, where the run itself will find it.

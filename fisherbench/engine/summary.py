@@ -4,8 +4,9 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any, Optional
 
+from fisherbench.core.budget import DerivedBudget
 from fisherbench.core.distributed import all_gather_object
-from fisherbench.core.env import peak_memory_bytes
+from fisherbench.core.env import load_average, peak_memory_bytes
 from fisherbench.core.modules import params_sha256
 from fisherbench.core.status import SUCCESS, Status
 from fisherbench.engine.labels import line_tag
@@ -28,7 +29,8 @@ def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def make_summary(cfg: Any, trainer: Any, status: Status, rid: str, param_count: int, error: Optional[str],
-                 device: Any, derived: Optional[dict[str, Any]]) -> dict[str, Any]:
+                 device: Any, derived: Optional[DerivedBudget], load_avg_start: Optional[float] = None,
+                 ) -> dict[str, Any]:
     """The content of `summary.json` for a run that stopped with `status` (`trainer` is an engine Trainer)."""
     st, task = trainer.state, trainer.task
     select, higher_is_better = trainer.selection
@@ -51,6 +53,10 @@ def make_summary(cfg: Any, trainer: Any, status: Status, rid: str, param_count: 
         "steps": st.step,
         "steps_per_epoch": trainer.steps_per_epoch,
         "ledger": trainer.ledger.as_dict(),
+        # what a matched pair compares (docs/wall-clock.md): time per step on the budget clock, and the machine's
+        # 1-minute load average when training started and ended
+        "step_s": trainer.ledger.train_s / st.step if st.step else None,
+        "load_avg": [load_avg_start, load_average()],
         "budget": trainer.plan.as_dict(),
         "peak_memory_bytes": peak_memory_bytes(device),
         "optimizer_state_bytes": trainer.adapter.state_bytes(),
@@ -60,8 +66,8 @@ def make_summary(cfg: Any, trainer: Any, status: Status, rid: str, param_count: 
         "error": error.strip().splitlines()[-1] if error else None,
         "finished_at": utc_now(),
     }
-    if derived is not None:
-        summary["reference_budget"] = {k: v for k, v in derived.items() if k != "calibration"}
+    if derived is not None:  # the typed record (docs/wall-clock.md lists its fields); raw blocks: calibration.json
+        summary["reference_budget"] = derived.as_dict()
     if trainer.dist.enabled:  # replicas must agree; record every rank's parameter hash to prove it
         summary["world_size"] = trainer.dist.world_size
         summary["rank_params_sha256"] = all_gather_object(summary["final_params_sha256"], trainer.dist)

@@ -17,7 +17,12 @@ from omegaconf import OmegaConf
 from fisherbench.core.env import resolve_device
 from fisherbench.core.status import FINAL, Status
 from fisherbench.core.store import CorruptRunError, RunDir, read_json
-from fisherbench.engine.calibrate import calibration_key, epochs_from_calibration  # the runs' own cache key and formula
+from fisherbench.engine.calibrate import (  # the runs' own cache key, checks and formula
+    calibration_key,
+    epochs_from_calibration,
+    estimate_of,
+    record_problem,
+)
 from fisherbench.engine.compose import load_group_option
 from fisherbench.sweep.expand import PlannedRun
 from fisherbench.sweep.spec import SweepSpec
@@ -28,7 +33,7 @@ class Estimate:
     run: PlannedRun
     store: str  # status in the store, `unfinished`, or `-` (not started)
     epochs: Optional[float]
-    epochs_source: str  # budget | run | seed N | calibration | paper | ?
+    epochs_source: str  # budget | run | seed N | calibration | paper | paper, scaled | ?
     hours: Optional[float]  # estimated wall-clock hours of the whole run (per GPU group)
     hours_source: str
 
@@ -60,7 +65,8 @@ class _Calibrations:
                 self._device = resolve_device(cfg.device)
             except ValueError:
                 return None
-        return read_json(self.dir / f"{calibration_key(cfg, self._refs[ref], self._device)}.json")
+        record = read_json(self.dir / f"{calibration_key(cfg, self._refs[ref], self._device)}.json")
+        return record if record_problem(record) is None else None  # a damaged cache estimates nothing
 
 
 def _epoch_seconds_from_run(rd: RunDir) -> Optional[float]:
@@ -134,14 +140,18 @@ def estimate(spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path, npr
                     break
             if epochs is None:
                 calib = cal.lookup(r.config)
-                if calib is not None and calib.get("steps_per_epoch"):
+                if calib is not None:
                     epochs = epochs_from_calibration(calib, float(b["reference_epochs"]), int(calib["steps_per_epoch"]))
                     e_src = "calibration"
-                    if calib.get("steps_per_epoch"):
-                        steps_by_data.setdefault(data_key(r.config), int(calib["steps_per_epoch"]))
+                    steps_by_data.setdefault(data_key(r.config), int(calib["steps_per_epoch"]))
             if epochs is None:
                 paper = spec.paper_epochs(r.cell.column)
-                if paper is not None:
+                spec_epochs = float((spec.wct or {}).get("epochs") or 0)
+                asked = b.get("reference_epochs")
+                if paper is not None and spec_epochs and asked is not None and float(asked) != spec_epochs:
+                    # the paper's count is for the spec's E; another E (command line) scales it
+                    epochs, e_src = round(paper * float(asked) / spec_epochs, 1), "paper, scaled"
+                elif paper is not None:
                     epochs, e_src = float(paper), "paper"
 
         hours, h_src = None, "?"
@@ -158,7 +168,7 @@ def estimate(spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path, npr
                 calib = calib or (cal.lookup(r.config) if b["mode"] == "reference" else None)
                 steps = steps_by_data.get(data_key(r.config))
                 if calib is not None and steps:
-                    per_epoch = (calib["arms"]["candidate"]["amortised_s"] + calib["data_s_per_step"]) * steps
+                    per_epoch = estimate_of(calib).candidate_step_s * steps  # block walls hold data waits
                     h_src = "calibration"
             if per_epoch and epochs:
                 hours = per_epoch * epochs / 3600

@@ -17,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from fisherbench.core.config import CONFIG_DIR
-from fisherbench.sweep.spec import Cell, SweepSpec, merge_overrides, override_key
+from fisherbench.sweep.spec import Cell, SweepSpec, merge_overrides, override_key, override_value
 
 
 @dataclass
@@ -69,9 +69,25 @@ def cell_overrides(spec: SweepSpec, cell: Cell, wct_mode: str = "measured",
     Group choices are listed first (Hydra applies them first anyway; this only makes commands readable).
     """
     preset = [f"experiment={spec.preset}"] if spec.preset else []
-    merged = merge_overrides(preset, cell.overrides, spec.budget_overrides(cell, wct_mode), user_overrides)
+    merged = merge_overrides(preset, cell.overrides, spec.budget_overrides(cell, wct_mode, _reference_epochs(user_overrides)),
+                             user_overrides)
     groups = [ov for ov in merged if override_key(ov) in CONFIG_GROUPS]
     return groups + [ov for ov in merged if override_key(ov) not in CONFIG_GROUPS]
+
+
+def _reference_epochs(user_overrides: Sequence[str]) -> Optional[float]:
+    """E from the command line's `budget.reference_epochs=E`: it sets the reference arm's epochs as well as the
+    other arms' time (without this the reference arm kept the spec's `wct.epochs`)."""
+    value = override_value(list(reversed(user_overrides)), "budget.reference_epochs")
+    if value is None:
+        return None
+    try:
+        epochs = float(value)
+    except ValueError:
+        raise ValueError(f"budget.reference_epochs={value}: not a number of epochs") from None
+    if not (0 < epochs < float("inf")):
+        raise ValueError(f"budget.reference_epochs={value}: must be a positive number of epochs")
+    return epochs
 
 
 def compose(overrides: Sequence[str]) -> DictConfig:

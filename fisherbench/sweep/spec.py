@@ -296,18 +296,21 @@ class SweepSpec:
         value = (self.wct.get("paper_epochs") or {}).get(column)
         return int(value) if value is not None else None
 
-    def budget_overrides(self, cell: Cell, mode: str = "measured") -> list[str]:
+    def budget_overrides(self, cell: Cell, mode: str = "measured", epochs: Optional[float] = None) -> list[str]:
         """Budget overrides of a cell under the WCT protocol (empty when the spec has no `wct`).
 
-        measured: the reference arm trains `epochs` epochs; every other arm gets `budget=reference` (its
-        epoch count is derived on the machine that runs it). paper: the paper's Table 6 count where it has
-        one (other arms fall back to measured).
+        measured: the reference arm trains E = `epochs` (default: the spec's `wct.epochs`; a command line's
+        `budget.reference_epochs` is passed here, so it changes the reference arm too) epochs; every other arm
+        gets `budget=reference` for the time of those E epochs (derived on the machine that runs it).
+        A whole E trains as `budget=epochs`; a fractional E as `budget=reference` against itself, which trains
+        round(E x steps per epoch) steps: the one rule every equal-time lookup uses. paper: the paper's
+        Table 6 count where it has one (other arms fall back to measured).
         """
         if not self.wct:
             return []
         if mode not in WCT_MODES:
             raise SpecError(f"wct mode must be one of {', '.join(WCT_MODES)}, got {mode!r}")
-        epochs = self.wct["epochs"]
+        epochs = self.wct["epochs"] if epochs is None else epochs
         if mode == "paper":
             n = self.paper_epochs(cell.column)
             if n is not None:
@@ -315,9 +318,9 @@ class SweepSpec:
         ref = self.reference_option(cell.family)
         if ref is None:
             raise SpecError(f"{self._where}: wct.reference has no entry for family {cell.family!r}")
-        if self.is_reference_arm(cell):
+        if self.is_reference_arm(cell) and float(epochs).is_integer():
             return ["budget=epochs", f"budget.epochs={int(epochs)}"]
-        return ["budget=reference", f"budget.reference_optimizer={ref}", f"budget.reference_epochs={epochs}"]
+        return ["budget=reference", f"budget.reference_optimizer={ref}", f"budget.reference_epochs={epochs:g}"]
 
     # ------------------------------------------------------------------------------------------- paper
     def paper_value(self, row: str, column: str, metric: Optional[str] = None) -> Optional[PaperValue]:

@@ -6,7 +6,7 @@ import pytest
 
 from fisherbench.core.errors import UserError
 from fisherbench.core.store import RunDir
-from fisherbench.engine import calibrate as cal
+from fisherbench.engine import match as cal
 from fisherbench.engine.compose import compose_config
 
 REF = ("budget=epochs", "budget.epochs=2")
@@ -20,8 +20,17 @@ def test_match_by_cell_trains_for_the_reference_runs_measured_time(run_train, tm
     cand = run_train("optimizer=sgd", "optimizer.lr=0.05", *CELL)
     s = cand.summary
     rb = s["reference_budget"]
-    assert rb["method"] == "match" and rb["match_run"] == ref.run_dir.name
+    assert rb["method"] == "match" and rb["reference_run"] == ref.run_dir.name
     assert rb["seconds"] == ref_train_s and rb["reference_epochs_done"] == 2.0
+    # both runs record their machine load and time per step: reports compare a matched pair's conditions
+    assert rb["reference_step_s"] == pytest.approx(ref_train_s / ref.summary["steps"])
+    assert rb["reference_step_s"] == pytest.approx(ref.summary["step_s"], rel=1e-4)  # stored rounded
+    assert len(ref.summary["load_avg"]) == 2 and rb["reference_load_avg"] == pytest.approx(
+        sum(ref.summary["load_avg"]) / 2)
+    assert rb["load_avg"] is not None and rb["loads_differ"] == (abs(rb["load_avg"] - rb["reference_load_avg"]) > 0.5)
+    assert s["step_s"] == pytest.approx(s["ledger"]["train_s"] / s["steps"], rel=1e-4)
+    # one-off first-step costs are excluded in both runs, as in a calibration: an untimed warm-up step
+    assert ref.summary["ledger"]["warmup_s"] > 0 and s["ledger"]["warmup_s"] > 0
     assert s["budget"]["mode"] == "seconds" and s["budget"]["seconds"] == ref_train_s
     assert s["status"] == "budget_exhausted"
     per_step = s["ledger"]["train_s"] / s["steps"]
@@ -36,7 +45,7 @@ def test_match_by_run_id_and_the_reference_itself(run_train):
     ref = run_train(*REF)
     by_id = run_train("optimizer=sgd", "budget=match", f"budget.match_run={ref.run_dir.name}",
                       )
-    assert by_id.summary["reference_budget"]["match_run"] == ref.run_dir.name
+    assert by_id.summary["reference_budget"]["reference_run"] == ref.run_dir.name
     assert by_id.summary["budget"]["seconds"] == ref.summary["ledger"]["train_s"]
     same = run_train(*CELL)  # adam against adam's own cell: its epochs, nothing measured
     assert same.summary["reference_budget"]["method"] == "identity" and same.summary["steps"] == 8
@@ -85,16 +94,39 @@ def test_reference_budget_uses_the_finished_reference_run_when_the_store_has_it(
     """budget=reference (reference_method=auto): no calibration when the cell's reference run is finished; the
     method is recorded; reference_method=calibration still calibrates; a run keeps its method on resume."""
     wct = ("budget=reference", "budget.reference_optimizer=adam", "budget.reference_epochs=2",
-           "budget.calibration_steps=8", "budget.calibration_blocks=3")
+           "budget.calibration_steps=8", "budget.calibration_tolerance=10", "budget.calibration_max_s=120")
     before = run_train("optimizer=sgd", "optimizer.lr=0.05", *wct)
     assert before.summary["reference_budget"]["method"] == "calibration"  # no reference run yet
     ref = run_train(*REF)
     after = run_train("optimizer=sgd", "optimizer.lr=0.02", *wct)
     rb = after.summary["reference_budget"]
-    assert rb["method"] == "match" and rb["match_run"] == ref.run_dir.name
+    assert rb["method"] == "match" and rb["reference_run"] == ref.run_dir.name
     assert after.summary["budget"]["mode"] == "seconds"
     assert after.summary["budget"]["seconds"] == ref.summary["ledger"]["train_s"]
     forced = run_train("optimizer=sgd", "optimizer.lr=0.03", *wct, "budget.reference_method=calibration")
     assert forced.summary["reference_budget"]["method"] == "calibration"
     with pytest.raises(UserError, match="reference_method"):
         run_train("optimizer=sgd", *wct, "budget.reference_method=guess")
+
+
+def test_fractional_reference_epochs_are_one_budget_everywhere(run_train, tmp_path):
+    """E = 2.5 with 4 steps per epoch: the reference trains round(2.5 x 4) = 10 steps (not floor(E) = 2
+    epochs), and the equal-time cell's lookup finds exactly that run (not a 2-epoch one)."""
+    two = run_train("budget=epochs", "budget.epochs=2")  # a 2-epoch adam run must not be taken for E = 2.5
+    ref = run_train("budget=reference", "budget.reference_optimizer=adam", "budget.reference_epochs=2.5")
+    assert ref.summary["steps"] == 10 and ref.summary["reference_budget"]["method"] == "identity"
+    cand = run_train("optimizer=sgd", "budget=match", "budget.reference_optimizer=adam",
+                     "budget.reference_epochs=2.5")
+    rb = cand.summary["reference_budget"]
+    assert rb["reference_run"] == ref.run_dir.name != two.run_dir.name
+    assert rb["seconds"] == ref.summary["ledger"]["train_s"] and rb["reference_steps"] == 10
+
+
+def test_a_damaged_reference_time_is_refused_not_replayed(run_train):
+    ref = run_train(*REF)
+    path = RunDir(ref.run_dir).summary_path
+    summary = json.loads(path.read_text())
+    summary["ledger"]["train_s"] = -5.0
+    path.write_text(json.dumps(summary))
+    with pytest.raises(UserError, match="no usable train_s"):
+        run_train("optimizer=sgd", *CELL)

@@ -43,6 +43,7 @@ def _fake_timed(fake: FakeTime, nan_at=None):
 
     def hook(trainer):
         trainer.clock = Clock(trainer.ledger, "cpu", timer=fake)
+        trainer.warm_up = lambda steps: None  # the fake clock and `nan_at` count training steps only
         real = trainer.adapter.train_step
 
         def train_step(*args, **kwargs):

@@ -24,7 +24,8 @@ title: "E2E mini"
 seeds: [0, 1]
 metric: best_acc1
 overrides: [model=small_cnn, model.width=4, model.hidden=16, data=digits, data.batch_size=64,
-            eval.every_epochs=1, logger=none, device=cpu, budget.calibration_steps=4, budget.calibration_warmup=1]
+            eval.every_epochs=1, logger=none, device=cpu, budget.calibration_steps=4, budget.calibration_warmup=1,
+            budget.calibration_tolerance=10, budget.calibration_max_s=120]
 families: {cnn: {}}
 rows: {small CNN: {family: cnn}}
 arms: {main: {Adam: [optimizer=adam], SGD: [optimizer=sgd, optimizer.lr=0.05]}}
@@ -85,7 +86,7 @@ def test_sweep_resumes_a_killed_run_then_report(mini, tmp_path):
         expected.setdefault(s["optimizer"], []).append(100 * max(r["test/acc1"] for r in rd.metrics()))
         if s["optimizer"] == "sgd":
             assert s["reference_budget"]["method"] == "match"
-            assert s["budget"]["seconds"] == RunDir(runs / s["reference_budget"]["match_run"]).summary()["ledger"][
+            assert s["budget"]["seconds"] == RunDir(runs / s["reference_budget"]["reference_run"]).summary()["ledger"][
                 "train_s"]
             sgd_epochs.append(s["epochs_done"])
     rows = {r["column"]: r for r in csv.DictReader((out / "tables" / "mini.csv").open())}

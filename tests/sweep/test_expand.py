@@ -81,7 +81,7 @@ def test_dry_run_estimates_from_a_calibration_cache_and_from_stored_runs(tmp_pat
     import torch
 
     from fisherbench.core.store import RunDir
-    from fisherbench.engine.calibrate import calibration_key
+    from fisherbench.engine.calibrate import METHOD, calibration_key
     from fisherbench.engine.compose import load_group_option
     from fisherbench.sweep.estimate import estimate, format_plan
     from fisherbench.sweep.expand import expand
@@ -103,11 +103,12 @@ wct: {reference: {cnn: adam}, epochs: 10, paper_epochs: {Other: 7}}
     cfg.results_dir = str(tmp_path)
     key = calibration_key(cfg, load_group_option("optimizer", "adam"), torch.device("cpu"))
     (tmp_path / "_calibration").mkdir()
-    # reference 0.03 s/step, candidate 0.01 s/step, no data time: floor(10 * 3) = 30 epochs of 16 steps
+    # reference 0.03 s/step, candidate 0.01 s/step (block walls of 2 visits of 1 step): round(160 * 3) = 480
+    # steps = 30 epochs of 16 steps
     (tmp_path / "_calibration" / f"{key}.json").write_text(json.dumps({
-        "data_s_per_step": 0.0, "steps_per_epoch": 16, "steps": 20,
-        "arms": {"reference": {"amortised_s": 0.03, "block_step_s": [0.03] * 3},
-                 "candidate": {"amortised_s": 0.01, "block_step_s": [0.01] * 3}}}))
+        "method": METHOD, "steps_per_epoch": 16, "look_level": 0.95,
+        "arms": {"reference": {"steps_per_visit": 1}, "candidate": {"steps_per_visit": 1}},
+        "block_wall_s": {"reference": [0.06] * 6, "candidate": [0.02] * 6}}))
     est = {(e.run.cell.column, e.run.seed): e for e in estimate(spec, runs, tmp_path)}
     assert (est[("Other", 0)].epochs, est[("Other", 0)].epochs_source) == (30, "calibration")
     assert est[("Other", 0)].hours == pytest.approx(30 * 16 * 0.01 / 3600)
@@ -134,7 +135,8 @@ def test_calibrate_then_dry_run_knows_epochs_and_hours(tmp_path):
 title: mini
 seeds: [0, 1]
 overrides: [model=small_cnn, model.width=4, model.hidden=0, data=digits, device=cpu,
-            budget.calibration_steps=3, budget.calibration_warmup=1]
+            budget.calibration_steps=3, budget.calibration_warmup=1, budget.calibration_tolerance=10,
+            budget.calibration_max_s=120]
 families: {cnn: {}}
 rows: {net: {family: cnn}}
 arms: {main: {Ref: [optimizer=adam], Other: [optimizer=sgd]}}
@@ -143,9 +145,44 @@ wct: {reference: {cnn: adam}, epochs: 4}
     spec = load_spec(spec_path)
     runs = expand(spec)
     derived = calibrate_cells(runs, tmp_path)
-    assert len(derived) == 1 and derived[0]["steps_per_epoch"] == 23  # one calibration for both seeds
+    assert len(derived) == 1 and derived[0].steps_per_epoch == 23  # one calibration for both seeds
     est = {(e.run.cell.column, e.run.seed): e for e in estimate(spec, runs, tmp_path)}
     for seed in (0, 1):
         e = est[("Other", seed)]
-        assert (e.epochs, e.epochs_source) == (derived[0]["derived_epochs"], "calibration")
-        assert e.hours == pytest.approx(e.epochs * 23 * derived[0]["candidate_step_s"] / 3600)
+        assert (e.epochs, e.epochs_source) == (derived[0].derived_epochs, "calibration")
+        assert e.hours == pytest.approx(e.epochs * 23 * derived[0].candidate_step_s / 3600)
+
+
+def _commands(user_overrides, columns=("Adam", "AdaFisher")):
+    from fisherbench.sweep.expand import expand
+
+    runs = expand(load_spec("table2_cifar10"), user_overrides=user_overrides, seeds=[0], rows=["ResNet-18"],
+                  columns=list(columns))
+    return {r.cell.column: r for r in runs}
+
+
+def test_a_command_line_reference_epochs_changes_the_reference_arm_too():
+    """`budget.reference_epochs=20` on the command line used to leave AdaFisher (the reference) at the spec's
+    200 epochs while Adam got the time of 20 AdaFisher epochs."""
+    runs = _commands(["budget.reference_epochs=20"])
+    ref, adam = runs["AdaFisher"], runs["Adam"]
+    assert "budget.epochs=20" in ref.overrides and ref.config.budget.mode == "epochs" and ref.config.budget.epochs == 20
+    assert adam.config.budget.mode == "reference" and adam.config.budget.reference_epochs == 20
+    assert adam.config.budget.reference_optimizer == "adafisher"
+    # fractional E: the reference trains round(E x steps per epoch) steps as budget=reference against itself
+    frac = _commands(["budget.reference_epochs=2.5"])["AdaFisher"]
+    assert frac.config.budget.mode == "reference" and frac.config.budget.reference_epochs == 2.5
+    assert frac.config.budget.reference_optimizer == "adafisher"
+    with pytest.raises(ValueError, match="positive"):
+        _commands(["budget.reference_epochs=-1"])
+
+
+def test_the_dry_run_shows_the_budgets_that_will_run(tmp_path, capsys):
+    from fisherbench.sweep.cli import main
+
+    assert main(["table2_cifar10", "--rows", "ResNet-18", "--columns", "Adam,AdaFisher", "--seeds", "0",
+                 "budget.reference_epochs=20", "--dry-run", "--commands", "--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    adafisher = [line for line in out.splitlines() if " optimizer=adafisher " in line and " train " in line]
+    assert adafisher and all("budget.epochs=20" in line and "budget.epochs=200" not in line for line in adafisher)
+    assert re.search(r"Adam .* 21 \(paper, scaled\)", out)  # the paper's 210 for E = 200, scaled to E = 20
