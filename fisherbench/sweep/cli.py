@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
                    help="Optuna: train trials inside this process (no ~10 s start-up per trial); default: yes "
                         "with one worker of one device, else each run is a train.py process")
+    p.add_argument("--allow-missing-data", action="store_true",
+                   help="launch even when a dataset is missing (each run without its data then ends as a "
+                        "configuration error); by default the sweep checks every dataset once and stops (exit 2)")
     p.add_argument("--max-retries", type=int, default=2,
                    help="Optuna: times a trial whose process died is retried (default 2)")
     return p
@@ -155,6 +158,7 @@ def _main(args: argparse.Namespace) -> int:
     if not runs:
         raise UserError("no runs selected (check --rows/--columns/--seeds against the spec)")
     nproc = max(1, args.gpus_per_run)
+    check_data(runs, args.allow_missing_data)
     print(f"[sweep] {spec.name}: {spec.title}")
     print(f"[sweep] {len(runs)} runs ({len({r.cell.key for r in runs})} cells × seeds "
           f"{seeds if seeds is not None else spec.seeds}; arms {','.join(arm_sets)}; WCT {args.wct}) "
@@ -216,6 +220,67 @@ def _main(args: argparse.Namespace) -> int:
         print(line)
     print("[sweep] report: " + shell_line(report_command(spec, results_dir, args, overrides)))
     return exit_code(outcomes, runner.interrupted)
+
+
+def check_data(runs: Sequence, allow_missing: bool = False) -> None:
+    """Look for each dataset the runs need once, before anything starts (a dry run too): without this, every
+    run of a paper table would fail on its own, each one trying the download first.
+
+    A dataset is checked by building it as a run would, with downloads off; one that ships with a package or is
+    synthetic is not checked. Raises UserError (exit 2) naming each missing dataset and the command that
+    fetches it, unless `allow_missing`, which only warns.
+    """
+    import os  # lazy below: the data registry pulls in torch (2-4 s); --list and --help start without it
+
+    from omegaconf import OmegaConf
+
+    from fisherbench.data.download import DatasetNotFoundError, DownloadError
+    from fisherbench.data.registry import DATASETS, build_data, resolve_root
+
+    seen: dict[str, dict] = {}
+    for r in runs:
+        options = OmegaConf.to_container(r.config.data, resolve=True)
+        entry = DATASETS.get(str(options["name"])) if str(options.get("name")) in DATASETS else None
+        if entry is None or getattr(entry.capabilities, "offline", False):
+            continue
+        seen.setdefault(f"{options['name']}|{resolve_root(options.get('root'))}", options)
+    missing = []
+    saved = {k: os.environ.get(k) for k in ("FISHERBENCH_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update({k: "1" for k in saved})  # a check never downloads (nor waits for a network)
+    try:
+        for options in seen.values():
+            name, root = options["name"], resolve_root(options.get("root"))
+            print(f"[sweep] checking data: {name} ({root})", file=sys.stderr, flush=True)
+            if "download" in options:
+                options = {**options, "download": False}
+            try:
+                build_data(options)
+            except (DatasetNotFoundError, DownloadError) as exc:
+                fetch = (f"python -m fisherbench prepare-data {name} --root {root}"
+                         if getattr(DATASETS.get(name).capabilities, "downloadable", False) else None)
+                missing.append((name, root, str(exc), fetch))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if not missing:
+        return
+    lines = []
+    for name, root, why, fetch in missing:
+        lines.append(f"dataset {name} is missing under {root}: {why.splitlines()[0] if why else ''}")
+        if fetch:
+            lines.append(f"  fetch it (on a machine with network): {fetch}")
+    runs_without = sum(1 for r in runs if f"{r.config.data.name}|{resolve_root(r.config.data.get('root'))}"
+                       in {f"{n}|{root}" for n, root, _, _ in missing})
+    if allow_missing:
+        print("[sweep] warning: " + "\n".join(lines) + f"\n[sweep] --allow-missing-data: launching anyway; "
+              f"{runs_without} run(s) will end as configuration errors", file=sys.stderr)
+        return
+    raise UserError("\n".join(lines) + f"\nNothing was run ({runs_without} of {len(runs)} runs need it). Give "
+                    "the folder with data.root=PATH if the files are elsewhere, or pass --allow-missing-data "
+                    "to launch anyway.")
 
 
 def report_command(spec, results_dir: Path, args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
