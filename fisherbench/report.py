@@ -33,7 +33,6 @@ from fisherbench.results import tables as render
 from fisherbench.results.adhoc import AdhocRequest, build, parse_key_values
 from fisherbench.results.report import (
     CellInput,
-    PaperValue,
     ReportSpec,
     StoreIndex,
     TableResult,
@@ -96,7 +95,7 @@ def report_input(spec, arm_sets: Sequence[str], overrides: Sequence[str] = (), w
         for c in inputs:
             pv = spec.paper_value(c.row, c.column, metric)
             if pv is not None:
-                paper[(metric, c.row, c.column)] = PaperValue(pv.mean, pv.std, pv.text)
+                paper[(metric, c.row, c.column)] = pv
     paper_epochs = {col: n for col in dict.fromkeys(c.column for c in inputs)
                     if (n := spec.paper_epochs(col)) is not None}
     # a grid (rows = values of one setting) marks each column's best row; other tables each row's best column.

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from fisherbench.core.errors import UserError
+from fisherbench.core.scores import selection_direction
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -360,6 +361,8 @@ def validate(cfg: Any) -> None:
         raise UserError(f"selection.metric must look like <split>/<metric> (e.g. val/acc1), got {sel.metric!r}")
     if sel.mode not in (None, "max", "min"):
         raise UserError(f"selection.mode must be max, min or null, got {sel.mode!r}")
+    if sel.metric is not None:
+        selection_direction(sel.metric, sel.mode)  # raises when neither the key nor the mode tells the direction
     if cfg.precision not in ("fp32", "bf16"):
         raise UserError(f"precision must be fp32|bf16, got {cfg.precision!r}")
     if cfg.logger.name not in ("none", "wandb"):
@@ -373,3 +376,25 @@ def validate(cfg: Any) -> None:
         raise UserError("checkpoint.every_epochs must be >= 1 or null")
     if c.every_seconds is not None and c.every_seconds <= 0:
         raise UserError("checkpoint.every_seconds must be > 0 or null")
+
+
+# ------------------------------------------------------------------------------------ plain data helpers
+def plain_dict(node: Any) -> dict[str, Any]:
+    """A config node (a DictConfig, resolved, or any mapping) as a plain dict."""
+    out = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    if not isinstance(out, dict):
+        raise TypeError(f"expected a mapping, got {type(out).__name__}")
+    return {str(k): v for k, v in out.items()}
+
+
+def flatten(mapping: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys; lists, and empty mappings, stay values."""
+    out: dict[str, Any] = {}
+    if isinstance(mapping, dict):
+        for k, v in mapping.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                out.update(flatten(v, key + "."))
+            else:
+                out[key] = v
+    return out

@@ -142,10 +142,6 @@ class Clock:
             self.settle(t=t1)
 
     # ------------------------------------------------------------------------------- training segments
-    @property
-    def in_segment(self) -> bool:
-        return self._seg_start is not None
-
     def open_segment(self, step: int) -> None:
         """Start timing training steps (no-op when a segment is open). The device must be idle: call it
         only after a synchronised reading (start, section, close), as the trainer does."""

@@ -36,6 +36,20 @@ def as_number(v: Any) -> Optional[float]:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+# ---------------------------------------------------------------------------------------- paper values
+@dataclass(frozen=True)
+class PaperValue:
+    """A value as the paper prints it: mean, optional std; `mean is None` = the paper reports no result."""
+
+    mean: Optional[float]
+    std: Optional[float] = None
+    text: str = ""
+
+    @property
+    def no_result(self) -> bool:
+        return self.mean is None
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
@@ -57,6 +71,18 @@ def higher_is_better(key: str) -> bool:
         return False
     raise UserError(f"cannot tell whether higher or lower {key!r} is better (known: acc*, loss*, ppl*, err*); "
                     "score it with a named metric instead")
+
+
+def selection_direction(metric: str, mode: Optional[str]) -> bool:
+    """Whether a larger `metric` is better when it selects a run's best evaluation: `mode` ("max" / "min")
+    when given, else `higher_is_better` of the key (the one rule for a key's direction)."""
+    if mode is not None:
+        return mode == "max"
+    try:
+        return higher_is_better(metric)
+    except UserError:
+        raise UserError(f"selection.metric={metric}: cannot tell whether higher or lower is better; set "
+                        "selection.mode=max or selection.mode=min") from None
 
 
 def is_fraction(key: str) -> bool:

@@ -588,17 +588,6 @@ def printable(text: Any, lines: bool = True) -> str:
     return str(text).translate(_CONTROL_KEEP_LINES if lines else _CONTROL)
 
 
-def metric_value(value: Any) -> float:
-    """A metric as a float: numbers as they are; "nan"/"inf"/"-inf" (how the store writes them) as floats."""
-    if isinstance(value, bool):
-        raise TypeError("a boolean is not a metric")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
-        return float(value)
-    raise TypeError(f"not a metric value: {value!r}")
-
-
 # ------------------------------------------------------------------------------------------------- a run
 class RunDir:
     """Writer/reader for one run directory. Readers validate; see the module docstring."""

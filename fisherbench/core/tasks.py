@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from fisherbench.core.scores import selection_direction
+
 IGNORE_INDEX = -100
 
 
@@ -84,14 +86,13 @@ TASKS: dict[str, Task] = {
 def selection_of(task: Task, metric: Optional[str] = None, mode: Optional[str] = None) -> tuple[str, bool]:
     """(row key, higher is better) of the metric that selects a run's best evaluation.
 
-    `metric=None` is the task's own (the paper's protocol); otherwise "<split>/<metric>", maximised for
-    accuracies and minimised for everything else unless `mode` says "max" or "min".
+    `metric=None` is the task's own (the paper's protocol); otherwise "<split>/<metric>", in the direction
+    `mode` says ("max" or "min") or, without one, the direction `scores.higher_is_better` reads from the key
+    (the one rule for it: accuracies up; losses, perplexities and errors down; anything else must be told).
     """
     if metric is None:
         return f"{task.select_split}/{task.select_metric}", task.higher_is_better
-    if mode is not None:
-        return metric, mode == "max"
-    return metric, metric.rsplit("/", 1)[-1].startswith("acc")
+    return metric, selection_direction(metric, mode)
 
 
 def get_task(name: str) -> Task:
@@ -114,16 +115,9 @@ class MetricSums:
                 v = v.detach().to(torch.float64)
                 self.sums[k] = self.sums[k] + v if k in self.sums else v
 
-    def add_sums(self, sums: dict[str, torch.Tensor]) -> None:
-        for k, v in sums.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-
     def compute(self) -> dict[str, float]:
         if not self.sums:
             return {}
         keys = sorted(self.sums)
         values = torch.stack([self.sums[k] for k in keys]).cpu().tolist()  # one host sync
         return self.task.finalize(dict(zip(keys, values)))
-
-    def reset(self) -> None:
-        self.sums = {}

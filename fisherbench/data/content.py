@@ -22,11 +22,11 @@ import os
 import re
 import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 from fisherbench.core.errors import UserError
+from fisherbench.core.store import atomic_write_text
 
 CACHE_VERSION = 1
 CHUNK = 1 << 20
@@ -112,18 +112,7 @@ def write_json_atomic(path: Path, obj: object) -> bool:
     """Write `obj` as JSON to `path` atomically; False when it cannot be written (a cache that cannot be
     written only costs time later)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(obj, f)
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(obj))
     except OSError:
         return False
     return True

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -37,6 +35,7 @@ from tokenizers.models import BPE
 
 from fisherbench.core.config import not_identity
 from fisherbench.core.errors import UserError
+from fisherbench.core.store import atomic_write_bytes
 from fisherbench.data.content import files_content
 from fisherbench.data.download import DatasetNotFoundError
 from fisherbench.data.registry import (
@@ -242,14 +241,7 @@ def warn_small_vocabulary(asked: int, tokenizer: HFTokenizer, opts: TextFilesOpt
 
 def _write_atomic(path: Path, payload: bytes) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, payload)
     except OSError:  # a cache that cannot be written only costs time
         pass
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fisherbench.core.errors import UserError
+from fisherbench.core.store import atomic_write_bytes
 from fisherbench.data.loaders import epoch_order, num_batches, shard_size
 
 IGNORE_INDEX = -100  # targets with this value are padding (torch's cross-entropy default ignore_index)
@@ -331,7 +332,7 @@ def write_ids(chunks: Iterable[np.ndarray], key: IdsKey, bin_path: Optional[Path
             meta = {"format": STORE_FORMAT, "text_sha256": key.text_sha256, "tokenizer": key.tokenizer,
                     "vocab_size": key.vocab_size, "dtype": key.dtype.name, "count": count,
                     "sha256": h.hexdigest()}
-            _write_small(bin_path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+            atomic_write_bytes(bin_path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
     except BaseException:
         if keep:
             f.close()
@@ -340,14 +341,6 @@ def write_ids(chunks: Iterable[np.ndarray], key: IdsKey, bin_path: Optional[Path
         raise
     f.close()  # the mapping keeps its own reference to the file
     return ids_map
-
-
-def _write_small(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(payload)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def cached_ids(key: IdsKey, bin_path: Optional[Path], what: str,

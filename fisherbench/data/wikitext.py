@@ -32,6 +32,7 @@ from tokenizers.models import BPE
 
 from fisherbench.core.config import not_identity
 from fisherbench.core.errors import UserError
+from fisherbench.core.store import atomic_write_text
 from fisherbench.data.content import beside, files_content
 from fisherbench.data.download import (
     DatasetNotFoundError,
@@ -178,11 +179,8 @@ def write_from_hf(root: Path, variant: str) -> dict[str, Path]:
         raise DownloadError(f"datasets.load_dataset({HF_DATASET!r}, {config!r}) failed{where}: {e}") from e
     files = text_files(root, variant)
     for split, path in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
         lines = ds[HF_SPLITS[SPLITS[split]]]["text"]  # one row per line of the original file
-        tmp.write_text("".join(t if t.endswith("\n") else t + "\n" for t in lines), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(t if t.endswith("\n") else t + "\n" for t in lines))
     return files
 
 

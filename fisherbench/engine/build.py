@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -21,6 +21,7 @@ from fisherbench import data as data_pkg
 from fisherbench import models as models_pkg
 from fisherbench import optim as optim_pkg
 from fisherbench.core import plugins
+from fisherbench.core.config import plain_dict
 from fisherbench.core.distributed import DistInfo
 from fisherbench.core.env import compile_model, device_info, git_state, prepare_model, runtime_settings, versions
 from fisherbench.core.errors import UserError
@@ -38,12 +39,6 @@ class Components:
     optimizer_entry: Entry
 
 
-def _container(node: Any) -> dict[str, Any]:
-    out = OmegaConf.to_container(node, resolve=True)
-    assert isinstance(out, dict)
-    return out
-
-
 def build_components(cfg: DictConfig, device: torch.device, info: DistInfo) -> Components:
     """Data, model (on `device`) and the optimizer's registry entry."""
     data_entry = data_pkg.DATASETS.get(cfg.data.name)
@@ -57,11 +52,11 @@ def build_components(cfg: DictConfig, device: torch.device, info: DistInfo) -> C
             f"choose a matching pair (e.g. data=synthetic_tokens for language models)."
         )
     bundle = data_pkg.build_data(
-        _container(cfg.data),
+        plain_dict(cfg.data),
         data_pkg.BuildContext(seed=cfg.seed, device=device, rank=info.rank, world_size=info.world_size),
     )
     double_backward = bool(getattr(opt_entry.capabilities, "needs_create_graph", False))
-    model_opts = _container(cfg.model)
+    model_opts = plain_dict(cfg.model)
 
     def build_model() -> nn.Module:
         return models_pkg.create_model(
@@ -100,7 +95,7 @@ def make_adapter(cfg: DictConfig, model: nn.Module, device: torch.device, info: 
         )
     ctx = optim_pkg.BuildContext(device=device, distributed=info.enabled, steps_per_epoch=steps_per_epoch,
                                  total_steps=total_steps)
-    return optim_pkg.build_optimizer(_container(cfg.optimizer), model, ctx)
+    return optim_pkg.build_optimizer(plain_dict(cfg.optimizer), model, ctx)
 
 
 def autocast_factory(cfg: DictConfig, device: torch.device) -> Callable[[], Any]:

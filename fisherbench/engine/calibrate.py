@@ -33,6 +33,7 @@ from torch import nn
 from fisherbench.core import calibration_stats as stats
 from fisherbench.core import checkpoint as ckpt
 from fisherbench.core.budget import DerivedBudget
+from fisherbench.core.config import plain_dict
 from fisherbench.core.env import busy_machine_warning, device_info, load_average, machine_key, runtime_settings
 from fisherbench.core.errors import UserError
 from fisherbench.core.store import atomic_write_json, read_json
@@ -41,7 +42,7 @@ from fisherbench.data.registry import DataBundle
 from fisherbench.engine.build import autocast_factory
 from fisherbench.engine.calibration_measure import MIN_VISIT_STEPS, BlockMeter, block_layout, make_arm
 from fisherbench.engine.identity import plugin_identity
-from fisherbench.engine.match import as_dict, identity_budget, reference_options
+from fisherbench.engine.match import identity_budget, reference_options
 
 CALIBRATION_SUBDIR = "_calibration"
 RUN_FILE = "calibration.json"  # the record, in the run directory
@@ -58,9 +59,9 @@ def calibration_key(cfg: Any, reference_opts: dict[str, Any], device: torch.devi
         {
             "method": METHOD,
             "machine": machine_key(device),
-            "model": as_dict(cfg.model),
-            "data": as_dict(cfg.data),
-            "candidate": as_dict(cfg.optimizer),
+            "model": plain_dict(cfg.model),
+            "data": plain_dict(cfg.data),
+            "candidate": plain_dict(cfg.optimizer),
             "reference": reference_opts,
             "runtime": runtime_settings(cfg),
             "steps": cfg.budget.calibration_steps,
@@ -68,7 +69,7 @@ def calibration_key(cfg: Any, reference_opts: dict[str, Any], device: torch.devi
             "warmup": cfg.budget.calibration_warmup,
             # plug-ins' source hashes (built-in cells: none, key unchanged): edited code is timed again
             **({"plugins": code} if (code := plugin_identity({
-                "model": as_dict(cfg.model), "data": as_dict(cfg.data), "optimizer": as_dict(cfg.optimizer),
+                "model": plain_dict(cfg.model), "data": plain_dict(cfg.data), "optimizer": plain_dict(cfg.optimizer),
                 "budget": {"reference_optimizer": reference_opts.get("name")}})) else {}),
         },
         sort_keys=True,
@@ -199,7 +200,7 @@ def _arms(cfg: Any, reference_opts: dict[str, Any], build_model: Callable[[], nn
     settings = runtime_settings(cfg)
     return [make_arm(name, opts, build_model, bundle, device, channels_last=settings["channels_last"],
                      compile=settings["compile"])
-            for name, opts in zip(ARMS, (reference_opts, as_dict(cfg.optimizer)))]
+            for name, opts in zip(ARMS, (reference_opts, plain_dict(cfg.optimizer)))]
 
 
 def _implausible(record: dict[str, Any], fresh: dict[str, float]) -> Optional[str]:
@@ -291,7 +292,7 @@ def measure_calibration(cfg: Any, reference_opts: dict[str, Any], arms: list, lo
         "arms": {a.name: {"optimizer": opts.get("name"), "period": a.period, "steps_per_visit": meter.visit[a.name],
                           "warmup_steps": warm[a.name].steps, "first_step_s": warm[a.name].first_step_s,
                           "warmup_step_s": warm[a.name].step_s}
-                 for a, opts in zip(arms, (reference_opts, as_dict(cfg.optimizer)))},
+                 for a, opts in zip(arms, (reference_opts, plain_dict(cfg.optimizer)))},
         "block_wall_s": {name: meter.walls[name] for name in ARMS},
         "first_arm": [order[0] for order in meter.order],  # block b visits first, second, second, first
         "looks": list(result.planned_looks),
@@ -322,7 +323,7 @@ def derive_reference_budget(
     """The step budget that matches R's time for E epochs, with the measurements behind it."""
     b = cfg.budget
     steps_per_epoch = len(bundle.train)
-    if as_dict(cfg.optimizer) == reference_opts:
+    if plain_dict(cfg.optimizer) == reference_opts:
         return identity_budget(cfg, steps_per_epoch)
     key = calibration_key(cfg, reference_opts, device)
     cache_file = Path(cfg.results_dir) / CALIBRATION_SUBDIR / f"{key}.json"

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fisherbench import data, models, optim
 from fisherbench.core import plugins
-from fisherbench.core.config import CONFIG_DIR, TrainConfig
+from fisherbench.core.config import CONFIG_DIR, TrainConfig, plain_dict
 from fisherbench.core.errors import UserError
 from fisherbench.core.registry import Registry
 from fisherbench.data import plugins as data_plugins
@@ -154,4 +154,4 @@ def plugin_lines() -> list[str]:
 def load_group_option(group: str, option: str) -> dict[str, Any]:
     """The resolved node of one option of a config group (e.g. the reference optimizer's config)."""
     cfg = compose_config([f"{group}={option}"])
-    return OmegaConf.to_container(cfg[group], resolve=True)  # type: ignore[return-value]
+    return plain_dict(cfg[group])

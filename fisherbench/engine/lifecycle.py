@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fisherbench.core import checkpoint as ckpt
 from fisherbench.core.budget import DerivedBudget, plan_budget
-from fisherbench.core.config import validate
+from fisherbench.core.config import flatten, validate
 from fisherbench.core.distributed import DistInfo, broadcast_object, init_from_env
 from fisherbench.core.env import configure_runtime, load_average, reset_peak_memory, resolve_device, seed_everything
 from fisherbench.core.errors import CorruptRunDirectoryError, UserError
@@ -54,7 +54,7 @@ from fisherbench.engine.identity import resolved_dict, run_identity
 from fisherbench.engine.labels import line_tag
 from fisherbench.engine.loggers import make_logger
 from fisherbench.engine.match import find_reference_run, match_budget
-from fisherbench.engine.summary import flat, make_summary, utc_now
+from fisherbench.engine.summary import make_summary, utc_now
 from fisherbench.engine.trainer import Trainer
 from fisherbench.models.registry import count_parameters
 
@@ -359,7 +359,7 @@ class _Run:
                 f"'{status}'. Free space / fix permissions and launch the same command again: it resumes from its "
                 "last checkpoint."
             ) from None
-        trainer.logger.summary({k: v for k, v in flat(summary).items() if isinstance(v, (int, float, str))})
+        trainer.logger.summary({k: v for k, v in flatten(summary).items() if isinstance(v, (int, float, str))})
         trainer.logger.finish(exit_code=status.exit_code)
         return RunResult(self.final_dir.path, summary)
 

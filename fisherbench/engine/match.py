@@ -13,21 +13,17 @@ from typing import Any, Callable, Optional
 
 import torch
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from fisherbench.core.budget import DerivedBudget, loads_differ
 from fisherbench.core.calibration_stats import reference_steps
+from fisherbench.core.config import plain_dict
 from fisherbench.core.env import device_info, load_average, runtime_settings
 from fisherbench.core.errors import UserError
 from fisherbench.core.store import RunDir, run_id
 from fisherbench.engine.compose import load_group_option
 from fisherbench.engine.identity import identity_of_resolved, resolved_dict
-
-
-def as_dict(node: Any) -> dict[str, Any]:
-    container: Any = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-    return {str(k): v for k, v in dict(container).items()}
 
 
 def reference_options(name: str) -> dict[str, Any]:
@@ -99,7 +95,7 @@ def match_budget(cfg: DictConfig, root: Path | str, device: torch.device, steps_
     """The `budget=match` derivation: the measured train_s of the reference run, checked for comparability."""
     b = cfg.budget
     if not b.get("match_run") and b.reference_optimizer:
-        if as_dict(cfg.optimizer) == reference_options(b.reference_optimizer):
+        if plain_dict(cfg.optimizer) == reference_options(b.reference_optimizer):
             return identity_budget(cfg, steps_per_epoch)
     rd = find_reference_run(cfg, root)
     if rd is None:

@@ -16,18 +16,6 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one level with dotted keys (W&B summaries)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def make_summary(cfg: Any, trainer: Any, status: Status, rid: str, param_count: int, error: Optional[str],
                  device: Any, derived: Optional[DerivedBudget], load_avg_start: Optional[float] = None,
                  ) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from fisherbench.core.config import flatten
 from fisherbench.core.errors import UserError
 from fisherbench.results.report import CellInput, ReportSpec, TableResult, cell_result, get_metric
 from fisherbench.results.runs import (
@@ -24,7 +25,6 @@ from fisherbench.results.runs import (
     StoreIndex,
     Where,
     filter_runs,
-    flatten,
     lookup,
     progress_printer,
     value_text,

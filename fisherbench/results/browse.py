@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from fisherbench.core.config import TrainConfig
+from fisherbench.core.config import TrainConfig, flatten
 from fisherbench.core.errors import UserError
 from fisherbench.core.scores import as_number, get_metric
 from fisherbench.core.status import EXIT_USER_ERROR
@@ -29,7 +29,6 @@ from fisherbench.results.runs import (
     StoredRun,
     StoreIndex,
     filter_runs,
-    flatten,
     parse_where,
     progress_printer,
     resolve_run,

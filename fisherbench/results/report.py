@@ -27,11 +27,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from fisherbench.core.config import flatten
 from fisherbench.core.errors import UserError
 from fisherbench.core.scores import (  # noqa: F401  (part of the report API)
     METRICS,
     VALIDATION_COUNTERPART,
     Metric,
+    PaperValue,
     get_metric,
     is_fraction,
 )
@@ -41,7 +43,6 @@ from fisherbench.results.runs import (  # noqa: F401  (re-exported: the report A
     RunBudget,
     StoredRun,
     StoreIndex,
-    flatten,
     match_signature,
     prefer,
     run_budget,
@@ -71,15 +72,6 @@ VERDICTS = ("reproduced", "differs", "inconclusive", "untested", "mixed", "n/a",
 
 
 # ---------------------------------------------------------------------------------------------- input
-@dataclass(frozen=True)
-class PaperValue:
-    """A value as the paper prints it: mean, optional std; `mean is None` = the paper reports no result."""
-
-    mean: Optional[float]
-    std: Optional[float] = None
-    text: str = ""
-
-
 @dataclass
 class CellInput:
     """One composed cell: which runs make it (their resolved config, seed aside) and where it goes."""

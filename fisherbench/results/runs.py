@@ -59,19 +59,6 @@ def value_text(v: Any) -> str:
     return str(v)
 
 
-def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as dotted keys (lists stay values)."""
-    out: dict[str, Any] = {}
-    if isinstance(config, dict):
-        for k, v in config.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict) and v:
-                out.update(flatten(v, key + "."))
-            else:
-                out[key] = v
-    return out
-
-
 @dataclass(frozen=True)
 class Where:
     """A filter `KEY=V1,V2` (any of the values) or `KEY!=V` on a run's config (or `status`)."""

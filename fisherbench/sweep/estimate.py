@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from fisherbench.core.config import plain_dict
 from fisherbench.core.env import resolve_device
 from fisherbench.core.status import FINAL, Status
 from fisherbench.core.store import CorruptRunError, RunDir, read_json
@@ -39,7 +40,7 @@ class Estimate:
 
 
 def _budget(cfg) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg.budget, resolve=True)  # type: ignore[return-value]
+    return plain_dict(cfg.budget)
 
 
 def _cell_key(run: PlannedRun) -> tuple:

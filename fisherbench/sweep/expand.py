@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -176,21 +176,3 @@ def dedupe(runs: list[PlannedRun]) -> list[PlannedRun]:
             seen.add(r.run_id)
             out.append(r)
     return out
-
-
-def composed_cells(spec: SweepSpec, arm_sets: Iterable[str], user_overrides: Sequence[str] = (),
-                   wct_mode: str = "measured", progress: Optional[Callable[[int, int], None]] = None,
-                   ) -> list[ComposedCell]:
-    """Every cell composed once (the report matches store runs against these)."""
-    cells = spec.cells(arm_sets)
-    out = []
-    with hydra_context():
-        for i, cell in enumerate(cells):
-            out.append(compose_cell(spec, cell, wct_mode, user_overrides))
-            if progress is not None:
-                progress(i + 1, len(cells))
-    return out
-
-
-def config_value(cfg: DictConfig, key: str) -> Any:
-    return OmegaConf.select(cfg, key)

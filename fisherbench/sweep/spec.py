@@ -56,7 +56,7 @@ import yaml
 
 from fisherbench.core import plugins
 from fisherbench.core.config import CONFIG_DIR
-from fisherbench.core.scores import METRICS
+from fisherbench.core.scores import METRICS, PaperValue
 
 SPEC_DIR = CONFIG_DIR / "sweep"
 ARM_SETS = ("main", "fixed")
@@ -127,19 +127,6 @@ def override_value(overrides: Iterable[str], key: str) -> Optional[str]:
 
 
 # -------------------------------------------------------------------------------------- paper values
-@dataclass(frozen=True)
-class PaperValue:
-    """A value as the paper prints it: mean, optional std; `mean is None` = the paper reports no result."""
-
-    mean: Optional[float]
-    std: Optional[float] = None
-    text: str = ""
-
-    @property
-    def no_result(self) -> bool:
-        return self.mean is None
-
-
 _PM = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*(?:±|\+-|\+/-)\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
 
 
