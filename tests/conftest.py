@@ -93,3 +93,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _plugins_do_not_leak():
+    """Plug-ins a test registers from its own config folder are forgotten after it: other tests enumerate the
+    registries (every optimizer has a YAML, every model trains, ...)."""
+    from fisherbench.core import plugins
+
+    loaded = dict(plugins.LOADED)
+    yield
+    if plugins.LOADED == loaded:
+        return
+    from fisherbench import data, models, optim
+    from fisherbench.engine import compose
+
+    for (group, name) in set(plugins.LOADED) - set(loaded):
+        registry = {"optimizer": optim.OPTIMIZERS, "model": models.MODELS, "data": data.DATASETS}[group]
+        registry._entries.pop(name, None)  # no public removal: the suite never unregisters
+    plugins.LOADED.clear()
+    plugins.LOADED.update(loaded)
+    compose.USER_OPTIONS.clear()
+    compose._scanned.clear()
