@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
-import yaml
 from torch import Tensor, nn
 
 from fisherbench import data as data_pkg
@@ -24,6 +23,7 @@ from fisherbench.analysis.factors import DEFAULT_MAX_DIM, LayerFactors, Log, col
 from fisherbench.core import checkpoint
 from fisherbench.core.env import resolve_device
 from fisherbench.core.modules import unwrap
+from fisherbench.core.store import CorruptRunError, read_yaml_mapping
 from fisherbench.core.tasks import get_task
 
 
@@ -93,7 +93,10 @@ def load_run(run_dir: Path | str, device: Optional[str] = None) -> tuple[Setup, 
     if not config_path.exists():
         raise FileNotFoundError(f"{run_dir} is not a fisherbench run directory (no config.yaml); pass the "
                                 "directory `train.py` printed at the end of the run")
-    cfg = yaml.safe_load(config_path.read_text())
+    try:  # the store's bounded reader: no link followed, no alias bomb, no nesting past MAX_DEPTH
+        cfg = read_yaml_mapping(config_path)
+    except CorruptRunError as exc:
+        raise ValueError(f"run {run_dir} is corrupt: {exc}") from None
     paths = checkpoint_files(run_dir)
     if not paths:
         raise FileNotFoundError(

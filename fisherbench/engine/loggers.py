@@ -18,6 +18,8 @@ from typing import Any, Optional
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from fisherbench.core.store import ensure_dir
+
 
 class NullLogger:
     name = "none"
@@ -100,6 +102,9 @@ class WandbLogger:
         try:
             import wandb  # lazy: optional (logger=none needs no W&B), ~0.5 s to import
 
+            # W&B writes <run dir>/wandb/ and follows links: a link planted there is refused (StoreLinkError,
+            # reported as a warning below) and the run goes on without W&B
+            ensure_dir(Path(run_dir) / "wandb", below=Path(run_dir).parent)
             self.run = wandb.init(
                 project=self.cfg.project,
                 entity=self.cfg.entity,

@@ -220,3 +220,12 @@ def test_read_yaml_mapping_is_the_store_reader_for_any_yaml(tmp_path):
     path.write_text("a: 1\n")
     assert read_yaml_mapping(path) == {"a": 1}
     assert read_yaml_mapping(tmp_path / "missing.yaml") is None
+
+
+def test_the_fisher_analysis_reads_a_run_config_through_the_bounded_reader(tmp_path):
+    from fisherbench.analysis import sources
+
+    rd = _run_dir(tmp_path)
+    rd.config_path.write_text(ALIAS_BOMB)
+    with pytest.raises(ValueError, match="is corrupt: .*anchors and aliases"):
+        sources.load_run(rd.path)

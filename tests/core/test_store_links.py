@@ -288,3 +288,19 @@ def test_disk_full_error_names_the_path_and_says_resumable():
     assert is_disk_full(exc) and is_disk_full(OSError(errno.EDQUOT, "quota")) and not is_disk_full(OSError(1, "x"))
     assert "disk full while writing x/y" in str(DiskFullError(Path("x/y"), exc))
     assert "resumable" in str(DiskFullError(Path("x/y"), exc))
+
+
+def test_a_wandb_directory_link_in_a_run_is_refused_and_the_run_goes_on_without_wandb(tmp_path, victim_dir, capsys):
+    from omegaconf import OmegaConf
+
+    from fisherbench.engine.loggers import WandbLogger
+
+    rd = RunDir(tmp_path / "runs" / "0123456789abcdef")
+    rd.create({"seed": 0}, {})
+    (rd.path / "wandb").symlink_to(victim_dir)  # W&B would write its offline run through it
+    logger = WandbLogger(OmegaConf.create({"name": "wandb", "mode": "offline", "project": "p", "entity": None,
+                                           "group": None, "tags": [], "progress": "never"}))
+    logger.start(rd.run_id, {"seed": 0}, rd.path, False)
+    assert logger.run is None
+    assert "symbolic link" in capsys.readouterr().err
+    _untouched(victim_dir)
