@@ -39,10 +39,12 @@ import math
 import os
 import secrets
 import shutil
+import sqlite3
 import stat
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
+from urllib.parse import quote
 
 import yaml
 
@@ -729,6 +731,31 @@ def remove_tree(path: Path) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise StoreLinkError(path, "a directory")
     shutil.rmtree(path, ignore_errors=True)  # rmtree never follows links inside the tree
+
+
+# the tables every Optuna RDB storage has (optuna/storages/_rdb/models.py); a reader checks them before Optuna
+# sees the file, since Optuna would otherwise create them in any SQLite file it is given
+OPTUNA_TABLES = frozenset({"studies", "study_directions", "trials", "trial_params", "trial_values", "version_info",
+                           "alembic_version"})
+
+
+def check_optuna_storage(db: Path) -> None:
+    """UserError unless `db` is an SQLite file with Optuna's tables (opened read-only: nothing is written). Readers
+    (`results trials`) and the search, before it resumes a study, call it: Optuna itself would create its tables
+    in any SQLite file it is given, and fail with a traceback on a file that is not SQLite."""
+    try:
+        con = sqlite3.connect(f"file:{quote(str(Path(db).resolve()))}?mode=ro", uri=True)
+        try:
+            names = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise UserError(f"{db} is not a readable Optuna storage: not an SQLite database ({exc}). It was left "
+                        "unchanged; move it out of _optuna/.") from None
+    missing = OPTUNA_TABLES - names
+    if missing:
+        raise UserError(f"{db} is not a readable Optuna storage: an SQLite database without Optuna's tables "
+                        f"{', '.join(sorted(missing))}. It was left unchanged; move it out of _optuna/.")
 
 
 # ------------------------------------------------------------------------------------------------- locks

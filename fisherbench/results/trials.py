@@ -22,6 +22,7 @@ import yaml
 from fisherbench.core.errors import UserError
 from fisherbench.core.scores import VALIDATION_COUNTERPART, get_metric
 from fisherbench.core.status import Status
+from fisherbench.core.store import check_optuna_storage
 from fisherbench.results.adhoc import default_metric
 from fisherbench.results.runs import StoreIndex
 from fisherbench.results.tables import format_columns
@@ -73,7 +74,7 @@ def load_studies(db: Path | str, index: Optional[StoreIndex] = None,
         raise UserError(f"{db} is a symbolic link; a search writes a plain file there, and a link is not followed")
     if not db.is_file():
         raise UserError(f"no Optuna storage at {db} (a search writes <results_dir>/_optuna/<spec>.db)")
-    check_optuna_db(db)
+    check_optuna_storage(db)
     import optuna  # lazy: ~0.3 s to import; only stores with Optuna studies need it
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -87,31 +88,6 @@ def load_studies(db: Path | str, index: Optional[StoreIndex] = None,
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/Optuna raise many types for a file that is not a study
         raise UserError(f"{db} is not a readable Optuna storage ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
-
-
-# the tables every Optuna RDB storage has (optuna/storages/_rdb/models.py); a reader checks them before Optuna
-# sees the file, since Optuna would otherwise create them in any SQLite file it is given
-OPTUNA_TABLES = frozenset({"studies", "study_directions", "trials", "trial_params", "trial_values", "version_info",
-                           "alembic_version"})
-
-
-def check_optuna_db(db: Path) -> None:
-    """UserError unless `db` is an SQLite file with Optuna's tables (opened read-only: nothing is written)."""
-    import sqlite3
-
-    try:
-        con = sqlite3.connect(f"file:{quote(str(db.resolve()))}?mode=ro", uri=True)
-        try:
-            names = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        finally:
-            con.close()
-    except sqlite3.Error as exc:
-        raise UserError(f"{db} is not a readable Optuna storage: not an SQLite database ({exc}). It was left "
-                        "unchanged; move it out of _optuna/.") from None
-    missing = OPTUNA_TABLES - names
-    if missing:
-        raise UserError(f"{db} is not a readable Optuna storage: an SQLite database without Optuna's tables "
-                        f"{', '.join(sorted(missing))}. It was left unchanged; move it out of _optuna/.")
 
 
 def read_only_storage(db: Path) -> Any:

@@ -48,7 +48,7 @@ import optuna
 
 from fisherbench.core.errors import UserError
 from fisherbench.core.status import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, SUCCESS, RunOutcome, Status
-from fisherbench.core.store import ensure_dir, refuse_link
+from fisherbench.core.store import check_optuna_storage, ensure_dir, refuse_link
 from fisherbench.data.registry import unchanged_data
 from fisherbench.engine.identity import run_id_of
 from fisherbench.sweep.expand import PlannedRun, compose_cell, hydra_context
@@ -254,6 +254,8 @@ def run_search(spec: SweepSpec, results_dir: Path, user_overrides: Sequence[str]
     if storage is None:  # SQLite follows links: neither _optuna/ nor the database may be one (StoreLinkError)
         db = refuse_link(ensure_dir(results_dir / "_optuna", below=results_dir) / (spec.name + ".db"),
                          "an Optuna study")
+        if db.exists() and db.stat().st_size:  # resumed: it must be Optuna's (Optuna would write its tables into any SQLite file)
+            check_optuna_storage(db)
         storage = f"sqlite:///{db}"
     study_name = f"{spec.name}:{cell.row}:{cell.column}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
