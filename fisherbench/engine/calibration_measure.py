@@ -68,11 +68,14 @@ def block_layout(periods: Sequence[Optional[int]], steps: int, min_blocks: int, 
                  ) -> tuple[int, list[int]]:
     """(blocks, steps per visit of each arm): visits of whole curvature periods of at least `min_visit_steps`
     steps; as many blocks as `steps` timed steps per arm allow for the arm with the longest period (at least
-    `min_blocks`); every arm then gets at least `steps` / (2 blocks) steps per visit."""
+    `min_blocks`). Every arm's visit is then about as long as the longest one (whole periods of its own, at
+    least `steps` / (2 blocks)): what a visit costs beyond its steps (caches cold after the other arm ran, the
+    synchronisation at its end) then weighs the same per step in every arm, instead of more in the arm with
+    the shorter visits."""
     base = [max(1, p or 1) * math.ceil(min_visit_steps / max(1, p or 1)) for p in periods]
     blocks = max(min_blocks, steps // (2 * max(base)))
-    share = math.ceil(steps / (2 * blocks))
-    return blocks, [max(1, p or 1) * math.ceil(max(b, share) / max(1, p or 1)) for p, b in zip(periods, base)]
+    target = max(max(base), math.ceil(steps / (2 * blocks)))
+    return blocks, [max(1, p or 1) * math.ceil(target / max(1, p or 1)) for p in periods]
 
 
 def abba_order(names: Sequence[str], block: int) -> list[str]:

@@ -63,9 +63,9 @@ def test_blocks_run_in_abba_order_over_whole_periods_after_a_steady_state_warm_u
     assert cm.abba_order(["a", "b", "c"], 1) == ["b", "c", "a", "a", "c", "b"]
     r, c = out["arms"]["reference"], out["arms"]["candidate"]
     assert r["warmup_steps"] == 2 and c["warmup_steps"] == 6  # one curvature period + 1: its first curvature step
-    assert r["steps_per_visit"] == 3 and c["steps_per_visit"] == 5  # 24 / (2 x 4) rounded up to whole periods
-    assert r["timed_steps"] == 4 * 2 * 3 and c["timed_steps"] == 4 * 2 * 5 >= 2 * 5 + 1
-    assert ref_ad.count == 2 + 24 and cand_ad.count == 6 + 40
+    assert r["steps_per_visit"] == 5 and c["steps_per_visit"] == 5  # one whole period; the other arm as long
+    assert r["timed_steps"] == 4 * 2 * 5 and c["timed_steps"] == 4 * 2 * 5 >= 2 * 5 + 1
+    assert ref_ad.count == 2 + 40 and cand_ad.count == 6 + 40
     # every visit of the candidate holds exactly one curvature step: (11 + 4 x 1) / 5 = 3 per step
     assert c["block_step_s"] == pytest.approx([3.0] * 4)
     assert c["curvature_s"] == pytest.approx(11.0) and c["ordinary_s"] == pytest.approx(1.0)
@@ -138,8 +138,10 @@ def test_block_layout_lays_out_whole_periods_and_as_many_blocks_as_the_steps_all
     assert cm.block_layout([None, None], 320, 6, 1) == (160, [1, 1])
     # on a GPU visits of at least 32 steps
     assert cm.block_layout([None, None], 320, 6, 32) == (6, [32, 32])
-    # a period-100 arm: whole periods of 100, six blocks, the other arm at least 320 / 12 steps per visit
-    assert cm.block_layout([None, 100], 320, 6, 1) == (6, [27, 100])
+    # a period-100 arm: whole periods of 100, six blocks; the other arm's visits are as long (equal per-visit
+    # costs per step), not just 320 / 12 = 27 steps
+    assert cm.block_layout([None, 100], 320, 6, 1) == (6, [100, 100])
+    assert cm.block_layout([3, 5], 24, 4, 1) == (4, [6, 5])  # whole periods of each arm's own
 
 
 def _record(ref_walls, cand_walls, visit=(1, 1), spe=10):
