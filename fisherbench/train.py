@@ -294,7 +294,11 @@ def main() -> None:
         write_outcome(ProcessOutcome(None, RunOutcome.CONFIG_ERROR, EXIT_USER_ERROR, str(exc)))
         sys.exit(EXIT_USER_ERROR)
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
-        _print_help(sys.argv[1:])
+        try:
+            _print_help(sys.argv[1:])
+        except UserError as exc:  # a plug-in that cannot be registered: help would list it
+            print(f"[fisherbench] configuration error: {exc}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
         return
     quiet_third_party_warnings()
     watch_parent_from_env()  # started by a sweep: stop (checkpointed) if the sweep dies (fisherbench/core/orphans.py)

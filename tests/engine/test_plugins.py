@@ -132,6 +132,8 @@ def test_train_reports_a_broken_plugin_with_exit_2_and_no_traceback(tmp_path):
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert "configuration error" in p.stderr and str(conf / "optimizer" / "p_bad.yaml") in p.stderr
     assert "Remove them from the YAML" in p.stderr and "Traceback" not in p.stderr
+    helped = train(["--help"], env=env_for(tmp_path, conf), cwd=tmp_path)  # --help too: no traceback
+    assert helped.returncode == 2 and "p_bad.yaml" in helped.stderr and "Traceback" not in helped.stderr
 
 
 @pytest.mark.slow  # three runs
