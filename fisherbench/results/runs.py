@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from fisherbench.core.budget import LOAD_DIFFERENCE_THRESHOLD
 from fisherbench.core.config import strip_non_identity
 from fisherbench.core.errors import UserError
 from fisherbench.core.scores import as_number
@@ -27,9 +28,10 @@ MATCH_IGNORE = (
     "budget.calibration_blocks", "budget.warmup_steps", "budget.recalibrate", "budget.reference_method",
 )
 # A matched pair (budget=match) replays the reference's measured seconds; when the two runs trained under 1-minute
-# load averages that differ by more than this, the same seconds bought a different amount of work and reports flag
-# the pair (docs/reports.md). Used only for runs that do not record the verdict themselves (`loads_differ`).
-LOAD_DIFF_THRESHOLD = 0.5
+# load averages that differ by more than the run layer's threshold, the same seconds bought a different amount of
+# work and reports flag the pair (docs/reports.md). Runs record the verdict (`loads_differ`); for a run that has
+# only the two loads, reports apply the same rule.
+LOAD_DIFF_THRESHOLD = LOAD_DIFFERENCE_THRESHOLD
 
 
 # ------------------------------------------------------------------------------------------ config keys

@@ -14,6 +14,7 @@ import csv
 import io
 from typing import Any, Optional, Sequence
 
+from fisherbench.core.budget import loads_differ
 from fisherbench.results.report import (
     RULE,
     TABLE6_NOTE,
@@ -119,8 +120,7 @@ def cell_budget(c: CellResult) -> Optional[dict[str, Any]]:
 def _load_differs(b: RunBudget) -> bool:
     if b.loads_differ is not None:  # the run recorded the comparison itself
         return b.loads_differ
-    return b.load is not None and b.reference_load is not None and \
-        abs(b.load - b.reference_load) > LOAD_DIFF_THRESHOLD
+    return loads_differ(b.load, b.reference_load)
 
 
 def budget_mark(c: CellResult) -> str:
