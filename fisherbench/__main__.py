@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from fisherbench import use_files_only_backend
+
 # verb -> module whose `main()` runs it; imported only when chosen, so `--help` costs no torch import
 VERBS = {
     "train": "fisherbench.train",
@@ -26,6 +28,7 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_files_only_backend()
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print("usage: fisherbench <verb> [args]  (verbs: " + ", ".join(VERBS) + ")\n\n" + _usage())

@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fisherbench import use_files_only_backend
 from fisherbench.core import plugins
 from fisherbench.core.config import TrainConfig
 from fisherbench.core.errors import UserError
@@ -347,6 +348,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`run`, with anything the user can fix (a bad spec, key, metric, target or path) as a message and exit 2."""
+    use_files_only_backend()
     try:
         return run(argv)
     except (UserError, SpecError) as exc:

@@ -115,6 +115,9 @@ def _figure_layers(args: argparse.Namespace, model, layers: list[str]) -> list[s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from fisherbench import use_files_only_backend
+
+    use_files_only_backend()  # before anything imports matplotlib
     args = parse_args(argv)
     t_start = time.perf_counter()
     # lazy: these pull in torch and hydra (~3.5 s); --help and usage errors answer at once

@@ -6,6 +6,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("FISHERBENCH_OFFLINE", "1")  # fisherbench/data/download.py refuses to download
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("MPLBACKEND", "Agg")  # figures into files; the library never chooses a backend
 os.environ.setdefault("FISHERBENCH_DATA", os.path.join(os.path.dirname(__file__), "_no_data_here"))
 # subprocesses (`python -m fisherbench ...` from a temporary folder) import the checkout under test, whether or
 # not it is installed: the environment says where, nothing edits sys.path
@@ -85,8 +86,15 @@ def run_train(tmp_path):
     return _run
 
 
+SLOW_TIMEOUT_S = 1800  # pyproject.toml's default (300 s) is for the default suite
+
+
 def pytest_collection_modifyitems(config, items):
-    """`-m gpu` on a machine without CUDA: the GPU tests are skipped with a reason, not failed."""
+    """Tests marked `slow` get SLOW_TIMEOUT_S unless they set their own timeout; `-m gpu` on a machine without
+    CUDA: the GPU tests are skipped with a reason, not failed."""
+    for item in items:
+        if "slow" in item.keywords and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -6,26 +6,24 @@
   criterion (mean eigenvalue) and the damping (Figures 3 right, 6 right).
 * `fft_figure`: 20 log10 |FFT| of H, H~, S, S~ with the Eq. 7 SNR under the noisy rows (Figure 7).
 * `heatmap_figure`: log10 |entries| of H (top) and S (bottom) at each step (Figure 8).
-Each is saved as PNG and PDF by `save`. matplotlib runs on the Agg backend (no display needed).
+Each is saved as PNG and PDF by `save`. The library never chooses matplotlib's backend (a notebook keeps its
+own); the command-line entry points choose Agg, files only (`fisherbench.cli_backend`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.collections import PatchCollection
+from matplotlib.colors import Normalize
+from matplotlib.patches import Circle
+from matplotlib.ticker import LogFormatter, NullFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.cm import ScalarMappable  # noqa: E402
-from matplotlib.collections import PatchCollection  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
-from matplotlib.patches import Circle  # noqa: E402
-from matplotlib.ticker import LogFormatter, NullFormatter  # noqa: E402
-
-from fisherbench.analysis.diagnostics import FactorAnalysis, LayerAnalysis, fft_magnitude_db  # noqa: E402
-from fisherbench.analysis.plotting import save_figure  # noqa: E402
+from fisherbench.analysis.diagnostics import FactorAnalysis, LayerAnalysis, fft_magnitude_db
+from fisherbench.analysis.plotting import save_figure
 
 # plain-text labels and tick formatters: mathtext and tight layouts cost most of the drawing time
 FACTORS = (("H", "H"), ("S", "S"))

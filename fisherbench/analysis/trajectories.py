@@ -14,23 +14,20 @@ import contextlib
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from scipy.interpolate import griddata
+from sklearn.datasets import load_iris
+from sklearn.decomposition import PCA
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+from torch.nn import functional as F
 
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from scipy.interpolate import griddata  # noqa: E402
-from sklearn.datasets import load_iris  # noqa: E402
-from sklearn.decomposition import PCA  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from fisherbench.analysis.plotting import save_figure as save  # noqa: E402
-from fisherbench.analysis.plotting import series_color as _color  # noqa: E402
-from fisherbench.engine.compose import load_group_option  # noqa: E402
-from fisherbench.optim import BuildContext, build_optimizer  # noqa: E402
+from fisherbench.analysis.plotting import save_figure as save
+from fisherbench.analysis.plotting import series_color as _color
+from fisherbench.engine.compose import load_group_option
+from fisherbench.optim import BuildContext, build_optimizer
 
 OPTIMIZERS = (("Adam", "adam"), ("AdaHessian", "adahessian"), ("K-FAC", "kfac"), ("Shampoo", "shampoo"),
               ("AdaFisher", "adafisher"))

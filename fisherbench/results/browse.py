@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from fisherbench import use_files_only_backend
 from fisherbench.core.config import TrainConfig, flatten
 from fisherbench.core.errors import UserError
 from fisherbench.core.scores import as_number, get_metric
@@ -326,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    use_files_only_backend()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -1,4 +1,4 @@
-"""Figures from the results store (matplotlib, Agg; each saved as PNG and PDF).
+"""Figures from the results store (matplotlib; each saved as PNG and PDF).
 
 - `curves`: test error (or perplexity) and training loss against training time and against epochs, one line
   per optimizer with a band of ± one sample std (ddof=1) over seeds (paper Figs. 10-15, the WCT figures). The
@@ -18,16 +18,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fisherbench.analysis.plotting import save_figure as save  # noqa: E402
-from fisherbench.analysis.plotting import series_color as _color  # noqa: E402
-from fisherbench.core.scores import Target, is_fraction  # noqa: E402
-from fisherbench.results.report import CellResult, TableResult, run_epoch_seconds, run_peak_memory  # noqa: E402
+from fisherbench.analysis.plotting import save_figure as save
+from fisherbench.analysis.plotting import series_color as _color
+from fisherbench.core.scores import Target, is_fraction
+from fisherbench.results.report import CellResult, TableResult, run_epoch_seconds, run_peak_memory
 
 
 def _series(rows: list[dict[str, Any]], x_key: str, y_key: str, transform=None) -> tuple[np.ndarray, np.ndarray]:

@@ -190,9 +190,6 @@ def figure(study: StudyReport, out_dir: Path, name: Optional[str] = None) -> lis
     """One panel per parameter: the trial values against it (log axis where searched on a log scale), the best
     trial as a star, failed trials as crosses along the bottom."""
     # lazy: matplotlib takes ~0.5 s to import; only the figure needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from fisherbench.analysis.plotting import save_figure
