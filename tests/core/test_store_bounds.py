@@ -61,7 +61,8 @@ def test_the_alias_bomb_is_corrupt_at_once(tmp_path):
     assert time.perf_counter() - t0 < 30  # generous: it used to take minutes and gigabytes
 
 
-@pytest.mark.parametrize("text", [DEEP_YAML, "a:\n" + "".join(f"{' ' * (i + 1)}b{i}:\n" for i in range(200))])
+@pytest.mark.parametrize("text", [DEEP_YAML, "a:\n" + "".join(f"{' ' * (i + 1)}b{i}:\n" for i in range(200))],
+                         ids=["flow", "block"])
 def test_deeply_nested_config_is_corrupt_not_a_recursion_error(tmp_path, text):
     rd = _run_dir(tmp_path)
     rd.config_path.write_text(text)
@@ -194,7 +195,7 @@ def test_the_report_lists_hostile_runs_as_corrupt(hostile_store, tmp_path):
         assert f"`{rd.path}`" in md
 
 
-@pytest.mark.parametrize("text", [ALIAS_BOMB, DEEP_YAML])
+@pytest.mark.parametrize("text", [ALIAS_BOMB, DEEP_YAML], ids=["alias_bomb", "deep"])
 def test_train_resume_path_stops_on_a_hostile_config_with_a_message(tmp_path, text):
     cfg = _cfg(tmp_path)
     rd = RunDir(tmp_path / "runs" / run_id_of(cfg))
