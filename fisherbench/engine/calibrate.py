@@ -274,14 +274,9 @@ def measure_calibration(cfg: Any, reference_opts: dict[str, Any], arms: list, lo
     log(f"calibrating: {first_look}+ ABBA blocks of {visits[0]} reference and {visits[1]} candidate steps per "
         f"visit, until the ratio's {stats.CONFIDENCE:.0%} CI is within ±{float(b.calibration_tolerance):.1%} "
         f"(cap {cap:.0f} s)")
-    rng = ckpt.rng_state()
-    try:
-        result = stats.sequential_ratio(
-            lambda n: (lambda new: (new["reference"], new["candidate"]))(meter.measure(n)),
-            first_look=first_look, tolerance=float(b.calibration_tolerance), cap_s=cap,
-            elapsed=lambda: meter.elapsed)
-    finally:
-        ckpt.set_rng_state(rng)
+    result = stats.sequential_ratio(
+        lambda n: (lambda new: (new["reference"], new["candidate"]))(meter.measure(n)),
+        first_look=first_look, tolerance=float(b.calibration_tolerance), cap_s=cap, elapsed=lambda: meter.elapsed)
     busy = busy_before or busy_machine_warning(settings["threads"])
     record = {
         "method": METHOD,
@@ -330,15 +325,11 @@ def derive_reference_budget(
     record, why = (None, None) if b.recalibrate else read_cached(cache_file, float(b.calibration_tolerance))
     if why:
         log(f"calibration cache {cache_file} {why}: calibrating again")
+    rng = ckpt.rng_state()  # building and stepping the arms must not change what the run then draws
     arms = _arms(cfg, reference_opts, build_model, bundle, device)
     try:
         if record is not None:
-            rng = ckpt.rng_state()
-            try:
-                fresh = BlockMeter(arms, loss_fn, device, visit_steps=[1, 1], autocast=autocast).quick_step_s(
-                    QUICK_STEPS)
-            finally:
-                ckpt.set_rng_state(rng)
+            fresh = BlockMeter(arms, loss_fn, device, visit_steps=[1, 1], autocast=autocast).quick_step_s(QUICK_STEPS)
             why = _implausible(record, fresh)
             if why:
                 log(f"calibration cache {cache_file} {why}: calibrating again")
@@ -353,6 +344,7 @@ def derive_reference_budget(
                 pass  # the cache is an optimisation; the run records its calibration anyway (calibration.json)
     finally:
         del arms
+        ckpt.set_rng_state(rng)
     return derive_from_calibration(record, float(b.reference_epochs), steps_per_epoch, key=key, shared=shared,
                                    reference_optimizer=b.reference_optimizer)
 

@@ -303,3 +303,20 @@ def test_calibration_options_are_checked():
                       ("budget.reference_epochs=inf", "reference_epochs")):
         with pytest.raises(UserError, match=what):
             validate(compose_config([*base, bad]))
+
+
+def test_calibrating_leaves_the_runs_random_state_as_it_was(tmp_path):
+    """Building the arms (seeded) and stepping them draws random numbers: a run must draw the same ones
+    afterwards whether its calibration was measured or read from the cache."""
+    from fisherbench.core.distributed import DistInfo
+    from fisherbench.engine.build import build_components
+    from tests.conftest import TINY
+
+    cfg = compose_config([*TINY, f"results_dir={tmp_path}", *ARGS])
+    device = torch.device("cpu")
+    parts = build_components(cfg, device, DistInfo())
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    derived = cal.reference_budget(cfg, parts.bundle, parts.build_model, device)
+    assert derived.method == "calibration"
+    assert torch.equal(torch.get_rng_state(), before)
