@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -129,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     print(f"data root: {args.root}")
     failed = []
-    for target in args.targets:
-        print(f"\n== {target}")
+    start = time.perf_counter()
+    for i, target in enumerate(args.targets):
+        # which target, and how long the ones before took (downloads show their own progress bar)
+        print(f"\n== {target} ({i + 1}/{len(args.targets)}, {time.perf_counter() - start:.0f} s so far)", flush=True)
         try:
             for line in TARGETS[target](args):
                 print(f"  {line}")

@@ -275,11 +275,20 @@ def _print_help(argv: list[str]) -> None:
 
 
 def quiet_third_party_warnings() -> None:
-    """Warnings users cannot act on, raised inside libraries we call: torch's `torch.jit.script` deprecation
-    (ASDL and timm script helpers at import) and ASDL's UserWarnings that echo one of its source lines. Ours
-    and every other warning still show."""
+    """Warnings as one line of ours, and none that users cannot act on.
+
+    torch's `torch.jit.script` deprecation (raised when ASDL and timm helpers are imported) says nothing about
+    the user's run: filtered. Every other warning (ours, e.g. which layers K-FAC/Shampoo leave unpreconditioned,
+    and other libraries') is printed as `[fisherbench] warning: <message> (<Category>)`, without the source line
+    Python's default format echoes (`return self.adapter(...)` told a user nothing).
+    """
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"asdl(\.|$)")
+
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+        text = " ".join(str(message).split())
+        print(f"[fisherbench] warning: {text} ({category.__name__})", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = one_line
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _eta import Eta
 
 from fisherbench.data import cifar
 from fisherbench.data.augment import BatchAugment
@@ -62,8 +63,12 @@ def main() -> None:
     loaders["resident"] = TensorBatchSource(chw, torch.from_numpy(labels), args.batch_size, shuffle=True,
                                             transform=BatchAugment(spec.mean, spec.std, cutout_length=16),
                                             device=device)
+    eta = Eta("bench_data_loaders", len(loaders) * args.epochs, unit="epochs", every=0.0)
     for name, src in loaders.items():
-        times = [epoch_seconds(src, device, e) for e in range(args.epochs)]
+        times = []
+        for e in range(args.epochs):
+            times.append(epoch_seconds(src, device, e))
+            eta.step(f"{name}, epoch {e + 1}/{args.epochs} took {times[-1][0]:.1f} s")
         best = min(t for t, _ in times[1:] or times)
         print(f"{name:22s} {best:8.3f} s/epoch  {times[0][1] / best:10.0f} images/s")
 

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+from _eta import Eta
 
 from fisherbench.core.budget import BudgetPlan
 from fisherbench.core.config import validate
@@ -233,6 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trainer_round(trainer, max(1, args.warmup))
     plain_round(trainer, batches[: max(1, args.warmup)], sync)
     rounds: list[dict[str, Any]] = []
+    eta = Eta("bench_harness", args.rounds, unit="rounds", every=0.0)
     for r in range(args.rounds):
         order = ("trainer", "plain") if r % 2 == 0 else ("plain", "trainer")
         row: dict[str, Any] = {"order": list(order)}
@@ -246,10 +248,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["ratio"] = row["trainer_s_per_step"] / row["plain_s_per_step"]
         row["cpu_ratio"] = row["trainer_cpu_s_per_step"] / row["plain_cpu_s_per_step"]
         rounds.append(row)
-        if args.verbose:
-            print(f"round {r + 1}/{args.rounds}: trainer {row['trainer_s_per_step'] * 1e3:.2f} ms/step, plain "
-                  f"{row['plain_s_per_step'] * 1e3:.2f} ms/step, ratio {row['ratio']:.4f}", file=sys.stderr,
-                  flush=True)
+        # every round says where the benchmark is and what is left (stderr; the result goes to stdout)
+        eta.step(f"trainer {row['trainer_s_per_step'] * 1e3:.2f} ms/step, plain "
+                 f"{row['plain_s_per_step'] * 1e3:.2f} ms/step, ratio {row['ratio']:.4f}")
     # syncs are counted in a separate, untimed round: the instrumentation itself costs time
     counter = SyncCounter()
     counter.install()
@@ -300,7 +301,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each loop first")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra config override (repeatable)")
     p.add_argument("--json", default=None, help="write the result here")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="(kept for old command lines: every round is shown)")
     return p.parse_args(argv)
 
 

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from _eta import Eta
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fisherbench import models, optim
 from fisherbench.core.env import compile_model, prepare_model, to_channels_last
@@ -150,6 +152,69 @@ class PeakMemory:
         return max(0, peak - start)
 
 
+# --------------------------------------------------------------------------------------------- progress
+class ProgressArm(cal.TimedArm):
+    """A timed arm that reports each step to an `Eta` (which optimizer, warm-up or which ABBA block)."""
+
+    eta: Optional[Eta] = None
+    warmup_steps: int = 0
+    visit_steps: int = 1
+    blocks: int = 1
+
+    def step(self, loss_fn, autocast, loss_buffer) -> None:
+        super().step(loss_fn, autocast, loss_buffer)
+        if self.eta is not None:
+            timed = self.steps - self.warmup_steps
+            where = ("warm-up" if timed <= 0 else
+                     f"block {min(self.blocks, (timed - 1) // (2 * self.visit_steps) + 1)}/{self.blocks}")
+            self.eta.step(f"timing {self.name}, {where}")
+
+
+# ---------------------------------------------------------------------------------------- dispatched ops
+class DispatchCounter(TorchDispatchMode):
+    """Counts the ATen operator calls a piece of code dispatches: each is (at least) one kernel launch on a GPU,
+    so the count is a CPU-measurable proxy for the launch overhead of a step. `in_step` counts the calls made
+    inside the optimizer's own `step()` (the update), `total` every call of the training step (zero_grad,
+    forward, backward, curvature statistics, update, loss bookkeeping)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.in_step = 0
+        self.inside_step = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        if self.inside_step:
+            self.in_step += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_dispatches(arm: "Arm", batch, loss_fn, autocast) -> dict[str, Any]:
+    """Operator calls of one training step of `arm` (its next step's kind: ordinary or curvature)."""
+    counter = DispatchCounter()
+    optimizer = arm.adapter.optimizer
+    original = optimizer.step
+
+    def counted_step(*a, **k):
+        counter.inside_step = True
+        try:
+            return original(*a, **k)
+        finally:
+            counter.inside_step = False
+
+    kind = arm.next_kind()
+    optimizer.step = counted_step  # an instance attribute: shadows the method for this step only
+    try:
+        with counter:
+            out = arm.adapter.train_step(arm.model, batch[0], batch[1], loss_fn, autocast)
+            float(out.loss)
+    finally:
+        del optimizer.step
+    arm.steps += 1
+    return {"kind": kind, "total": counter.total, "optimizer_step": counter.in_step}
+
+
 # ------------------------------------------------------------------------------------------------- bench
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
@@ -190,9 +255,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model = compile_model(model)
         adapter = optim.build_optimizer(options[name], model, optim.BuildContext(device=device))
         stream = itertools.cycle([(to_channels_last(x) if args.channels_last else x, y) for x, y in batches])
-        return cal.TimedArm(name, model, adapter, stream, cal.period_of(options[name]))
+        return ProgressArm(name, model, adapter, stream, cal.period_of(options[name]))
 
     arms = [timed_arm(n) for n in names]
+    blocks, visits = cal.block_layout([a.period for a in arms], args.steps, args.blocks,
+                                      args.min_period_steps or cal.MIN_VISIT_STEPS.get(device.type, 1))
+    total = 0
+    for arm, visit in zip(arms, visits):
+        arm.warmup_steps, arm.visit_steps, arm.blocks = max(args.warmup, (arm.period or 1) + 1), visit, blocks
+        total += arm.warmup_steps + 2 * visit * blocks
+    eta = Eta("bench_optimizers", total, every=args.progress_every)
+    eta.say(f"timing {len(arms)} optimizers ({', '.join(names)}) on {args.model}, {device}: {blocks} ABBA blocks, "
+            f"{total} steps in all")
+    for arm in arms:
+        arm.eta = eta
     measured = cal.measure(arms, task.loss, device, steps=args.steps, min_blocks=args.blocks,
                            warmup=args.warmup, min_period_steps=args.min_period_steps, autocast=autocast)
     state_bytes = {arm.name: arm.adapter.state_bytes() for arm in arms}
@@ -210,7 +286,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meter = PeakMemory(device)
     memory: dict[str, dict[str, Optional[int]]] = {}
     if meter.available and not args.skip_memory:
-        for n in names:
+        for i, n in enumerate(names):
+            eta.say(f"memory: {n} ({i + 1}/{len(names)})")
             arm = Arm(n, options[n], build_model, device, timing=True)
             for i in range(args.warmup):
                 arm.step(batches[i % len(batches)], task.loss, autocast, sync)
@@ -221,6 +298,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 growth = meter.growth(lambda arm=arm: arm.step(batches[0], task.loss, autocast, sync))
                 peaks[kind] = max(peaks[kind] or 0, base + growth)
             memory[n] = peaks
+            del arm
+            gc.collect()
+
+    # ---- dispatched operator calls: one arm at a time, periodic arms with a period of 2 (both kinds of step)
+    dispatch: dict[str, dict[str, Optional[int]]] = {}
+    if not args.skip_dispatch:
+        for i, n in enumerate(names):
+            eta.say(f"dispatched ops: {n} ({i + 1}/{len(names)})")
+            arm = Arm(n, options[n], build_model, device, timing=True)
+            for j in range(max(args.warmup, MEMORY_PERIOD + 1)):
+                arm.step(batches[j % len(batches)], task.loss, autocast, sync)
+            counts: dict[str, Optional[int]] = {}
+            for _ in range(MEMORY_PERIOD if arm.step_period else 1):
+                c = count_dispatches(arm, batches[0], task.loss, autocast)
+                counts[f"{c['kind']}_total"] = c["total"]
+                counts[f"{c['kind']}_optimizer_step"] = c["optimizer_step"]
+            dispatch[n] = counts
             del arm
             gc.collect()
 
@@ -244,12 +338,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "peak_curvature_bytes": mem.get("curvature"),
             "peak_curvature_vs_ordinary": (mem["curvature"] / mem["ordinary"]) if mem.get("curvature") else None,
             "peak_vs_ref": (mem["ordinary"] / ref_peak) if mem.get("ordinary") and ref_peak else None,
+            "dispatch": dispatch.get(n),
         })
     return {
         "model": args.model, "batch_size": args.batch_size, "input_shape": list(input_shape),
         "device": str(device), "threads": torch.get_num_threads(), "precision": args.precision,
         "blocks": args.blocks, "steps": args.steps, "warmup": args.warmup, "reference": reference,
-        "method": measured["method"], "order": measured["order"], "load_avg": measured["load_avg"],
+        "method": measured.get("method", "abba-blocks (engine.calibration_measure.measure)"), "order": measured["order"],
+        "load_avg": measured.get("load_avg"),
         "channels_last": args.channels_last, "compile": args.compile, "memory_period": MEMORY_PERIOD,
         "memory_method": meter.note if not args.skip_memory else None,
         "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
@@ -287,7 +383,37 @@ def markdown(result: dict[str, Any]) -> str:
         )
     if result.get("memory_method"):
         lines += ["", f"Peak memory: {result['memory_method']}."]
+    lines += dispatch_table(result)
     return "\n".join(lines)
+
+
+def dispatch_table(result: dict[str, Any]) -> list[str]:
+    """Dispatched operator calls per step (a proxy for GPU kernel launches; docs/performance.md)."""
+    rows = [r for r in result["rows"] if r.get("dispatch")]
+    if not rows:
+        return []
+    ref = result["reference"]
+    ref_step = next((r["dispatch"].get("ordinary_optimizer_step") for r in rows if r["optimizer"] == ref), None)
+
+    def f(x):
+        return "–" if x is None else str(x)
+
+    lines = ["", f"Dispatched operator calls per step (ATen calls, each at least one kernel launch on a GPU; "
+                 f"{result['model']}, batch {result['batch_size']}): the whole training step (forward, backward, "
+                 f"statistics, update) and the optimizer's `step()` alone, on an ordinary and on a statistics "
+                 f"(curvature) step; `× {ref} step` divides the update's calls by {ref}'s.",
+             "",
+             "| optimizer | train step, ordinary | train step, statistics | optimizer.step, ordinary "
+             f"| optimizer.step, statistics | × {ref} step (ordinary / statistics) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r["dispatch"]
+        o, c = d.get("ordinary_optimizer_step"), d.get("curvature_optimizer_step")
+        ratio = (f"{o / ref_step:.1f}" if o is not None and ref_step else "–") + (
+            f" / {c / ref_step:.1f}" if c is not None and ref_step else "")
+        lines.append(f"| {r['optimizer']} | {f(d.get('ordinary_total'))} | {f(d.get('curvature_total'))} "
+                     f"| {f(o)} | {f(c)} | {ratio} |")
+    return lines
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -317,6 +443,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="override an option in every config that has it, or in one config "
                         "(e.g. --set adafisher.implementation=compiled)")
     p.add_argument("--skip-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--skip-dispatch", action="store_true", help="skip counting dispatched operator calls")
+    p.add_argument("--progress-every", type=float, default=10.0,
+                   help="seconds between progress lines on stderr (default 10)")
     p.add_argument("--json", default=None, help="also write the full result here")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)

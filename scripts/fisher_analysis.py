@@ -25,6 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+from _eta import Eta
+
 
 def _log(msg: str) -> None:
     print(f"[fisher_analysis] {msg}", file=sys.stderr, flush=True)
@@ -157,6 +159,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
          f"grad scale '{args.grad_scale}'; {args.batches} batch(es) per factor; output {out}")
 
     rows, for_figures, examples = [], defaultdict(list), 0
+    # snapshots are produced lazily (training up to each step, or reading a checkpoint): count what is asked for
+    total = len(steps) if steps else (len(paths) if args.run_dir else 1)
+    eta = Eta("fisher_analysis", total, unit="snapshots", every=0.0)
     for snap in snapshots:
         t0 = time.perf_counter()
         _log(f"step {snap.step} ({snap.source}): collecting factors of {len(layers)} layer(s)")
@@ -178,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  f"{la.S.metrics['diag_energy_ratio']:.3f}; SNR H {la.H.metrics['snr_db']:.1f} dB S "
                  f"{la.S.metrics['snr_db']:.1f} dB; diag-approx error {la.metrics['kron_diag_error']:.3f}")
         del factors
-        _log(f"step {snap.step} done in {time.perf_counter() - t0:.1f}s")
+        eta.step(f"step {snap.step} done in {time.perf_counter() - t0:.1f}s")
     if not rows:
         _log(f"error: no checkpoint at the requested steps {steps}")
         return 2

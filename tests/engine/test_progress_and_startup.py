@@ -114,3 +114,17 @@ def test_the_early_check_has_no_false_alarms():
     assert result["rc"] == 0, result["stderr"]
     result = _train_in_a_subprocess("optimizer=adam", "optimizer.epss=1")
     assert result["rc"] == 2 and "Key 'epss' not in" in result["stderr"] and result["torch"] is True
+
+
+def test_warnings_are_one_line_of_ours_and_torch_jit_is_silent(capsys):
+    import warnings
+
+    from fisherbench import train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        train.quiet_third_party_warnings()
+        warnings.warn("shampoo: not preconditioning head.1.weight (128, 3136)", UserWarning)
+        warnings.warn("`torch.jit.script` is deprecated. Please switch to `torch.compile`", FutureWarning)
+    err = capsys.readouterr().err
+    assert err == "[fisherbench] warning: shampoo: not preconditioning head.1.weight (128, 3136) (UserWarning)\n"
