@@ -173,6 +173,23 @@ def import_target(path: str, where: str) -> Any:
                         f"{', '.join(names[:20])}). {hint}") from None
 
 
+_PACKAGE = re.compile(r"^#\s*@package\s+(\S+)\s*$")
+
+
+def package_header(path: Path) -> Optional[str]:
+    """The `# @package <pkg>` directive of a config file's leading comments (Hydra reads it from files only;
+    the loader hands it on when it stores the option, e.g. `_global_` for an experiment preset)."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        if not line.lstrip().startswith("#"):
+            return None
+        match = _PACKAGE.match(line.strip())
+        if match:
+            return match.group(1)
+    return None
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -215,7 +232,8 @@ class UserConfigs:
     """What the user config folders hold: plug-ins (YAML with `_target_`) and plain config options."""
 
     plugins: list[PluginSpec] = field(default_factory=list)
-    options: list[tuple[str, str, dict[str, Any], Path]] = field(default_factory=list)  # group, name, node, file
+    # group, name, node, file, package (`# @package` header)
+    options: list[tuple[str, str, dict[str, Any], Path, Optional[str]]] = field(default_factory=list)
 
 
 def scan_config_dirs(dirs: Iterable[Path]) -> UserConfigs:
@@ -236,7 +254,7 @@ def scan_config_dirs(dirs: Iterable[Path]) -> UserConfigs:
                                         f"not in {group}/")
                     found.plugins.append(spec_from_mapping(group, path.stem, raw, str(path)))
                 else:
-                    found.options.append((group, path.stem, raw, path))
+                    found.options.append((group, path.stem, raw, path, package_header(path)))
     return found
 
 

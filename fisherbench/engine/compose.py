@@ -80,11 +80,11 @@ def load_plugins() -> None:
         schema = registry.get(spec.name).schema
         cs.store(group=f"schema/{spec.group}", name=spec.name, node=schema)
         cs.store(group=spec.group, name=spec.name, node=schema)
-    for group, name, node, path in found.options:
+    for group, name, node, path, package in found.options:
         if (CONFIG_DIR / group / f"{name}.yaml").exists():
             raise UserError(f"{path}: '{name}' is the name of a built-in {group} config, which would hide yours; "
                             "rename the file")
-        cs.store(group=group, name=name, node=node)
+        cs.store(group=group, name=name, node=node, package=package)
         USER_OPTIONS[(group, name)] = path
 
 

@@ -183,3 +183,28 @@ def test_config_dir_and_hydra_searchpath_are_one_config_path():
 def test_option_types_follow_the_values_and_the_signature(value, default, annotation, expected):
     t = plugins.option_type(value, default, annotation)
     assert (t if expected in (float, bool, None) else str(t).replace("typing.", "")) == expected
+
+
+def test_plain_configs_of_a_user_folder_are_options_too(tmp_path, monkeypatch):
+    """An experiment preset (`# @package _global_`, a defaults list) and a variant of a built-in optimizer."""
+    conf = tmp_path / "conf"
+    (conf / "experiment").mkdir(parents=True)
+    (conf / "optimizer").mkdir()
+    (conf / "experiment" / "h6_tiny.yaml").write_text(textwrap.dedent("""\
+        # @package _global_
+        # a user's preset
+        defaults:
+          - override /budget: steps
+        budget:
+          steps: 7
+        eval:
+          max_batches: 3
+    """))
+    (conf / "optimizer" / "h6_adam_fast.yaml").write_text(
+        "defaults:\n  - /schema/optimizer/adam@_here_\n  - _self_\nname: adam\nlr: 3.0e-3\n")
+    monkeypatch.setenv(plugins.CONFIG_PATH_ENV, str(conf))
+    cfg = compose_config(["experiment=h6_tiny", "optimizer=h6_adam_fast"])
+    assert (cfg.budget.mode, cfg.budget.steps, cfg.eval.max_batches) == ("steps", 7, 3)
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.betas) == ("adam", 3e-3, [0.9, 0.999])
+    with pytest.raises(Exception, match="betaz"):  # typed by the built-in's schema
+        compose_config(["optimizer=h6_adam_fast", "optimizer.betaz=[0.9,0.9]"])
