@@ -26,6 +26,8 @@ SKIP = {
     "pip": "installs packages (network)",
     "git": "clones a repository (network)",
     "cd": "changes directory",
+    ".": "activates a virtual environment",
+    "source": "activates a virtual environment",
     "export": "sets environment variables",
     "wandb": "the W&B client (a server)",
     "pytest": "runs the test suite",
