@@ -266,7 +266,8 @@ def _range_of(schema: Any, key: str, section: str) -> Optional[NumberRange]:
     if dataclasses.is_dataclass(schema):
         for f in dataclasses.fields(schema):
             if f.name == key and "range" in f.metadata:
-                return f.metadata["range"]
+                found: NumberRange = f.metadata["range"]
+                return found
     return OPTIMIZER_OPTION_RANGES.get(key) if section == "optimizer" else None
 
 

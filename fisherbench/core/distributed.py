@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,7 +55,7 @@ def all_reduce_sum_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, info: DistInfo, src: int = 0):
+def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
     if not info.enabled:
         return obj
     box = [obj]
@@ -62,7 +63,7 @@ def broadcast_object(obj, info: DistInfo, src: int = 0):
     return box[0]
 
 
-def all_gather_object(obj, info: DistInfo) -> list:
+def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
     if not info.enabled:
         return [obj]
     out = [None] * info.world_size

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -149,7 +149,7 @@ def prepare_model(model: torch.nn.Module, channels_last: bool = False) -> torch.
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     """torch.compile with static shapes: every batch of a run has the same shape except possibly the last
     of an epoch (one extra compilation, once); compilation itself happens in the untimed warm-up."""
-    return torch.compile(model, dynamic=False)
+    return cast(torch.nn.Module, torch.compile(model, dynamic=False))  # an OptimizedModule
 
 
 def git_state() -> dict[str, Any]:

@@ -32,7 +32,7 @@ def is_compose_error(exc: BaseException) -> bool:
 
 
 def _omegaconf_cause(exc: BaseException) -> Any:
-    seen = exc
+    seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OmegaConfBaseException):
             return seen

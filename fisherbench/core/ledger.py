@@ -47,11 +47,11 @@ class Ledger:
         return {k: round(v, 6) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Ledger":
+    def from_dict(cls, d: dict[str, Any]) -> "Ledger":
         return cls(**{k: float(v) for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def parts_sum(self) -> float:
-        return sum(getattr(self, p) for p in PARTS)
+        return float(sum(getattr(self, p) for p in PARTS))
 
 
 def _cuda_sync() -> None:
@@ -81,9 +81,9 @@ class Clock:
         self._seg_base = 0.0  # train_s when it opened
         self._seg_first_step = 0
         self._start_event: Any = None
-        self._events: collections.deque = collections.deque()  # (step, event) recorded, not yet known done
+        self._events: collections.deque[tuple[int, Any]] = collections.deque()  # (step, event) recorded, not yet known done
         self._known: tuple[int, float] = (0, 0.0)  # (step, seconds into the segment) of the latest known boundary
-        self._recent: collections.deque = collections.deque(maxlen=256)  # (step, train_s) of known boundaries
+        self._recent: collections.deque[tuple[int, float]] = collections.deque(maxlen=256)  # (step, train_s) of known boundaries
         self._last_duration = 0.0  # the longest recent step (margin for seconds budgets)
         # mean step time over everything measured so far (for estimates before a segment has data)
         self._steps_measured = 0

@@ -144,7 +144,7 @@ class PluginSpec:
         return self.provenance.origin
 
 
-def import_target(path: str, where: str) -> Any:
+def import_target(path: Any, where: str) -> Any:
     """Import `package.module.Name` (or `package.module:Name`); UserError saying how to fix it otherwise."""
     if not isinstance(path, str) or not path.strip():
         raise UserError(f"{where}: `_target_` must be an import path such as mypkg.SignSGD, got {path!r}")
@@ -292,7 +292,7 @@ def _value_type(value: Any) -> Any:
         if kinds <= {int, float} and float in kinds:
             return list[float]
         if len(kinds) == 1 and next(iter(kinds)) in _SCALARS:
-            return list[next(iter(kinds))]
+            return list.__class_getitem__(next(iter(kinds)))  # list[<that scalar type>]
         return list[Any] if None not in kinds else None
     if isinstance(value, dict):
         return dict[str, Any]
@@ -392,8 +392,8 @@ def options_schema(spec: PluginSpec, base: type, factory: Callable[..., Any], *,
         value = float(value) if t in (float, Optional[float]) and isinstance(value, int) and not isinstance(
             value, bool) else value
         if isinstance(value, (list, tuple, dict)):
-            frozen = list(value) if isinstance(value, (list, tuple)) else dict(value)
-            fields.append((name, t, field(default_factory=lambda v=frozen: v.copy())))
+            frozen: list[Any] | dict[Any, Any] = list(value) if isinstance(value, (list, tuple)) else dict(value)
+            fields.append((name, t, field(default_factory=frozen.copy)))
         else:
             fields.append((name, t, field(default=value)))
     fields.append(("name", str, field(default=spec.name)))

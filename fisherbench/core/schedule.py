@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from fisherbench.core.config import ScheduleConfig
 
@@ -22,7 +23,7 @@ def lr_multiplier(cfg: ScheduleConfig, progress: float) -> float:
     raise ValueError(f"unknown schedule {cfg.name!r}")
 
 
-def set_lr(param_groups: list[dict], multiplier: float) -> None:
+def set_lr(param_groups: list[dict[str, Any]], multiplier: float) -> None:
     """Scale every group's `initial_lr` (recorded on first use) by `multiplier`."""
     for group in param_groups:
         group.setdefault("initial_lr", group["lr"])

@@ -236,7 +236,7 @@ def remove_stale_temps(directory: Path, name: str, older_than: float = STALE_TEM
     """Remove `.<name>.*.tmp` in `directory` (temporary files of atomic writes of `name` whose writer was killed)
     last modified more than `older_than` seconds ago (0: all of them, for a file only one process writes,
     such as a checkpoint under its run's lock). Returns the names removed; links are removed, not followed."""
-    removed = []
+    removed: list[str] = []
     prefix = f".{name}."
     try:
         entries = list(os.scandir(directory))
@@ -340,7 +340,7 @@ class _NoAliasDumper(yaml.SafeDumper):
 
 
 def dump_yaml(obj: Any) -> str:
-    return yaml.dump(obj, Dumper=_NoAliasDumper, sort_keys=False)
+    return str(yaml.dump(obj, Dumper=_NoAliasDumper, sort_keys=False))
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -609,7 +609,7 @@ class RunDir:
     checkpoint_path = property(lambda self: self.path / "checkpoint.pt")
 
     def exists(self) -> bool:
-        return self.config_path.exists()
+        return bool(self.config_path.exists())
 
     # -- writing (only the process that holds the run's lock writes) -------------------------------------
     # Every write goes through `atomic_write_*` / `append_text` with `below=` the store root: neither the run

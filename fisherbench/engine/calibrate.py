@@ -196,7 +196,7 @@ def _mean_load(value: Any) -> Optional[float]:
 
 # ------------------------------------------------------------------------------------------ measuring
 def _arms(cfg: Any, reference_opts: dict[str, Any], build_model: Callable[[], nn.Module], bundle: DataBundle,
-          device: torch.device) -> list:
+          device: torch.device) -> list[Any]:
     settings = runtime_settings(cfg)
     return [make_arm(name, opts, build_model, bundle, device, channels_last=settings["channels_last"],
                      compile=settings["compile"])
@@ -239,8 +239,8 @@ def _not_reached_message(result: stats.SequentialResult, busy: Optional[str], cf
             "(budget.reference_method=match), which replays its measured time instead of estimating it.")
 
 
-def measure_calibration(cfg: Any, reference_opts: dict[str, Any], arms: list, loss_fn: Callable,
-                        device: torch.device, autocast: Callable, steps_per_epoch: int,
+def measure_calibration(cfg: Any, reference_opts: dict[str, Any], arms: list[Any], loss_fn: Callable[..., Any],
+                        device: torch.device, autocast: Callable[..., Any], steps_per_epoch: int,
                         log: Callable[[str], None]) -> dict[str, Any]:
     """Warm up, then measure ABBA blocks by the sequential rule; the record, or UserError (exit 2) when the
     interval did not reach `budget.calibration_tolerance` within the cap."""
@@ -290,7 +290,7 @@ def measure_calibration(cfg: Any, reference_opts: dict[str, Any], arms: list, lo
                  for a, opts in zip(arms, (reference_opts, plain_dict(cfg.optimizer)))},
         "block_wall_s": {name: meter.walls[name] for name in ARMS},
         "first_arm": [order[0] for order in meter.order],  # block b visits first, second, second, first
-        "looks": list(result.planned_looks),
+        "looks": list[Any](result.planned_looks),
         "looks_done": result.looks_done,
         "look_level": result.estimate.level,
         "stopped_by": result.stopped_by,
@@ -310,9 +310,9 @@ def derive_reference_budget(
     reference_opts: dict[str, Any],
     build_model: Callable[[], nn.Module],
     bundle: DataBundle,
-    loss_fn: Callable,
+    loss_fn: Callable[..., Any],
     device: torch.device,
-    autocast: Callable,
+    autocast: Callable[..., Any],
     log: Callable[[str], None] = lambda msg: None,
 ) -> DerivedBudget:
     """The step budget that matches R's time for E epochs, with the measurements behind it."""

@@ -53,7 +53,7 @@ class TimedArm:
     steps: int = 0  # optimizer steps taken so far
     step_times: list[tuple[int, int, float]] = field(default_factory=list)  # (block, step index, seconds), timed
 
-    def step(self, loss_fn: Callable, autocast: Callable, loss_buffer: torch.Tensor) -> None:
+    def step(self, loss_fn: Callable[..., Any], autocast: Callable[..., Any], loss_buffer: torch.Tensor) -> None:
         x, y = next(self.batches)
         out = self.adapter.train_step(self.model, x, y, loss_fn, autocast)
         loss_buffer[self.steps % loss_buffer.numel()] = out.loss  # the trainer's per-step bookkeeping
@@ -95,8 +95,8 @@ class WarmUp:
 class BlockMeter:
     """Measures ABBA blocks of `arms`, a given number at a time (the sequential rule asks for more)."""
 
-    def __init__(self, arms: Sequence[TimedArm], loss_fn: Callable, device: torch.device, *,
-                 visit_steps: Sequence[int], autocast: Callable = lambda: torch.autocast("cpu", enabled=False),
+    def __init__(self, arms: Sequence[TimedArm], loss_fn: Callable[..., Any], device: torch.device, *,
+                 visit_steps: Sequence[int], autocast: Callable[..., Any] = lambda: torch.autocast("cpu", enabled=False),
                  timer: Callable[[], float] = time.perf_counter, sync: Optional[Callable[[], None]] = None,
                  mark_steps: bool = True) -> None:
         self.arms, self.loss_fn, self.device, self.autocast, self.timer = list(arms), loss_fn, device, autocast, timer
@@ -217,14 +217,14 @@ def split_steps(step_times: list[tuple[int, int, float]], period: Optional[int])
 
 def measure(
     arms: Sequence[TimedArm],
-    loss_fn: Callable,
+    loss_fn: Callable[..., Any],
     device: torch.device,
     *,
     steps: int,
     min_blocks: int,
     warmup: int,
     min_period_steps: Optional[int] = None,
-    autocast: Callable = lambda: torch.autocast("cpu", enabled=False),
+    autocast: Callable[..., Any] = lambda: torch.autocast("cpu", enabled=False),
     timer: Callable[[], float] = time.perf_counter,
     sync: Optional[Callable[[], None]] = None,
 ) -> dict[str, Any]:
@@ -262,7 +262,7 @@ def measure(
 def ratio_of(candidate: Sequence[float], reference: Sequence[float]) -> dict[str, Any]:
     """Ratio of mean per-step times and its 95% Fieller interval (one fixed-size measurement)."""
     est = fieller_interval(candidate, reference)
-    return {"ratio": est.ratio, "ratio_ci": list(est.ci), "blocks": est.blocks}
+    return {"ratio": est.ratio, "ratio_ci": list[Any](est.ci), "blocks": est.blocks}
 
 
 def batch_stream(bundle: DataBundle, device: torch.device, channels_last: bool,

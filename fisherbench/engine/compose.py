@@ -19,7 +19,7 @@ from fisherbench.data import plugins as data_plugins
 _registered = False
 
 # config group -> (its registry, the function that turns a PluginSpec into a row of it)
-PLUGIN_TARGETS: dict[str, tuple[Registry, Callable[[plugins.PluginSpec], None]]] = {
+PLUGIN_TARGETS: dict[str, tuple[Registry[Any], Callable[[plugins.PluginSpec], None]]] = {
     "optimizer": (optim.OPTIMIZERS, lambda spec: optim.register(optim.plugin_row(spec))),
     "model": (models.MODELS, models.register_plugin),
     "data": (data.DATASETS, data_plugins.register_plugin),

@@ -29,8 +29,7 @@ def resolved_dict(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain data, without the `_choices` bookkeeping."""
     d = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert isinstance(d, dict)
-    d.pop("_choices", None)
-    return d
+    return {str(k): v for k, v in d.items() if k != "_choices"}
 
 
 def identity_of(cfg: DictConfig, *, data_required: bool = False) -> dict[str, Any]:

@@ -262,13 +262,14 @@ class _Run:
                 plan = {}
             started_with = (plan.get("source") or {}).get("method") if isinstance(plan, dict) else None
             if started_with in ("calibration", "match"):
-                return started_with == "match"
+                return bool(started_with == "match")
         return find_reference_run(self.cfg, self.root) is not None
 
     def _place(self, trainer: Trainer, param_count: int) -> bool:
         """Resume from a checkpoint or start a fresh run directory. Returns whether it resumed."""
         cfg, info = self.cfg, self.info
-        payload, notes = None, []
+        payload: Optional[dict[str, Any]] = None
+        notes: list[str] = []
         if cfg.overwrite and info.is_main and self.final_dir.path.exists():
             # train into a staging directory; the finished result stays until the new summary is written
             self.run_dir = RunDir(self.root / f".{self.rid}.overwrite")
@@ -284,7 +285,7 @@ class _Run:
             _log(note, info)
         resumed = payload is not None
         rd = self.run_dir
-        if resumed:
+        if payload is not None:
             trainer.restore(payload)
             if info.is_main:
                 self.guard()

@@ -13,7 +13,7 @@ import netrc
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -115,7 +115,7 @@ class WandbLogger:
                 resume="allow",
                 dir=str(run_dir),
                 config=config,
-                mode=self.mode,
+                mode=cast(Any, self.mode),  # offline|online, checked when the logger is built
                 settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
             )
             self.run_url = getattr(self.run, "url", None) if self.mode == "online" else None
@@ -156,4 +156,5 @@ LOGGERS = {"none": NullLogger, "wandb": WandbLogger}
 def make_logger(cfg: Any) -> NullLogger | WandbLogger:
     if cfg.name == "none":
         return NullLogger()
-    return LOGGERS[cfg.name](cfg)
+    logger: NullLogger | WandbLogger = LOGGERS[cfg.name](cfg)
+    return logger

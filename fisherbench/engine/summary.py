@@ -71,7 +71,10 @@ def summary_line(result: Any) -> str:
     best = (s.get("best") or {}).get(metric)
     final = (s.get("final") or {}).get(metric)
     led = s.get("ledger", {})
-    fmt = (lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "n/a")
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"
+
     parts = [
         f"{line_tag()} {s.get('status')}",
         f"best {metric} {fmt(best)}",

@@ -269,7 +269,8 @@ class Trainer:
         return max(steps, 2) if self.cfg.get("compile", False) else max(steps, 1)
 
     def _loop(self, signals: _StopSignals) -> None:
-        st, plan, cfg, clock = self.state, self.plan, self.cfg, self.clock
+        st, plan, cfg, clock, window = self.state, self.plan, self.cfg, self.clock, self.window
+        assert window is not None  # fit() sets it
         if plan.exhausted(st.step, self.ledger.train_s):
             st.status = Status.COMPLETED
             return
@@ -294,7 +295,7 @@ class Trainer:
                 st.step += 1
                 st.batch += 1
                 clock.step_done(st.step)
-                learned = self.window.record(out.loss, st.step, epoch, int(targets.shape[0]))
+                learned = window.record(out.loss, st.step, epoch, int(targets.shape[0]))
                 if self.fault_at is not None and st.step >= self.fault_at:
                     os._exit(86)  # simulated hard crash: no cleanup, no checkpoint
                 if self.signal_at is not None and st.step == self.signal_at[0]:
@@ -321,16 +322,16 @@ class Trainer:
                 sync_point = stop_requested or budget_done or eval_due or ckpt_due
                 nonfinite = self._learn(learned)
                 if sync_point:  # the loop stops here anyway: read every loss and the exact clock now
-                    nonfinite = self._learn(self.window.flush()) or nonfinite
-                    clock.close_segment(st.step, synced=self.window.synced)
+                    nonfinite = self._learn(window.flush()) or nonfinite
+                    clock.close_segment(st.step, synced=window.synced)
                     train_s = self.ledger.train_s
                     budget_done = plan.exhausted(st.step, train_s)
                 if self.dist.enabled and (check or sync_point):
                     nonfinite, _, train_s = self._agree(nonfinite, False, train_s)
                     budget_done = plan.exhausted(st.step, train_s)
                 if nonfinite:
-                    self._learn(self.window.flush())
-                    clock.close_segment(st.step, synced=self.window.synced)
+                    self._learn(window.flush())
+                    clock.close_segment(st.step, synced=window.synced)
                     st.status, st.stop_reason = Status.DIVERGED, "non-finite training loss"
                     if st.diverged is None:  # another rank diverged: this one's losses were finite
                         st.diverged = {"step": st.step, "epoch": st.epoch, "train_s": self.ledger.train_s,
@@ -366,6 +367,7 @@ class Trainer:
         if not self._exact:
             estimate = clock.train_s_estimate(st.step)
             ahead = clock.margin_s() * (1 if not self.dist.enabled else self.check_every + 1)
+            assert plan.seconds is not None  # a seconds budget has its seconds
             near = estimate + ahead >= plan.seconds
             if self.dist.enabled:
                 if not check:
@@ -545,7 +547,7 @@ class Trainer:
         if self.state.best is None or not math.isfinite(self.state.best.get(key, math.nan)):
             return True
         best = self.state.best[key]
-        return value > best if higher_is_better else value < best
+        return bool(value > best if higher_is_better else value < best)
 
     # ---------------------------------------------------------------------------------- checkpoints
     def checkpoint_payload(self) -> dict[str, Any]:
