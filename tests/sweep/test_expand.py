@@ -183,7 +183,8 @@ def test_the_dry_run_shows_the_budgets_that_will_run(tmp_path, capsys):
     from fisherbench.sweep.cli import main
 
     assert main(["table2_cifar10", "--rows", "ResNet-18", "--columns", "Adam,AdaFisher", "--seeds", "0",
-                 "budget.reference_epochs=20", "--dry-run", "--commands", "--results-dir", str(tmp_path)]) == 0
+                 "budget.reference_epochs=20", "--dry-run", "--commands", "--allow-missing-data",
+                 "--results-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     adafisher = [line for line in out.splitlines() if " optimizer=adafisher " in line and " train " in line]
     assert adafisher and all("budget.epochs=20" in line and "budget.epochs=200" not in line for line in adafisher)
