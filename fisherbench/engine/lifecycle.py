@@ -50,6 +50,7 @@ from fisherbench.core.tasks import get_task
 from fisherbench.engine.build import autocast_factory, build_components, make_adapter, run_meta
 from fisherbench.engine.calibrate import RUN_FILE as CALIBRATION_FILE
 from fisherbench.engine.calibrate import describe, reference_budget
+from fisherbench.engine.faults import hooks_from_env
 from fisherbench.engine.identity import resolved_dict, run_identity
 from fisherbench.engine.labels import line_tag
 from fisherbench.engine.loggers import make_logger
@@ -244,6 +245,7 @@ class _Run:
             device=device, run_dir=None, logger=logger, dist=info, run_id=self.rid,
         )
         trainer.guard = self.guard
+        trainer.after_step.extend(hooks_from_env())  # none unless a test asked for a fault
         self._bundle = bundle
         return trainer, param_count
 

@@ -10,7 +10,6 @@ import contextlib
 import copy
 import itertools
 import math
-import os
 import signal
 import sys
 from dataclasses import asdict, dataclass, field
@@ -33,11 +32,6 @@ from fisherbench.core.tasks import MetricSums, Task, selection_of
 from fisherbench.data.registry import DataBundle
 from fisherbench.engine.labels import current_label, line_tag
 from fisherbench.optim.registry import OptimizerAdapter
-
-# Fault injection for tests: hard-exit (no cleanup, like kill -9) after training step N, or send this process
-# a signal (e.g. "12:SIGTERM") after step N so that the real signal handling path runs.
-FAULT_ENV = "FISHERBENCH_FAULT_AT_STEP"
-SIGNAL_ENV = "FISHERBENCH_SIGNAL_AT_STEP"
 
 
 @dataclass
@@ -220,6 +214,8 @@ class Trainer:
     on_eval: Optional[Callable[[dict[str, Any]], None]] = None  # extra per-evaluation hook (e.g. analysis)
     # called before every write to the store (metrics, checkpoints): raises if this process lost the run's lock
     guard: Callable[[], None] = lambda: None
+    # called with the step count after every optimizer step: tests install fault injection here (engine/faults.py)
+    after_step: list[Callable[[int], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.clock = Clock(self.ledger, self.device.type)
@@ -235,12 +231,6 @@ class Trainer:
         self.correct_acc: Optional[torch.Tensor] = None
         self.window: Optional[LossWindow] = None
         self._exact = False  # in the last steps of a seconds budget: read the clock exactly every step
-        fault = os.environ.get(FAULT_ENV)
-        self.fault_at = int(fault) if fault else None
-        self.signal_at: Optional[tuple[int, int]] = None
-        if os.environ.get(SIGNAL_ENV):
-            step, _, name = os.environ[SIGNAL_ENV].partition(":")
-            self.signal_at = (int(step), int(getattr(signal, name or "SIGTERM")))
 
     # ------------------------------------------------------------------------------------------- loop
     def fit(self) -> TrainState:
@@ -296,10 +286,8 @@ class Trainer:
                 st.batch += 1
                 clock.step_done(st.step)
                 learned = window.record(out.loss, st.step, epoch, int(targets.shape[0]))
-                if self.fault_at is not None and st.step >= self.fault_at:
-                    os._exit(86)  # simulated hard crash: no cleanup, no checkpoint
-                if self.signal_at is not None and st.step == self.signal_at[0]:
-                    os.kill(os.getpid(), self.signal_at[1])
+                for hook in self.after_step:  # fault injection (engine/faults.py); empty in a normal run
+                    hook(st.step)
 
                 epoch_done = st.batch >= self.steps_per_epoch
                 if epoch_done:

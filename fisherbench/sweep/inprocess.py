@@ -29,6 +29,7 @@ from fisherbench.core.errors import UserError
 from fisherbench.core.status import SETTLED, OutcomeStatus, RunOutcome, Status
 from fisherbench.core.store import CorruptRunError, LockLostError, RunDir
 from fisherbench.engine.compose import unlocked
+from fisherbench.engine.faults import signal_at
 from fisherbench.engine.lifecycle import run as run_one
 from fisherbench.sweep.expand import PlannedRun
 from fisherbench.sweep.local import NOT_TRAINED, STOP_SIGNALS, SWEEP_SUBDIR, EventLog, Outcome, store_state
@@ -72,7 +73,7 @@ class InProcessRunner:
 
         def fit_or_stop() -> Any:
             if self._stop.is_set():  # a signal came between building and training: stop after one step
-                trainer.signal_at = (trainer.state.step + 1, int(signal.SIGTERM))
+                trainer.after_step.append(signal_at(trainer.state.step + 1, signal.SIGTERM))
             return fit()
 
         trainer.fit = fit_or_stop

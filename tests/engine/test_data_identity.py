@@ -8,7 +8,7 @@ import pytest
 
 import fisherbench.data.content as content
 import fisherbench.data.image_folder as imf
-import fisherbench.engine.trainer as trainer_mod
+import fisherbench.engine.faults as faults_mod
 from fisherbench.core import checkpoint as ckpt
 from fisherbench.core.errors import UserError
 from fisherbench.core.store import iter_run_dirs
@@ -62,7 +62,7 @@ def test_a_run_killed_on_folder_a_is_not_resumed_on_folder_b(tmp_path, monkeypat
     a = make_user_images(tmp_path / "a", {"train": 8, "test": 2}, size=(10, 10), seed=0)
     b = make_user_images(tmp_path / "b", {"train": 8, "test": 2}, size=(10, 10), seed=1)
     overrides = ["budget=epochs", "budget.epochs=2", "checkpoint.every_epochs=1"]
-    monkeypatch.setattr(trainer_mod.os, "_exit", lambda code: (_ for _ in ()).throw(SimulatedCrash(code)))
+    monkeypatch.setattr(faults_mod.os, "_exit", lambda code: (_ for _ in ()).throw(SimulatedCrash(code)))
     monkeypatch.setenv("FISHERBENCH_FAULT_AT_STEP", "5")  # 4 steps per epoch: killed after the epoch-1 checkpoint
     with pytest.raises(SimulatedCrash):
         run(compose_config(_images(tmp_path, a, *overrides)))
@@ -85,7 +85,7 @@ def test_a_checkpoint_trained_on_other_data_is_refused(tmp_path, monkeypatch):
     b = make_user_images(tmp_path / "b", {"train": 8, "test": 2}, size=(10, 10), seed=1)
     overrides = ["budget=epochs", "budget.epochs=2", "checkpoint.every_epochs=1"]
     monkeypatch.setitem(registry._CONTENT, "image_folder", lambda opts: "same")
-    monkeypatch.setattr(trainer_mod.os, "_exit", lambda code: (_ for _ in ()).throw(SimulatedCrash(code)))
+    monkeypatch.setattr(faults_mod.os, "_exit", lambda code: (_ for _ in ()).throw(SimulatedCrash(code)))
     monkeypatch.setenv("FISHERBENCH_FAULT_AT_STEP", "5")
     with pytest.raises(SimulatedCrash):
         run(compose_config(_images(tmp_path, a, *overrides)))

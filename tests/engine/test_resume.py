@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import fisherbench.engine.trainer as trainer_mod
+import fisherbench.engine.faults as faults_mod
 from fisherbench.core import checkpoint as ckpt
 from fisherbench.core.errors import UserError
 from fisherbench.core.store import RunDir, iter_run_dirs
@@ -58,7 +58,7 @@ def test_crash_and_resume_is_bitwise_identical(tmp_path, monkeypatch, optimizer)
     def crash(code):
         raise SimulatedCrash(code)
 
-    monkeypatch.setattr(trainer_mod.os, "_exit", crash)
+    monkeypatch.setattr(faults_mod.os, "_exit", crash)
     monkeypatch.setenv("FISHERBENCH_FAULT_AT_STEP", "7")  # 4 steps per epoch: dies in the 2nd epoch
     with pytest.raises(SimulatedCrash):
         _run(tmp_path, "crashed", *overrides)
@@ -157,7 +157,7 @@ def test_exception_is_recorded_as_failed_with_traceback(tmp_path, monkeypatch):
 
 
 def _crash_after(tmp_path, monkeypatch, name, step, *overrides):
-    monkeypatch.setattr(trainer_mod.os, "_exit", lambda code: (_ for _ in ()).throw(SimulatedCrash(code)))
+    monkeypatch.setattr(faults_mod.os, "_exit", lambda code: (_ for _ in ()).throw(SimulatedCrash(code)))
     monkeypatch.setenv("FISHERBENCH_FAULT_AT_STEP", str(step))
     with pytest.raises(SimulatedCrash):
         _run(tmp_path, name, *overrides)
