@@ -124,7 +124,8 @@ def test_warnings_are_one_line_of_ours_and_torch_jit_is_silent(capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         train.quiet_third_party_warnings()
-        warnings.warn("shampoo: not preconditioning head.1.weight (128, 3136)", UserWarning)
-        warnings.warn("`torch.jit.script` is deprecated. Please switch to `torch.compile`", FutureWarning)
+        warnings.warn("shampoo: not preconditioning head.1.weight (128, 3136)", UserWarning, stacklevel=1)
+        warnings.warn("`torch.jit.script` is deprecated. Please switch to `torch.compile`", FutureWarning,
+                      stacklevel=1)
     err = capsys.readouterr().err
     assert err == "[fisherbench] warning: shampoo: not preconditioning head.1.weight (128, 3136) (UserWarning)\n"
