@@ -50,6 +50,7 @@ import yaml
 
 from fisherbench.core.errors import UserError
 from fisherbench.core.status import RECORDED, Status
+from fisherbench.core.summary import REQUIRED, SUMMARY_FIELDS
 
 ID_LENGTH = 16
 MiB = 1 << 20
@@ -507,44 +508,12 @@ def read_yaml_mapping(path: Path, limit: int = MAX_BYTES["config.yaml"]) -> Opti
     return cfg
 
 
-_NUMBER = (int, float)
 _OPTIONAL_NUMBER = (int, float, type(None), str)  # "nan"/"inf" are written as strings
-# summary.json: key -> accepted types. `run_id` and `status` are required; the rest are checked when present.
-SUMMARY_FIELDS: dict[str, tuple[type, ...]] = {
-    "run_id": (str,),
-    "status": (str,),
-    "stop_reason": (str, type(None)),
-    "choices": (dict,),
-    "experiment": (str, type(None)),
-    "model": (str,),
-    "data": (str,),
-    "optimizer": (str,),
-    "seed": (int,),
-    "task": (str,),
-    "select_metric": (str,),
-    "higher_is_better": (bool,),
-    "best": (dict, type(None)),
-    "final": (dict, type(None)),
-    "epochs_done": _NUMBER,
-    "steps": (int,),
-    "steps_per_epoch": (int,),
-    "ledger": (dict,),
-    "step_s": (float, int, type(None)),
-    "load_avg": (list,),
-    "budget": (dict,),
-    "peak_memory_bytes": (int, type(None)),
-    "optimizer_state_bytes": (int, type(None)),
-    "param_count": (int, type(None)),
-    "diverged": (dict, type(None)),
-    "error": (str, type(None)),
-    "reference_budget": (dict,),
-}
-REQUIRED_SUMMARY_FIELDS = ("run_id", "status")
 
 
 def validate_summary(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
     """`summary` if it has the fields and types the suite writes; CorruptRunError naming the first problem."""
-    for key in REQUIRED_SUMMARY_FIELDS:
+    for key in REQUIRED:  # summary.json: fields and accepted types come from core/summary.RunSummary
         if key not in summary:
             raise CorruptRunError(path, f"has no '{key}'")
     for key, types in SUMMARY_FIELDS.items():
