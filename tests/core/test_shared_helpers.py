@@ -69,3 +69,19 @@ def test_temporary_file_renames_live_in_the_core_writers():
              for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
              if any(call in line for call in ("mkstemp(", "os.replace(", "os.rename(", ".rename("))]
     assert not found, found
+
+
+def test_top_level_defaults_live_only_in_the_schema():
+    """configs/train.yaml used to repeat TrainConfig's top-level defaults (two places to change one default)."""
+    import dataclasses
+
+    import yaml
+
+    from fisherbench.core.config import CONFIG_DIR, TrainConfig
+    from fisherbench.engine.compose import compose_config
+
+    raw = yaml.safe_load((CONFIG_DIR / "train.yaml").read_text())
+    schema = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert not set(raw) & schema, set(raw) & schema
+    cfg = compose_config([])
+    assert (cfg.seed, cfg.results_dir, cfg.device, cfg.threads, cfg.compile) == (0, "runs", "auto", "auto", False)
