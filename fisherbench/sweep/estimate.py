@@ -99,82 +99,109 @@ def _meta(rd: RunDir) -> Optional[dict[str, Any]]:
 
 
 def estimate(spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path, nproc: int = 1) -> list[Estimate]:
-    results_dir = Path(results_dir)
-    cal = _Calibrations(results_dir)
-    by_cell: dict[tuple, list[PlannedRun]] = {}
-    for r in runs:
-        by_cell.setdefault(_cell_key(r), []).append(r)
-    metas = {r.run_id: _meta(RunDir(results_dir / r.run_id)) for r in runs}
-    # steps per epoch per data config, from any run of the sweep that has started or any calibration
-    steps_by_data: dict[str, int] = {}
+    """Each run's epochs and hours, each with where it comes from (the budget, the store, a calibration, the
+    paper), for `--dry-run`. Runs are estimated in order: a calibration found for one run also gives later
+    runs of the same data their steps per epoch."""
+    estimator = _Estimator(spec, runs, Path(results_dir))
+    return [estimator.one(r) for r in runs]
 
-    def data_key(cfg) -> str:
-        return str(OmegaConf.to_container(cfg.data, resolve=True))
 
-    for r in runs:
-        plan = _plan(metas[r.run_id])
-        if plan.get("steps_per_epoch"):
-            steps_by_data.setdefault(data_key(r.config), int(plan["steps_per_epoch"]))
+def _data_key(cfg: Any) -> str:
+    return str(OmegaConf.to_container(cfg.data, resolve=True))
 
-    out = []
-    for r in runs:
+
+class _Estimator:
+    """What the store, the calibration cache and the spec know about a sweep's runs."""
+
+    def __init__(self, spec: SweepSpec, runs: Sequence[PlannedRun], results_dir: Path) -> None:
+        self.spec, self.results_dir = spec, results_dir
+        self.cal = _Calibrations(results_dir)
+        self.by_cell: dict[tuple, list[PlannedRun]] = {}
+        for r in runs:
+            self.by_cell.setdefault(_cell_key(r), []).append(r)
+        self.metas = {r.run_id: _meta(RunDir(results_dir / r.run_id)) for r in runs}
+        # steps per epoch per data config, from any run of the sweep that has started or any calibration
+        self.steps_by_data: dict[str, int] = {}
+        for r in runs:
+            plan = _plan(self.metas[r.run_id])
+            if plan.get("steps_per_epoch"):
+                self.steps_by_data.setdefault(_data_key(r.config), int(plan["steps_per_epoch"]))
+
+    def one(self, r: PlannedRun) -> Estimate:
         b = _budget(r.config)
-        rd = RunDir(results_dir / r.run_id)
-        store = str(Status.CORRUPT if rd.problem() is not None else rd.status()) if rd.path.exists() else "-"
-        epochs, e_src, calib = None, "?", None
-        if b["mode"] == "epochs":
-            epochs, e_src = float(b["epochs"]), "budget"
-        elif b["mode"] == "steps":
-            e_src = f"{b['steps']} steps"
-        elif b["mode"] == "seconds":
-            e_src = f"{b['seconds']:g} s"
-        else:
-            for other in [r, *[o for o in by_cell[_cell_key(r)] if o is not r]]:
-                plan = _plan(metas[other.run_id])
-                # a derived budget is a step count (fractional epochs); a match budget is seconds (no epochs yet)
-                planned = plan.get("epochs") or (
-                    plan["total_steps"] / plan["steps_per_epoch"]
-                    if isinstance(plan.get("total_steps"), int) and plan.get("steps_per_epoch") else None)
-                if planned:
-                    epochs = float(planned)
-                    e_src = "run" if other is r else f"seed {other.seed}"
-                    break
-            if epochs is None:
-                calib = cal.lookup(r.config)
-                if calib is not None:
-                    epochs = epochs_from_calibration(calib, float(b["reference_epochs"]), int(calib["steps_per_epoch"]))
-                    e_src = "calibration"
-                    steps_by_data.setdefault(data_key(r.config), int(calib["steps_per_epoch"]))
-            if epochs is None:
-                paper = spec.paper_epochs(r.cell.column)
-                spec_epochs = float((spec.wct or {}).get("epochs") or 0)
-                asked = b.get("reference_epochs")
-                if paper is not None and spec_epochs and asked is not None and float(asked) != spec_epochs:
-                    # the paper's count is for the spec's E; another E (command line) scales it
-                    epochs, e_src = round(paper * float(asked) / spec_epochs, 1), "paper, scaled"
-                elif paper is not None:
-                    epochs, e_src = float(paper), "paper"
+        epochs, e_src, calib = self._epochs(r, b)
+        hours, h_src = self._hours(r, b, epochs, calib)
+        return Estimate(r, self._store_state(r), epochs, e_src, hours, h_src)
 
-        hours, h_src = None, "?"
+    def _store_state(self, r: PlannedRun) -> str:
+        rd = RunDir(self.results_dir / r.run_id)
+        return str(Status.CORRUPT if rd.problem() is not None else rd.status()) if rd.path.exists() else "-"
+
+    def _cell_runs(self, r: PlannedRun) -> list[PlannedRun]:
+        """`r`, then the other seeds of its cell (they share its budget)."""
+        return [r, *[o for o in self.by_cell[_cell_key(r)] if o is not r]]
+
+    # --------------------------------------------------------------------------------------- epochs
+    def _epochs(self, r: PlannedRun, b: dict[str, Any]) -> tuple[Optional[float], str, Optional[dict[str, Any]]]:
+        """(epochs, their source, the calibration record used if any)."""
+        if b["mode"] == "epochs":
+            return float(b["epochs"]), "budget", None
+        if b["mode"] == "steps":
+            return None, f"{b['steps']} steps", None
         if b["mode"] == "seconds":
-            hours, h_src = float(b["seconds"]) / 3600, "budget"
-        else:
-            per_epoch = None
-            for other in [r, *[o for o in by_cell[_cell_key(r)] if o is not r]]:
-                per_epoch = _epoch_seconds_from_run(RunDir(results_dir / other.run_id))
-                if per_epoch:
-                    h_src = "store"
-                    break
-            if per_epoch is None:
-                calib = calib or (cal.lookup(r.config) if b["mode"] == "reference" else None)
-                steps = steps_by_data.get(data_key(r.config))
-                if calib is not None and steps:
-                    per_epoch = estimate_of(calib).candidate_step_s * steps  # block walls hold data waits
-                    h_src = "calibration"
-            if per_epoch and epochs:
-                hours = per_epoch * epochs / 3600
-        out.append(Estimate(r, store, epochs, e_src, hours, h_src))
-    return out
+            return None, f"{b['seconds']:g} s", None
+        found = self._epochs_from_runs(r)
+        if found is not None:
+            return found[0], found[1], None
+        calib = self.cal.lookup(r.config)
+        if calib is not None:
+            self.steps_by_data.setdefault(_data_key(r.config), int(calib["steps_per_epoch"]))
+            epochs = epochs_from_calibration(calib, float(b["reference_epochs"]), int(calib["steps_per_epoch"]))
+            return epochs, "calibration", calib
+        epochs, source = self._epochs_from_paper(r, b)
+        return epochs, source, None
+
+    def _epochs_from_runs(self, r: PlannedRun) -> Optional[tuple[float, str]]:
+        for other in self._cell_runs(r):
+            plan = _plan(self.metas[other.run_id])
+            # a derived budget is a step count (fractional epochs); a match budget is seconds (no epochs yet)
+            planned = plan.get("epochs") or (
+                plan["total_steps"] / plan["steps_per_epoch"]
+                if isinstance(plan.get("total_steps"), int) and plan.get("steps_per_epoch") else None)
+            if planned:
+                return float(planned), "run" if other is r else f"seed {other.seed}"
+        return None
+
+    def _epochs_from_paper(self, r: PlannedRun, b: dict[str, Any]) -> tuple[Optional[float], str]:
+        paper = self.spec.paper_epochs(r.cell.column)
+        if paper is None:
+            return None, "?"
+        spec_epochs = float((self.spec.wct or {}).get("epochs") or 0)
+        asked = b.get("reference_epochs")
+        if spec_epochs and asked is not None and float(asked) != spec_epochs:
+            # the paper's count is for the spec's E; another E (command line) scales it
+            return round(paper * float(asked) / spec_epochs, 1), "paper, scaled"
+        return float(paper), "paper"
+
+    # ---------------------------------------------------------------------------------------- hours
+    def _hours(self, r: PlannedRun, b: dict[str, Any], epochs: Optional[float],
+               calib: Optional[dict[str, Any]]) -> tuple[Optional[float], str]:
+        if b["mode"] == "seconds":
+            return float(b["seconds"]) / 3600, "budget"
+        per_epoch, source = self._epoch_seconds(r, b, calib)
+        return (per_epoch * epochs / 3600 if per_epoch and epochs else None), source
+
+    def _epoch_seconds(self, r: PlannedRun, b: dict[str, Any],
+                       calib: Optional[dict[str, Any]]) -> tuple[Optional[float], str]:
+        for other in self._cell_runs(r):
+            per_epoch = _epoch_seconds_from_run(RunDir(self.results_dir / other.run_id))
+            if per_epoch:
+                return per_epoch, "store"
+        calib = calib or (self.cal.lookup(r.config) if b["mode"] == "reference" else None)
+        steps = self.steps_by_data.get(_data_key(r.config))
+        if calib is not None and steps:
+            return estimate_of(calib).candidate_step_s * steps, "calibration"  # block walls hold data waits
+        return None, "?"
 
 
 def format_plan(estimates: Sequence[Estimate], nproc: int = 1, device: str = "GPU") -> str:
