@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _eta import Eta
 
+from fisherbench.core.eta import Eta
 from fisherbench.data import cifar
 from fisherbench.data.augment import BatchAugment
 from fisherbench.data.loaders import TensorBatchSource, TorchLoaderSource

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from _eta import Eta
 
 from fisherbench.core.budget import BudgetPlan
 from fisherbench.core.config import validate
@@ -60,6 +59,7 @@ from fisherbench.core.env import (
     seed_everything,
     to_channels_last,
 )
+from fisherbench.core.eta import Eta
 from fisherbench.core.ledger import Clock, Ledger
 from fisherbench.core.tasks import get_task
 from fisherbench.engine.build import build_components, make_adapter

@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from _eta import Eta
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fisherbench import models, optim
 from fisherbench.core.env import compile_model, prepare_model, to_channels_last
+from fisherbench.core.eta import Eta
 from fisherbench.core.tasks import get_task
 from fisherbench.engine import calibration_measure as cal
 from fisherbench.engine.compose import load_group_option

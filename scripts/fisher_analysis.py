@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-from _eta import Eta
+from fisherbench.core.eta import Eta
 
 
 def _log(msg: str) -> None:

@@ -72,8 +72,8 @@ def test_unknown_group_option_lists_the_choices():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["budget=steps", "budget.steps=-5"], "budget.steps must be positive"),
-        (["budget=seconds", "budget.seconds=0"], "budget.seconds must be positive"),
+        (["budget=steps", "budget.steps=-5"], "budget.steps=-5 is out of range: it must be in (0, inf)"),
+        (["budget=seconds", "budget.seconds=0"], "budget.seconds=0.0 is out of range: it must be in (0, inf)"),
         (["budget=epochs", "budget.epochs=null"], "needs budget.epochs"),
         (["budget=reference", "budget.reference_optimizer=null"], "needs budget.reference_optimizer"),
         (["budget=reference", "budget.reference_optimizer=nope", "budget.reference_epochs=1"],
@@ -82,7 +82,7 @@ def test_unknown_group_option_lists_the_choices():
         (["eval.every_fraction=1.5"], "eval.every_fraction must be in (0, 1]"),
         (["precision=fp16"], "precision must be fp32|bf16"),
         (["device=cuda:0"], "CUDA is not available"),
-        (["optimizer.lr=-1.0"], "optimizer.lr must be a positive"),
+        (["optimizer.lr=-1.0"], "optimizer.lr=-1.0 is out of range: it must be in [0, inf)"),
         (["data.batch_size=0"], "data.batch_size must be >= 1"),
         (["optimizer=kfac", "precision=bf16"], "runs in fp32 only"),
     ],

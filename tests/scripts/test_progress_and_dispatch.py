@@ -17,8 +17,8 @@ def scripts_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))
 
 
-def test_eta_says_what_how_far_and_how_long(scripts_on_path, monkeypatch):
-    from _eta import Eta
+def test_eta_says_what_how_far_and_how_long(monkeypatch):
+    from fisherbench.core.eta import Eta
 
     clock = iter([0.0, 10.0, 12.0, 30.0])
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))

@@ -1,4 +1,4 @@
-"""Progress lines for the long scripts of `scripts/`: what is being done, how far, and an estimate of the time
+"""Progress lines for long commands and the scripts of `scripts/`: what is being done, how far, and an estimate of the time
 left, at most every `every` seconds (and always on the first and the last step), on stderr so that the
 results on stdout stay clean."""
 from __future__ import annotations
