@@ -9,14 +9,13 @@ can be reworded freely: nothing parses them.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from fisherbench.core.status import OutcomeStatus, RunOutcome
-from fisherbench.core.store import StoreLinkError, atomic_write_json
+from fisherbench.core.store import StoreLinkError, atomic_write_json, read_json
 
 OUTCOME_FILE_ENV = "FISHERBENCH_OUTCOME_FILE"
 _MAX_BYTES = 1 << 16  # an outcome is a few hundred bytes; a larger file is not one
@@ -55,16 +54,10 @@ def write_outcome(outcome: ProcessOutcome, path: Optional[str] = None) -> None:
 
 
 def read_outcome(path: Path) -> Optional[ProcessOutcome]:
-    """The outcome in `path`, or None when it is missing or does not validate (never trusted)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_BYTES + 1)
-        if len(raw) > _MAX_BYTES:
-            return None
-        obj = json.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return parse_outcome(obj)
+    """The outcome in `path`, or None when it is missing or does not validate (never trusted). It is read like
+    any store file (`read_json`): never through a symbolic link, never from a FIFO or other non-regular file,
+    at most `_MAX_BYTES`, no NaN literals, bounded nesting."""
+    return parse_outcome(read_json(path, _MAX_BYTES))
 
 
 def parse_outcome(obj: Any) -> Optional[ProcessOutcome]:

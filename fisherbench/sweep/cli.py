@@ -138,14 +138,13 @@ def _main(args: argparse.Namespace) -> int:
     group = _group_override(spec.name, overrides)
 
     if args.optuna:
-        from fisherbench.sweep.search import (
-            run_search,  # lazy: pulls in torch (2-4 s); --list and --help start without it
-        )
+        # lazy: pulls in torch (2-4 s); --list and --help start without it
+        from fisherbench.sweep.search import SearchRequest, run_search
 
-        return run_search(spec, results_dir, overrides, trials=args.trials, storage=args.storage,
-                          workers_gpus=args.gpus, cpu_workers=args.workers, wct_mode=args.wct,
-                          reclaim=args.reclaim, threads=args.threads, in_process=args.in_process,
-                          max_retries=args.max_retries)
+        return run_search(SearchRequest(
+            spec, results_dir, tuple(overrides), trials=args.trials, storage=args.storage, workers_gpus=args.gpus,
+            cpu_workers=args.workers, wct_mode=args.wct, reclaim=args.reclaim, threads=args.threads,
+            in_process=args.in_process, max_retries=args.max_retries))
 
     def progress(i: int, n: int) -> None:
         if sys.stderr.isatty() or i == n:

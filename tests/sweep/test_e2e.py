@@ -187,7 +187,7 @@ search:
     t.set_user_attr("pid", dead.pid)
     interrupted_lr = t.params["optimizer.lr"]
 
-    assert search.run_search(spec, runs, trials=3, storage=storage) == 0
+    assert search.run_search(search.SearchRequest(spec, runs, trials=3, storage=storage)) == 0
     out = capsys.readouterr().out
     assert "1 interrupted trial(s) re-queued" in out
     assert trained[0][1] == pytest.approx(float(f"{interrupted_lr:.6g}"))  # the retry comes first, same params
@@ -195,7 +195,7 @@ search:
     states = [s.state for s in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and states.count(optuna.trial.TrialState.FAIL) == 1
     # running it again with the same target does nothing more
-    assert search.run_search(spec, runs, trials=3, storage=storage) == 0
+    assert search.run_search(search.SearchRequest(spec, runs, trials=3, storage=storage)) == 0
     assert len(trained) == 3
 
 

@@ -19,26 +19,36 @@ MISLEADING = "[fisherbench] skipped (already running_elsewhere) · nothing to se
 REWORDED = "[fisherbench] the configuration was refused: learning rate must be positive"
 
 
-def _fake_train(tmp_path: Path, printed: str, outcome: dict | None, code: int) -> list[str]:
+# How the fake process puts its outcome at `path`: as train.py does, through a link it planted, or padded with
+# whitespace past the size an outcome file may have (still valid JSON).
+WRITERS = {
+    "plain": "open(path, 'w').write(text)",
+    "link": "open(path + '.elsewhere', 'w').write(text); os.symlink(path + '.elsewhere', path)",
+    "oversized": "open(path, 'w').write(text + ' ' * (1 << 17))",
+}
+
+
+def _fake_train(tmp_path: Path, printed: str, outcome: dict | None, code: int, writer: str = "plain") -> list[str]:
     script = tmp_path / "fake_train.py"
     script.write_text(f"""
 import json, os, sys
 print({printed!r}, flush=True)
 outcome = {outcome!r}
 if outcome is not None:
-    with open(os.environ[{OUTCOME_FILE_ENV!r}], "w") as f:
-        json.dump(outcome, f)
+    path, text = os.environ[{OUTCOME_FILE_ENV!r}], json.dumps(outcome)
+    {WRITERS[writer]}
 sys.exit({code})
 """)
     return [sys.executable, str(script)]
 
 
-def _one_run(tmp_path, monkeypatch, printed, outcome, code):
+def _one_run(tmp_path, monkeypatch, printed, outcome, code, writer="plain"):
     from fisherbench.sweep.expand import expand
     from fisherbench.sweep.spec import load_spec
 
     runs = expand(load_spec(_spec(tmp_path, seeds="[0]", columns="{Adam: [optimizer=adam]}")), ("main",))
-    monkeypatch.setattr(local, "train_command", lambda *a, **k: _fake_train(tmp_path, printed, outcome, code))
+    monkeypatch.setattr(local, "train_command",
+                        lambda *a, **k: _fake_train(tmp_path, printed, outcome, code, writer))
     runner = local.LocalRunner(tmp_path / "runs", [local.Worker("cpu0", (), 1)], "outcomes", out=open(os.devnull, "w"))
     (out,) = runner.run(runs)
     assert not (runner.log_dir / f"{runs[0].run_id}.outcome.json").exists()  # read once, then removed
@@ -68,6 +78,27 @@ def test_a_corrupt_run_directory_is_reported_as_corrupt_from_the_file(tmp_path, 
 def test_a_missing_or_invalid_file_falls_back_on_the_exit_code(tmp_path, monkeypatch, said):
     out = _one_run(tmp_path, monkeypatch, MISLEADING, said, 1)
     assert out.status is RunOutcome.CRASHED and out.error == "train.py exited 1 without a summary"
+
+
+@pytest.mark.parametrize("writer", ["link", "oversized"])
+def test_a_linked_or_oversized_outcome_file_is_ignored_not_followed(tmp_path, monkeypatch, writer):
+    """The outcome would say `lock_lost` if the sweep followed the link (or read past the size cap); it is
+    ignored instead and the sweep decides from the exit code: `crashed`."""
+    said = {"run_id": None, "status": "lock_lost", "exit_code": 1, "error": "the lock was replaced"}
+    assert _one_run(tmp_path, monkeypatch, "", said, 1).status is RunOutcome.LOCK_LOST  # the same file, plain
+    out = _one_run(tmp_path, monkeypatch, "", said, 1, writer)
+    assert out.status is RunOutcome.CRASHED and out.error == "train.py exited 1 without a summary"
+
+
+def test_read_outcome_never_follows_a_link_nor_opens_a_fifo(tmp_path):
+    target = tmp_path / "elsewhere.json"
+    write_outcome(ProcessOutcome("abc", RunOutcome.LOCK_LOST, 1, "x"), str(target))
+    assert read_outcome(target) is not None
+    (tmp_path / "link.json").symlink_to(target)
+    assert read_outcome(tmp_path / "link.json") is None
+    os.mkfifo(tmp_path / "fifo.json")  # a plain open() would block here until someone writes
+    assert read_outcome(tmp_path / "fifo.json") is None
+    assert read_outcome(tmp_path / "missing.json") is None
 
 
 @pytest.mark.parametrize("obj", [

@@ -54,12 +54,12 @@ def test_an_in_process_search_selects_on_validation_and_tags_every_run(tmp_path,
     validation perplexity, each trial's value is that metric recomputed from its run in the store, and each
     run's config records the study, the trial and its parameters."""
     from fisherbench.core.scores import get_metric
-    from fisherbench.sweep.search import run_search
+    from fisherbench.sweep.search import SearchRequest, run_search
     from fisherbench.sweep.spec import load_spec
 
     runs, storage = tmp_path / "runs", f"sqlite:///{tmp_path / 'study.db'}"
     spec = load_spec(_spec(tmp_path, TINY_GPT, "test_ppl"))
-    assert run_search(spec, runs, storage=storage, threads=1) == 0
+    assert run_search(SearchRequest(spec, runs, storage=storage, threads=1)) == 0
     out = capsys.readouterr().out
     assert "objective best_val_ppl (validation), minimised" in out and "trials train in this process" in out
     study = _study(storage)
@@ -100,18 +100,18 @@ def test_a_search_without_a_validation_split_refuses_to_start(tmp_path, capsys):
 def test_a_signal_during_an_in_process_trial_checkpoints_and_requeues_it(tmp_path, monkeypatch, capsys):
     """SIGTERM while a trial trains in this process: the trainer checkpoints and records `preempted`, the search
     exits 4 and queues the trial's parameters again (not counted as a retry); the next launch resumes it."""
-    from fisherbench.sweep.search import run_search
+    from fisherbench.sweep.search import SearchRequest, run_search
     from fisherbench.sweep.spec import load_spec
 
     runs, storage = tmp_path / "runs", f"sqlite:///{tmp_path / 'study.db'}"
     spec = load_spec(_spec(tmp_path, [*TINY_GPT, "budget.steps=6"], "test_ppl", trials=2))
     monkeypatch.setenv("FISHERBENCH_SIGNAL_AT_STEP", "2:SIGTERM")
-    assert run_search(spec, runs, storage=storage, threads=1) == 4
+    assert run_search(SearchRequest(spec, runs, storage=storage, threads=1)) == 4
     assert "interrupted" in capsys.readouterr().out
     (rd,) = iter_run_dirs(runs)
     assert rd.summary()["status"] == "preempted" and rd.checkpoint_path.exists()
     monkeypatch.delenv("FISHERBENCH_SIGNAL_AT_STEP")
-    assert run_search(spec, runs, storage=storage, threads=1) == 0
+    assert run_search(SearchRequest(spec, runs, storage=storage, threads=1)) == 0
     study = _study(storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert study.trials[1].params == study.trials[0].params and study.trials[1].user_attrs["attempt"] == 1
@@ -164,7 +164,7 @@ def _run_scripted(tmp_path, monkeypatch, script, trials=4, max_retries=2):
     executor = _Scripted(runs, script)
     monkeypatch.setattr(search, "_make_executor", executor)
     spec = load_spec(_spec(tmp_path, TINY_GPT, "test_ppl", trials=trials))
-    code = search.run_search(spec, runs, storage=storage, max_retries=max_retries)
+    code = search.run_search(search.SearchRequest(spec, runs, storage=storage, max_retries=max_retries))
     return code, _study(storage), executor
 
 
