@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from fisherbench import use_files_only_backend
@@ -44,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(VERBS[verb])
     sys.argv = [f"fisherbench {verb}", *rest]  # the verb's own parser (argparse or Hydra) reads sys.argv
-    code = module.main()
+    try:
+        code = module.main()
+    except BrokenPipeError:  # `fisherbench sweep --list | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     return int(code or 0)
 
 

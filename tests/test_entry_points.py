@@ -27,3 +27,10 @@ def test_module_runs_a_verb(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fisherbench", "sweep", "--list"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "table2_cifar10" in out.stdout, out.stderr
+
+
+def test_a_closed_pipe_is_not_a_traceback(tmp_path):
+    """`fisherbench sweep --list | head -1`: the reader leaves early; the command ends quietly."""
+    proc = subprocess.run(f"{sys.executable} -m fisherbench sweep --list | head -1", shell=True, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
