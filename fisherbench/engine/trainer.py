@@ -13,7 +13,8 @@ import math
 import signal
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from enum import Enum
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -53,6 +54,28 @@ class TrainState:
     train_loss_sum: float = 0.0  # since the last evaluation
     train_count: int = 0
     train_correct: float = 0.0
+
+
+Learned = tuple[int, int, int, float]  # a step loss the host has read: (step, epoch, batch size, loss)
+
+
+class Next(Enum):
+    """Where the loop goes after a step."""
+
+    BATCH = "batch"  # on with the epoch
+    EPOCH = "epoch"  # the epoch is done: start the next one
+    STOP = "stop"  # the run ends, with `Decision.status`
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a step calls for, decided before anything is done about it (`Trainer._decide` / `Trainer._act`)."""
+
+    then: Next
+    evaluate: bool = False  # evaluate now (an evaluation is due, or the run ends)
+    checkpoint: bool = False  # save a checkpoint now (one is due, or a stop signal came)
+    status: Optional[Status] = None  # how the run ended, when `then` is STOP
+    reason: Optional[str] = None  # the stop reason recorded with `status`
 
 
 class _StopSignals:
@@ -259,87 +282,142 @@ class Trainer:
         return max(steps, 2) if self.cfg.get("compile", False) else max(steps, 1)
 
     def _loop(self, signals: _StopSignals) -> None:
-        st, plan, cfg, clock, window = self.state, self.plan, self.cfg, self.clock, self.window
-        assert window is not None  # fit() sets it
-        if plan.exhausted(st.step, self.ledger.train_s):
-            st.status = Status.COMPLETED
+        """Fetch a batch, take a step, decide what the step calls for, act on it; until a decision stops the run."""
+        if self.plan.exhausted(self.state.step, self.ledger.train_s):
+            self.state.status = Status.COMPLETED
             return
+        batches = self._start_epoch()
         while True:
-            if cfg.schedule.interval == "epoch":
-                self._set_lr(plan.progress(st.step, clock.train_s_estimate(st.step), epoch_start=st.epoch))
-            batches = self.bundle.train.iterate(st.epoch, st.batch)
-            while True:
-                clock.open_segment(st.step)
-                t0 = clock.timer()
-                try:
-                    inputs, targets = next(batches)
-                except StopIteration:
-                    break
-                inputs, targets = self._to_device(inputs), self._to_device(targets)
-                self.ledger.data_s += clock.timer() - t0  # the wait for this batch (host clock, no sync)
-                if cfg.schedule.interval == "step":
-                    self._set_lr(plan.progress(st.step, clock.train_s_estimate(st.step)))
-                out = self.adapter.train_step(self.model, inputs, targets, self.task.loss, self.autocast)
-                epoch = st.epoch
-                self._accumulate_correct(out.outputs, targets)
-                st.step += 1
-                st.batch += 1
-                clock.step_done(st.step)
-                learned = window.record(out.loss, st.step, epoch, int(targets.shape[0]))
-                for hook in self.after_step:  # fault injection (engine/faults.py); empty in a normal run
-                    hook(st.step)
+            batch = self._fetch_batch(batches)
+            if batch is None:  # the source ran out before the epoch's step count: iterate it again from here
+                batches = self._start_epoch()
+                continue
+            decision = self._decide(*self._train_step(*batch), signals)
+            self._act(decision)
+            if decision.then is Next.STOP:
+                return
+            if decision.then is Next.EPOCH:
+                batches = self._start_epoch()
 
-                epoch_done = st.batch >= self.steps_per_epoch
-                if epoch_done:
-                    st.epoch, st.batch = st.epoch + 1, 0
-                # k-step checks; under DDP the only steps where ranks exchange flags (same steps on every rank)
-                check = st.step % self.check_every == 0 or self._exact or epoch_done
-                stop_requested = signals.received is not None and (self.signals_every_step or check)
-                budget_done, train_s = self._budget_state(check)
-                if self.dist.enabled:
-                    if check:
-                        _, stop_requested, train_s = self._agree(False, stop_requested, train_s)
-                        self._agreed_train_s = train_s
-                        if plan.mode == "seconds":
-                            budget_done = plan.exhausted(st.step, train_s)
-                    else:  # decide only on what every rank knows alike
-                        stop_requested, train_s = False, getattr(self, "_agreed_train_s", self.ledger.train_s)
-                fraction = plan.progress(st.step, train_s)
-                eval_due = self._eval_due(epoch_done, fraction)
-                ckpt_due = self._checkpoint_due(epoch_done, train_s)
-                sync_point = stop_requested or budget_done or eval_due or ckpt_due
-                nonfinite = self._learn(learned)
-                if sync_point:  # the loop stops here anyway: read every loss and the exact clock now
-                    nonfinite = self._learn(window.flush()) or nonfinite
-                    clock.close_segment(st.step, synced=window.synced)
-                    train_s = self.ledger.train_s
-                    budget_done = plan.exhausted(st.step, train_s)
-                if self.dist.enabled and (check or sync_point):
-                    nonfinite, _, train_s = self._agree(nonfinite, False, train_s)
-                    budget_done = plan.exhausted(st.step, train_s)
-                if nonfinite:
-                    self._learn(window.flush())
-                    clock.close_segment(st.step, synced=window.synced)
-                    st.status, st.stop_reason = Status.DIVERGED, "non-finite training loss"
-                    if st.diverged is None:  # another rank diverged: this one's losses were finite
-                        st.diverged = {"step": st.step, "epoch": st.epoch, "train_s": self.ledger.train_s,
-                                       "loss": math.nan}
-                    st.diverged["detected_at_step"] = st.step
-                    self.evaluate()  # record where it stopped (metrics may be NaN; that is the data)
-                    return
-                if eval_due or budget_done:
-                    self.evaluate()
-                if stop_requested:
-                    self.save_checkpoint()
-                    st.status, st.stop_reason = Status.PREEMPTED, f"signal {signals.received}"
-                    return
-                if budget_done:
-                    st.status = Status.BUDGET_EXHAUSTED if plan.mode == "seconds" else Status.COMPLETED
-                    return
-                if ckpt_due:
-                    self.save_checkpoint()
-                if epoch_done:
-                    break
+    def _start_epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The current epoch's batches from where the run is; an epoch-interval schedule sets the lr here."""
+        st = self.state
+        if self.cfg.schedule.interval == "epoch":
+            progress = self.plan.progress(st.step, self.clock.train_s_estimate(st.step), epoch_start=st.epoch)
+            self._set_lr(progress)
+        return self.bundle.train.iterate(st.epoch, st.batch)
+
+    def _fetch_batch(
+        self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The next batch on the device, or None when `batches` ran out. Opens a timed segment unless one is
+        open: the wait for the batch is budget time (and also counted in data_s)."""
+        clock = self.clock
+        clock.open_segment(self.state.step)
+        t0 = clock.timer()
+        try:
+            inputs, targets = next(batches)
+        except StopIteration:
+            return None
+        inputs, targets = self._to_device(inputs), self._to_device(targets)
+        self.ledger.data_s += clock.timer() - t0  # the wait for this batch (host clock, no sync)
+        return inputs, targets
+
+    def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[list[Learned], bool]:
+        """One optimizer step (timed), then the `after_step` hooks. Returns the step losses the host has learned
+        (a window late, no sync) and whether this step ended the epoch (the position has then moved on)."""
+        st, window = self.state, self.window
+        assert window is not None  # fit() sets it
+        if self.cfg.schedule.interval == "step":
+            self._set_lr(self.plan.progress(st.step, self.clock.train_s_estimate(st.step)))
+        out = self.adapter.train_step(self.model, inputs, targets, self.task.loss, self.autocast)
+        self._accumulate_correct(out.outputs, targets)
+        st.step += 1
+        st.batch += 1
+        self.clock.step_done(st.step)
+        learned = window.record(out.loss, st.step, st.epoch, int(targets.shape[0]))
+        for hook in self.after_step:  # fault injection (engine/faults.py); empty in a normal run
+            hook(st.step)
+        epoch_done = st.batch >= self.steps_per_epoch
+        if epoch_done:
+            st.epoch, st.batch = st.epoch + 1, 0
+        return learned, epoch_done
+
+    def _decide(self, learned: list[Learned], epoch_done: bool, signals: _StopSignals) -> Decision:
+        """What the step just taken calls for, from what the host knows without waiting for the device, except
+        at a sync point (an evaluation, a checkpoint or a stop is due), where the loop waits anyway."""
+        st, plan = self.state, self.plan
+        # k-step checks; under DDP the only steps where ranks exchange flags (same steps on every rank)
+        check = st.step % self.check_every == 0 or self._exact or epoch_done
+        stop_requested, budget_done, train_s = self._stop_and_budget(check, signals)
+        eval_due = self._eval_due(epoch_done, plan.progress(st.step, train_s))
+        ckpt_due = self._checkpoint_due(epoch_done, train_s)
+        sync_point = stop_requested or budget_done or eval_due or ckpt_due
+        nonfinite, budget_done = self._read_losses(learned, sync_point, check, budget_done, train_s)
+        if nonfinite:
+            return Decision(Next.STOP, evaluate=True, status=Status.DIVERGED, reason="non-finite training loss")
+        if stop_requested:  # checkpoint first, so that the run resumes from here
+            return Decision(Next.STOP, evaluate=eval_due or budget_done, checkpoint=True, status=Status.PREEMPTED,
+                            reason=f"signal {signals.received}")
+        if budget_done:
+            status = Status.BUDGET_EXHAUSTED if plan.mode == "seconds" else Status.COMPLETED
+            return Decision(Next.STOP, evaluate=True, status=status)
+        return Decision(Next.EPOCH if epoch_done else Next.BATCH, evaluate=eval_due, checkpoint=ckpt_due)
+
+    def _stop_and_budget(self, check: bool, signals: _StopSignals) -> tuple[bool, bool, float]:
+        """(stop requested, budget used up, train_s) after the step; under DDP what every rank knows alike."""
+        stop_requested = signals.received is not None and (self.signals_every_step or check)
+        budget_done, train_s = self._budget_state(check)
+        if not self.dist.enabled:
+            return stop_requested, budget_done, train_s
+        if not check:  # decide only on what every rank knows alike
+            return False, budget_done, getattr(self, "_agreed_train_s", self.ledger.train_s)
+        _, stop_requested, train_s = self._agree(False, stop_requested, train_s)
+        self._agreed_train_s = train_s
+        if self.plan.mode == "seconds":
+            budget_done = self.plan.exhausted(self.state.step, train_s)
+        return stop_requested, budget_done, train_s
+
+    def _read_losses(self, learned: list[Learned], sync_point: bool, check: bool, budget_done: bool,
+                     train_s: float) -> tuple[bool, bool]:
+        """Fold the learned step losses in: (a loss was non-finite, budget used up). At a sync point every loss
+        and the exact clock are read (the loop stops there anyway); under DDP ranks agree on both."""
+        st, plan, window = self.state, self.plan, self.window
+        assert window is not None  # fit() sets it
+        nonfinite = self._learn(learned)
+        if sync_point:
+            nonfinite = self._learn(window.flush()) or nonfinite
+            self.clock.close_segment(st.step, synced=window.synced)
+            train_s = self.ledger.train_s
+            budget_done = plan.exhausted(st.step, train_s)
+        if self.dist.enabled and (check or sync_point):
+            nonfinite, _, train_s = self._agree(nonfinite, False, train_s)
+            budget_done = plan.exhausted(st.step, train_s)
+        return nonfinite, budget_done
+
+    def _act(self, decision: Decision) -> None:
+        """Evaluate, checkpoint and record the run's end as `decision` says (outside the budget clock)."""
+        st = self.state
+        if decision.status is Status.DIVERGED:
+            self._record_divergence()  # before the evaluation, which records where the run stopped
+        if decision.evaluate:
+            self.evaluate()
+        if decision.checkpoint:
+            self.save_checkpoint()  # before the status changes: the checkpoint holds a running run
+        if decision.status is not None:
+            st.status = decision.status
+            st.stop_reason = decision.reason if decision.reason is not None else st.stop_reason
+
+    def _record_divergence(self) -> None:
+        """Read the losses still on the device, close the clock and note where the run diverged."""
+        st, window = self.state, self.window
+        assert window is not None  # fit() sets it
+        self._learn(window.flush())
+        self.clock.close_segment(st.step, synced=window.synced)
+        st.status, st.stop_reason = Status.DIVERGED, "non-finite training loss"
+        if st.diverged is None:  # another rank diverged: this one's losses were finite
+            st.diverged = {"step": st.step, "epoch": st.epoch, "train_s": self.ledger.train_s, "loss": math.nan}
+        st.diverged["detected_at_step"] = st.step
 
     def _budget_state(self, check: bool) -> tuple[bool, float]:
         """(budget used up, train_s) after the step just launched, without a host sync where possible.
