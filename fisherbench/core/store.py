@@ -442,16 +442,24 @@ def read_json(path: Path, limit: Optional[int] = None) -> Optional[Any]:
         return None
 
 
-def read_json_object(path: Path, limit: Optional[int] = None) -> Optional[dict[str, Any]]:
-    """`read_json` for files that must hold a JSON object: None when missing; CorruptRunError otherwise."""
+def _read_store_text(path: Path, limit: int) -> Optional[str]:
+    """A store file's text, read without following links and at most `limit` bytes: None when missing;
+    CorruptRunError when it is a link, too large or not UTF-8."""
     try:
-        raw = read_bounded(path, limit or MAX_BYTES.get(Path(path).name, MAX_BYTES["json"]))
+        raw = read_bounded(path, limit)
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CorruptRunError(path, f"unreadable ({exc})") from None
+
+
+def read_json_object(path: Path, limit: Optional[int] = None) -> Optional[dict[str, Any]]:
+    """`read_json` for files that must hold a JSON object: None when missing; CorruptRunError otherwise."""
+    text = _read_store_text(path, limit or MAX_BYTES.get(Path(path).name, MAX_BYTES["json"]))
+    if text is None:
+        return None
     obj = parse_json(path, text)
     if not isinstance(obj, dict):
         raise CorruptRunError(path, f"holds a JSON {type(obj).__name__}, not an object")
@@ -494,14 +502,9 @@ def parse_yaml(path: Path, text: str) -> Any:
 def read_yaml_mapping(path: Path, limit: int = MAX_BYTES["config.yaml"]) -> Optional[dict[str, Any]]:
     """The YAML mapping in the store file `path`: None when missing; CorruptRunError when it is a link, too
     large, not UTF-8, not store YAML (anchors, aliases, too deep) or not a mapping."""
-    try:
-        raw = read_bounded(path, limit)
-    except (FileNotFoundError, NotADirectoryError):
+    text = _read_store_text(path, limit)
+    if text is None:
         return None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CorruptRunError(path, f"unreadable ({exc})") from None
     cfg = parse_yaml(path, text)
     if not isinstance(cfg, dict):
         raise CorruptRunError(path, f"holds a YAML {type(cfg).__name__}, not a mapping")
