@@ -19,6 +19,7 @@ and exits with `EXIT_INTERRUPTED` (4); running the same command again resumes.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
@@ -220,6 +221,7 @@ class LocalRunner:
                                below=self.results_dir)
         self.log_dir = self.results_dir / SWEEP_SUBDIR / "logs"
         self._procs: dict[str, subprocess.Popen] = {}
+        self._launches = itertools.count()  # numbers this process's launches (outcome file names)
         self._procs_lock = threading.Lock()
         self._stop = threading.Event()
         self._signals: list[int] = []
@@ -330,7 +332,9 @@ class LocalRunner:
         self.events.write(event="start", run_id=run.run_id, cell=[run.cell.row, run.cell.column], seed=run.seed,
                           worker=worker.name, resume=state == "resume", command=cmd)
         t0 = time.time()
-        outcome_path = self.log_dir / f"{run.run_id}.outcome.json"
+        # one file per launch: two sweeps sharing a store may start the same run at once (one trains, the other
+        # finds it held or done), and each must read its own process's outcome, not the other's
+        outcome_path = self.log_dir / f"{run.run_id}.{os.getpid()}.{next(self._launches)}.outcome.json"
         outcome_path.unlink(missing_ok=True)  # a previous attempt's file says nothing about this one
         with os.fdopen(open_append(log_path, below=self.results_dir), "a") as log:  # never through a link
             log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {worker.name}: {shell_line(cmd)}\n")
