@@ -345,11 +345,10 @@ def dump_yaml(obj: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def read_bounded(path: Path, limit: int) -> bytes:
-    """The bytes of the regular file `path`, read without following a link or opening a FIFO, at most `limit`
-    bytes. FileNotFoundError/NotADirectoryError when it is missing; CorruptRunError when it is a link, not a
-    regular file, larger than `limit` or unreadable."""
-    path = Path(path)
+def _open_regular(path: Path) -> tuple[int, os.stat_result]:
+    """An fd on the regular file `path`, opened without following a link or blocking on a FIFO, and its stat.
+    FileNotFoundError/NotADirectoryError when it is missing; CorruptRunError when it is a link, not a regular
+    file or unreadable (the fd is closed then)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
@@ -362,6 +361,22 @@ def read_bounded(path: Path, limit: int) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise CorruptRunError(path, "unreadable (not a regular file; the suite writes one there)")
+    except OSError as exc:
+        os.close(fd)
+        raise CorruptRunError(path, f"unreadable ({exc.strerror or exc})") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file `path`, read without following a link or opening a FIFO, at most `limit`
+    bytes. FileNotFoundError/NotADirectoryError when it is missing; CorruptRunError when it is a link, not a
+    regular file, larger than `limit` or unreadable."""
+    path = Path(path)
+    fd, st = _open_regular(path)
+    try:
         if st.st_size > limit:
             raise CorruptRunError(path, f"is {st.st_size} bytes, more than the {limit} a reader accepts there")
         chunks, size = [], 0
@@ -384,17 +399,10 @@ def read_tail(path: Path, limit: int = MAX_ERROR_TAIL) -> Optional[str]:
     """The last `limit` bytes of the regular file `path` as text (undecodable bytes replaced), without following
     a link; None when missing; CorruptRunError when it is a link or not a regular file."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd, st = _open_regular(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise CorruptRunError(path, "is a symbolic link (the suite never writes one; not followed)") from None
-        raise CorruptRunError(path, f"unreadable ({exc.strerror or exc})") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CorruptRunError(path, "unreadable (not a regular file; the suite writes one there)")
         os.lseek(fd, max(0, st.st_size - limit), os.SEEK_SET)
         return os.read(fd, limit).decode("utf-8", errors="replace")
     finally:
